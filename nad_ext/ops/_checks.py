@@ -1,0 +1,38 @@
+"""Argument checks shared by the operator wrappers: they run in Python, before any kernel, and
+name the argument and what was expected."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(name: str, value, *, dims=None, min_dims=None, dtypes=None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dims is not None and value.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(value.shape)}")
+    if min_dims is not None and value.dim() < min_dims:
+        raise ValueError(
+            f"{name} must have at least {min_dims} dimensions, got shape {tuple(value.shape)}"
+        )
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} must have dtype {names}; got {str(value.dtype).replace('torch.', '')}")
+    return value
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"{', '.join(devices)} must be on one device; got {listed}")
+
+
+def ids_in_range(name: str, ids: torch.Tensor, upper: int, what: str) -> None:
+    """Values of ``ids`` in [0, upper). Skipped while torch.compile traces (data-dependent)."""
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name} must lie in [0, {upper}) ({what}); got values in [{lo}, {hi}]")

@@ -1,0 +1,57 @@
+"""``nad::task_gate``: task-conditional channel gates, many tasks in one batch."""
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+
+def task_gate(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """Multiplies every channel of every sample by its task's gate.
+
+    ``y[n, c, ...] = x[n, c, ...] * sigmoid(logits[task_ids[n], c])``
+
+    Args:
+        x: activations, shape (N, C, ...), float32/float16/bfloat16 (float64 for gradcheck).
+            Contiguous and channels_last layouts are both supported.
+        logits: gate logits, shape (T, C), float32 (float64 only with float64 ``x``).
+        task_ids: the task of each sample, shape (N,), int64 with values in [0, T).
+
+    Returns:
+        A tensor shaped like ``x``. Differentiable with respect to ``x`` and ``logits``; the
+        logits gradient is accumulated in float32, summed over each task's samples and space.
+    """
+    _checks.tensor("x", x, min_dims=2, dtypes=_checks.FLOAT_TYPES)
+    _checks.tensor("logits", logits, dims=2, dtypes=(torch.float32, torch.float64))
+    _checks.tensor("task_ids", task_ids, dims=1, dtypes=(torch.int64,))
+    _checks.same_device(x=x, logits=logits, task_ids=task_ids)
+    if logits.dtype == torch.float64 and x.dtype != torch.float64:
+        raise ValueError(f"logits may be float64 only when x is float64; x is {x.dtype}")
+    if logits.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"logits must have shape (T, {x.shape[1]}) to match x's {x.shape[1]} channels; "
+            f"got {tuple(logits.shape)}"
+        )
+    if task_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"task_ids must have shape ({x.shape[0]},), one task per sample of x; "
+            f"got {tuple(task_ids.shape)}"
+        )
+    _checks.ids_in_range("task_ids", task_ids, logits.shape[0], "one row of logits per task")
+    return torch.ops.nad.task_gate(x, logits, task_ids)
+
+
+def task_gate_reference(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch definition of :func:`task_gate`, used by the tests."""
+    gate = torch.sigmoid(logits)[task_ids]
+    return x * gate.reshape(*gate.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+
+
+@torch.library.register_fake("nad::task_gate")
+def _(x, logits, task_ids):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("nad::task_gate_backward")
+def _(grad_y, x, logits, task_ids):
+    return torch.empty_like(x), torch.empty_like(logits, memory_format=torch.contiguous_format)

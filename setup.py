@@ -1,0 +1,87 @@
+"""Build of nad-ext's native extension (nad_ext._C) through torch.utils.cpp_extension.
+
+NAD_EXT_BUILD selects the kind of build:
+  auto (default)  CUDA kernels when PyTorch is a CUDA build and a CUDA toolkit is found,
+                  CPU kernels only otherwise;
+  cuda            force the CUDA build (fails if no toolkit is found);
+  cpu             force the CPU-only build.
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default here: 9.0, the H100).
+"""
+import glob
+import os
+
+from setuptools import setup
+
+# torch finds the toolkit through `which nvcc`; where nvcc is a wrapper script in /usr/local/bin
+# that guess (/usr/local) is wrong, so point at the usual toolkit folder first.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists(
+    "/usr/local/cuda/bin/nvcc"
+):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_library_headers() -> list:
+    """Include folders of the CUDA libraries that PyTorch's headers need (cuSPARSE, cuBLAS...).
+
+    A minimal toolkit may lack them; the nvidia-* wheels that come with a CUDA build of torch
+    carry them, so use those when the toolkit does not have them.
+    """
+    if os.path.exists(os.path.join(cpp_extension.CUDA_HOME or "", "include", "cusparse.h")):
+        return []
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    found = glob.glob(os.path.join(roots[0], "*", "include", "cusparse.h")) if roots else []
+    return [os.path.dirname(path) for path in found[:1]]
+
+
+def want_cuda() -> bool:
+    mode = os.environ.get("NAD_EXT_BUILD", "auto").lower()
+    if mode not in ("auto", "cuda", "cpu"):
+        raise SystemExit(f"NAD_EXT_BUILD must be auto, cuda or cpu, got {mode!r}")
+    if mode == "cpu":
+        return False
+    import torch
+
+    found = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if mode == "cuda" and not found:
+        raise SystemExit(
+            "NAD_EXT_BUILD=cuda but no CUDA build is possible: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+        )
+    return found
+
+
+def extension():
+    cuda = want_cuda()
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    if cuda:
+        sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    if cuda:
+        include_dirs += cuda_library_headers()
+    cxx = ["-O3"]
+    kwargs = dict(
+        name="nad_ext._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=[("NAD_WITH_CUDA", "1")] if cuda else [],
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}
+        if cuda
+        else {"cxx": cxx},
+    )
+    make = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
+    return make(**kwargs)
+
+
+# Package metadata lives in pyproject.toml; this file only describes the native extension.
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
