@@ -230,9 +230,10 @@ def _check_compatible(model: nn.Module, state: dict[str, torch.Tensor], name: st
     if mismatched:
         shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})" for k in mismatched]
         lines.append(f"  shape mismatches: {show(shapes)}")
-        if any(k in mismatched for k in expected if k.endswith("weight") and k == list(expected)[-2]):
-            lines.append(f"  (the classifier differs: the file is for another num_classes "
-                         f"than {tuple(expected[list(expected)[-2]].shape)[0]}?)")
+        head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+        if head and f"{head[0]}.weight" in mismatched:
+            lines.append(f"  (the classifier {head[0]} has {state[head[0] + '.weight'].shape[0]} outputs in "
+                         f"the file, {expected[head[0] + '.weight'].shape[0]} in the model: pass num_classes)")
     raise ValueError("\n".join(lines))
 
 
