@@ -141,10 +141,24 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class DenseNet(torchvision.models.DenseNet):
+    """torchvision's DenseNet (same modules and weights) whose final ReLU is out-of-place, so
+    that a gate on ``features.norm5`` is not overwritten in place by the classifier's ReLU."""
+
+    def forward(self, x):
+        out = nn.functional.adaptive_avg_pool2d(nn.functional.relu(self.features(x)), 1)
+        return self.classifier(torch.flatten(out, 1))
+
+
+def _densenet121(num_classes: int) -> nn.Module:
+    """DenseNet121 with torchvision's configuration and parameter names."""
+    return DenseNet(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=num_classes)
+
+
 def _small_densenet(num_classes: int) -> nn.Module:
-    """torchvision's DenseNet, small: growth 8, blocks (3, 3, 3), a 3x3 stride-2 stem conv."""
-    model = torchvision.models.DenseNet(growth_rate=8, block_config=(3, 3, 3), num_init_features=16,
-                                        bn_size=4, num_classes=num_classes)
+    """A small DenseNet: growth 8, blocks (3, 3, 3), a 3x3 stride-2 stem conv and a 2x2 max-pool."""
+    model = DenseNet(growth_rate=8, block_config=(3, 3, 3), num_init_features=16, bn_size=4,
+                     num_classes=num_classes)
     model.features.conv0 = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
     nn.init.kaiming_normal_(model.features.conv0.weight)
     model.features.pool0 = nn.MaxPool2d(2)
@@ -161,7 +175,7 @@ MODELS: dict[str, ModelSpec] = {
                   lambda model: list(VGG16_GATE_POINTS), 4.5, 224),
         ModelSpec("resnet50", "residual", lambda n: torchvision.models.resnet50(weights=None, num_classes=n),
                   _resnet_points, 0.02, 224),
-        ModelSpec("densenet121", "dense", lambda n: torchvision.models.densenet121(weights=None, num_classes=n),
+        ModelSpec("densenet121", "dense", _densenet121,
                   _densenet_points, 0.02, 224),
         ModelSpec("darts", "nas", lambda n: darts.NetworkImageNet(48, n, 14, darts.DARTS_V2),
                   _darts_points, 0.45, 224),
@@ -230,9 +244,10 @@ def _check_compatible(model: nn.Module, state: dict[str, torch.Tensor], name: st
     if mismatched:
         shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})" for k in mismatched]
         lines.append(f"  shape mismatches: {show(shapes)}")
-        if any(k in mismatched for k in expected if k.endswith("weight") and k == list(expected)[-2]):
-            lines.append(f"  (the classifier differs: the file is for another num_classes "
-                         f"than {tuple(expected[list(expected)[-2]].shape)[0]}?)")
+        head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+        if head and f"{head[0]}.weight" in mismatched:
+            lines.append(f"  (the classifier {head[0]} has {state[head[0] + '.weight'].shape[0]} outputs in "
+                         f"the file, {expected[head[0] + '.weight'].shape[0]} in the model: pass num_classes)")
     raise ValueError("\n".join(lines))
 
 
@@ -362,7 +377,7 @@ def load_zoo(cache_dir: str | Path, train: ImageSet, val: ImageSet, names: list[
     """
     names = list(ZOO) if names is None else list(names)
     for name in names:
-        if get_spec(name).input_size != 64 or name not in ZOO:
+        if get_spec(name) and name not in ZOO:
             raise ValueError(f"{name!r} is not a zoo model; the zoo: {', '.join(ZOO)}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

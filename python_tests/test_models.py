@@ -1,0 +1,137 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nad_ext import darts, data, models
+
+
+def _gate_channels(spec, model, size, device="cpu"):
+    """Runs a forward with hooks on the gate points; returns their output channel counts."""
+    modules = dict(model.named_modules())
+    points = spec.gate_points(model)
+    assert all(p in modules for p in points), [p for p in points if p not in modules]
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = output.shape[1]
+        return hook
+
+    hooks = [modules[p].register_forward_hook(record(p)) for p in points]
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, size, size, device=device))
+    for h in hooks:
+        h.remove()
+    assert list(seen) == points, "gate points must be listed in forward order"
+    return [seen[p] for p in points]
+
+
+@pytest.mark.parametrize("name, count, total", [
+    ("vgg16", 13, 4224), ("resnet50", 17, 15168), ("densenet121", 8, 3776), ("darts", 16, 6624),
+])
+def test_paper_presets(name, count, total):
+    spec = models.get_spec(name)
+    with torch.device("meta"):  # shapes only: no time spent initialising 100M+ parameters
+        model = spec.build(5)
+    channels = _gate_channels(spec, model, 64, device="meta")
+    assert (len(channels), sum(channels)) == (count, total)
+    assert spec.input_size == 224
+
+
+def test_paper_preset_names_and_betas():
+    vgg, dense = models.get_spec("vgg16"), models.get_spec("densenet121")
+    with torch.device("meta"):
+        vgg_model, dense_model = vgg.build(2), dense.build(2)
+    assert vgg.gate_points(vgg_model)[:3] == ["features.1", "features.4", "features.6"]
+    assert dense.gate_points(dense_model) == [
+        "features.pool0", "features.denseblock1", "features.transition1", "features.denseblock2",
+        "features.transition2", "features.denseblock3", "features.transition3", "features.norm5"]
+    assert {n: models.get_spec(n).beta for n in ("vgg16", "resnet50", "densenet121", "darts")} == {
+        "vgg16": 4.5, "resnet50": 0.02, "densenet121": 0.02, "darts": 0.45}
+
+
+@pytest.mark.parametrize("name", models.ZOO)
+def test_zoo_models_build_and_run(name):
+    spec = models.get_spec(name)
+    model = spec.build(7).eval()
+    assert spec.input_size == 64
+    assert sum(p.numel() for p in model.parameters()) < 400_000
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    channels = _gate_channels(spec, model, 64)
+    assert len(channels) >= 5 and all(8 <= c <= 256 for c in channels)
+    assert {models.get_spec(n).connection for n in models.ZOO} == {"plain", "residual", "dense", "nas"}
+
+
+def test_get_spec_unknown_name():
+    with pytest.raises(ValueError, match="unknown model 'vgg17'.*zoo_plain"):
+        models.get_spec("vgg17")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_load_model_round_trip(tmp_path, suffix):
+    source = models.get_spec("zoo_residual").build(4)
+    for p in source.parameters():
+        p.data.normal_()
+    path = tmp_path / f"w{suffix}"
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    loaded = models.load_model("zoo_residual", path, num_classes=4)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), source.eval()(x))
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        models.load_model("zoo_plain", tmp_path / "missing.pt")
+    path = tmp_path / "plain.pt"
+    torch.save(models.get_spec("zoo_plain").build(10).state_dict(), path)
+    with pytest.raises(ValueError, match=r"(?s)plain.pt.*'zoo_residual'.*missing keys: conv1.weight"):
+        models.load_model("zoo_residual", path, num_classes=10)
+    with pytest.raises(ValueError, match=r"(?s)shape mismatches: classifier.weight \(file \(10, 64\), "
+                                         r"model \(3, 64\)\).*classifier"):
+        models.load_model("zoo_plain", path, num_classes=3)
+
+
+def test_genotype_parser():
+    parsed = darts.parse_genotype(str(darts.DARTS_V2))
+    assert parsed == darts.DARTS_V2
+    text = ("Genotype(normal=[('sep_conv_5x5', 1), ('avg_pool_3x3', 0)], normal_concat=range(2, 3), "
+            "reduce=[('conv_7x1_1x7', 0), ('max_pool_3x3', 1)], reduce_concat=[2])")
+    genotype = darts.parse_genotype(text)
+    assert genotype.normal_concat == [2] and genotype.reduce[0] == ("conv_7x1_1x7", 0)
+    net = darts.NetworkSmall(8, 3, 3, text).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    for bad in ["Genotype(normal=__import__('os').system('echo'), normal_concat=[2], reduce=[], reduce_concat=[2])",
+                "Genotype(normal=[], normal_concat=[2])", "print(1)"]:
+        with pytest.raises(ValueError):
+            darts.parse_genotype(bad)
+
+
+def test_train_zoo_model_and_cache(tmp_path, monkeypatch):
+    train = data.generated_shapes("train", num_classes=3, images_per_class=8)
+    val = data.generated_shapes("val", num_classes=3, images_per_class=4)
+    zoo = models.load_zoo(tmp_path, train, val, names=["zoo_dense"], progress=False, epochs=1)
+    model, accuracy = zoo["zoo_dense"]
+    assert 0.0 <= accuracy <= 1.0 and not model.training
+    assert (tmp_path / "zoo_dense.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["zoo_dense.safetensors"]  # no temp files left
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained although the cache is valid")
+
+    monkeypatch.setattr(models, "train_zoo_model", no_training)
+    again, accuracy_again = models.load_zoo(tmp_path, train, val, names=["zoo_dense"], progress=False,
+                                            epochs=1)["zoo_dense"]
+    assert accuracy_again == accuracy
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    # Another data set, or a corrupt file, is retrained.
+    other = data.generated_shapes("train", num_classes=3, images_per_class=8, seed=1)
+    with pytest.raises(AssertionError, match="retrained"):
+        models.load_zoo(tmp_path, other, val, names=["zoo_dense"], progress=False, epochs=1)
+    (tmp_path / "zoo_dense.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AssertionError, match="retrained"):
+        models.load_zoo(tmp_path, train, val, names=["zoo_dense"], progress=False, epochs=1)
