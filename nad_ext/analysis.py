@@ -218,7 +218,7 @@ def _to_display(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def masked_accuracy(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size: int,
-                    batch_size: int = 64, device: str = "cpu") -> dict:
+                    batch_size: int = 64, device: str = "cpu", rejection_per_class: int | None = None) -> dict:
     """Each task's binary sub-architecture against the original network, on validation images.
 
     Predictions are the top-1 over all of the network's classes. For task t:
@@ -226,39 +226,54 @@ def masked_accuracy(gated: GatedModel, bank: MaskBank, val_images: ImageSet, ima
     (for a one-class task: prediction == label); ``rejection``: on the other classes' images,
     the fraction predicted as one of t's classes (low is good); ``original_*``: the same for
     the original network on the same images. ``mean``: the means over tasks.
+    ``rejection_per_class``: use only the first n images of each other class for the rejection
+    (None: all; the cost is then T x the validation set).
     """
     _check_inputs(gated, bank, val_images, image_size)
+    if rejection_per_class is not None and (not isinstance(rejection_per_class, int) or rejection_per_class < 0):
+        raise ValueError(f"rejection_per_class must be None or an integer >= 0, got {rejection_per_class!r}")
     gated.to(device)
     labels = torch.tensor(val_images.labels)
-    T = len(bank.tasks)
-    in_task = torch.zeros(T, len(labels), dtype=torch.bool)  # image i is of a class of task t
+    T, N = len(bank.tasks), len(labels)
+    in_task = torch.zeros(T, N, dtype=torch.bool)  # image i is of a class of task t
     for t, task in enumerate(bank.tasks):
         in_task[t] = torch.isin(labels, torch.tensor(task.classes))
-    task_classes = [torch.tensor(task.classes) for task in bank.tasks]
-    hit = torch.zeros(T, len(labels), dtype=torch.bool)  # masked net of t predicts a class of t
-    orig_pred = torch.empty(len(labels), dtype=torch.int64)
-    for start in range(0, len(labels), batch_size):
-        idx = list(range(start, min(start + batch_size, len(labels))))
-        x, _ = load_batch(val_images, idx, image_size)
-        x = x.to(device)
-        orig_pred[idx] = gated.original(x, record=False)[0].argmax(1).cpu()
-        for t in range(T):
-            ids = torch.full((len(idx),), t, dtype=torch.int64, device=device)
-            pred = gated(x, ids, binary=True)[0].argmax(1).cpu()
-            hit[t, idx] = torch.isin(pred, task_classes[t])
+    sampled = torch.ones(N, dtype=torch.bool)  # images used for rejection
+    if rejection_per_class is not None:
+        sampled[:] = False
+        for c in range(len(val_images.classes)):
+            sampled[val_images.indices_of_class(c)[:rejection_per_class]] = True
+    run = in_task | (~in_task & sampled)  # (task, image) pairs to evaluate
+    is_task_class = None  # (T, number of outputs): output o is a class of task t
+    hit = torch.zeros(T, N, dtype=torch.bool)  # masked net of t predicts a class of t
+    orig_pred = torch.empty(N, dtype=torch.int64)
+    for start in range(0, N, batch_size):
+        idx = torch.arange(start, min(start + batch_size, N))
+        x = load_batch(val_images, idx.tolist(), image_size)[0].to(device)
+        logits = gated.original(x, record=False)[0]
+        orig_pred[idx] = logits.argmax(1).cpu()
+        if is_task_class is None:
+            is_task_class = torch.zeros(T, logits.shape[1], dtype=torch.bool)
+            for t, task in enumerate(bank.tasks):
+                is_task_class[t, [c for c in task.classes if c < logits.shape[1]]] = True
+        tasks, local = run[:, idx].nonzero(as_tuple=True)
+        for lo in range(0, len(tasks), batch_size):
+            t, j = tasks[lo: lo + batch_size], local[lo: lo + batch_size]
+            pred = gated(x[j.to(device)], t.to(device), binary=True)[0].argmax(1).cpu()
+            hit[t, idx[j]] = is_task_class[t, pred]
+    orig_hit = is_task_class[:, orig_pred]
     rows = []
     for t, task in enumerate(bank.tasks):
-        own, other = in_task[t], ~in_task[t]
-        orig_hit = torch.isin(orig_pred, task_classes[t])
+        own, other = in_task[t], ~in_task[t] & sampled
         rate = lambda h, m: float(h[m].float().mean()) if m.any() else float("nan")  # noqa: E731
         rows.append({"task": task.name, "classes": list(task.classes),
                      "images": int(own.sum()), "other_images": int(other.sum()),
-                     "accuracy": rate(hit[t], own), "original_accuracy": rate(orig_hit, own),
-                     "rejection": rate(hit[t], other), "original_rejection": rate(orig_hit, other)})
+                     "accuracy": rate(hit[t], own), "original_accuracy": rate(orig_hit[t], own),
+                     "rejection": rate(hit[t], other), "original_rejection": rate(orig_hit[t], other)})
     keys = ("accuracy", "original_accuracy", "rejection", "original_rejection")
     mean = {k: float(np.nanmean([r[k] for r in rows])) if any(not math.isnan(r[k]) for r in rows)
             else float("nan") for k in keys}
-    return {"tasks": rows, "mean": mean,
+    return {"tasks": rows, "mean": mean, "rejection_per_class": rejection_per_class,
             "definition": "top-1 over all classes; accuracy: predicted class is one of the task's "
                           "classes on its own images; rejection: same, on the other classes' images"}
 
@@ -517,13 +532,16 @@ def _matrix_csv(matrix: np.ndarray, names: Sequence[str]) -> str:
 
 def run_all(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size: int, out_dir: str | Path,
             *, num_mosaics: int = 100, top_fraction: float = 0.10, seed: int = 0, null_samples: int = 1,
-            k: int = 3, batch_size: int = 64, device: str = "cpu", num_examples: int = 2) -> dict:
+            k: int = 3, batch_size: int = 64, device: str = "cpu", num_examples: int = 2,
+            rejection_per_class: int | None = None) -> dict:
     """Runs analyses 1-5 and writes them to ``out_dir``.
 
     Files: ``results.json`` (everything but the example arrays), ``similarity_iou.csv``,
     ``similarity_iomin.csv`` (task x task, in bank order) and ``hit_rate_examples.npz``
     (the example mosaics and maps). The returned dict holds all results, arrays included; the
     confusion analysis is ``{"skipped": reason}`` when the bank is not one task per class.
+    The keyword arguments go to the analyses of the same names (``num_mosaics`` and
+    ``rejection_per_class`` set most of the cost).
     """
     _check_inputs(gated, bank, val_images, image_size)
     _check_mosaic_args(num_mosaics, top_fraction, null_samples)
@@ -536,7 +554,8 @@ def run_all(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size:
         "stats": subarchitecture_stats(bank),
         "similarity": {"iou": iou, "iomin": iomin, "order": cluster_order(iou)},
         "layerwise_similarity": layerwise_similarity(bank),
-        "masked_accuracy": masked_accuracy(gated, bank, val_images, image_size, batch_size, device),
+        "masked_accuracy": masked_accuracy(gated, bank, val_images, image_size, batch_size, device,
+                                           rejection_per_class),
         "hit_rate": hit_rate(gated, bank, val_images, image_size, num_mosaics, top_fraction, seed,
                              null_samples, device, batch_size, num_examples),
     }

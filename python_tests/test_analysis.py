@@ -159,7 +159,8 @@ def test_masked_accuracy_all_open_equals_original_and_all_closed_is_chance():
         assert row["rejection"] == row["original_rejection"] == 0.0
         assert row["images"] == 5 and row["other_images"] == 15
     closed = make_bank([torch.full((4, c), -5.0) for c in (4, 6, 6)])
-    res = analysis.masked_accuracy(gated, closed, val, SIZE)
+    res = analysis.masked_accuracy(gated, closed, val, SIZE, rejection_per_class=2)
+    assert [r["other_images"] for r in res["tasks"]] == [6] * 4
     # constant logits: every image is predicted as class 0
     assert [r["accuracy"] for r in res["tasks"]] == [1.0, 0.0, 0.0, 0.0]
     assert res["mean"]["accuracy"] == pytest.approx(0.25)
