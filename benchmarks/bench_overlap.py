@@ -10,14 +10,17 @@ double loop over pairs. Every implementation is checked against the float64 refe
 """
 from __future__ import annotations
 
+import pathlib
 import statistics
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from nad_ext.ops import mask_overlap, mask_overlap_reference
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+from nad_ext.ops import mask_overlap, mask_overlap_reference  # noqa: E402
 
 VGG16 = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 CUDA = torch.cuda.is_available()
@@ -133,13 +136,15 @@ def main():
     check(numpy_matmul_iou(an, bn), a, b)
     op = median_ms(mask_overlap, a, b, VGG16, repeat=50)
     npm = median_ms(numpy_matmul_iou, an, bn, repeat=10)
-    rows += [("nad::mask_overlap, CPU", 1000, op, 1.0), ("NumPy float32 matmul per layer", 1000, npm, npm / op)]
+    rows += [("nad::mask_overlap, CPU", 1000, op, 1.0),
+             ("NumPy float32 matmul per layer", 1000, npm, npm / op)]
 
     a1, b1 = a[:100], b[:100]
     check(python_double_loop_iou(a1[:5], b1[:5]), a1[:5], b1[:5])
     op100 = median_ms(mask_overlap, a1, b1, VGG16, repeat=200)
     loop = median_ms(python_double_loop_iou, a1, b1, repeat=1, warmup=0)
-    rows += [("nad::mask_overlap, CPU", 100, op100, 1.0), ("Python double loop over pairs", 100, loop, loop / op100)]
+    rows += [("nad::mask_overlap, CPU", 100, op100, 1.0),
+             ("Python double loop over pairs", 100, loop, loop / op100)]
 
     if CUDA:
         for t in (1000, 20000):
@@ -151,7 +156,8 @@ def main():
                 mask_overlap(ac, bc, VGG16)
                 torch.cuda.synchronize()
 
-            rows.append(("nad::mask_overlap, CUDA", t, median_ms(run, repeat=50, warmup=5), float("nan")))
+            ms = median_ms(run, repeat=50, warmup=5)
+            rows.append(("nad::mask_overlap, CUDA", t, ms, float("nan")))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if CUDA else ", no GPU"))

@@ -81,10 +81,11 @@ def test_non_contiguous_inputs():
     sizes = [5, 66]
     a, b = _masks(8, sizes), _masks(12, sizes)
     at = a.T.contiguous().T  # same values, column-major
-    torch.testing.assert_close(mask_overlap(at, b[::2], sizes), mask_overlap(a, b[::2].clone(), sizes))
+    expected = mask_overlap(a, b[::2].clone(), sizes)
+    torch.testing.assert_close(mask_overlap(at, b[::2], sizes), expected)
 
 
-def test_portable_popcount_fallback():
+def test_portable_popcount_fallback(tmp_path):
     """The portable (no POPCNT) path, forced by the environment, gives identical results."""
     code = (
         "import torch\n"
@@ -93,18 +94,18 @@ def test_portable_popcount_fallback():
         "sizes = [1, 63, 64, 65, 130]\n"
         "a = torch.rand(70, sum(sizes)) < torch.rand(70, 1)\n"
         "b = torch.rand(300, sum(sizes)) < torch.rand(300, 1)\n"
-        "torch.save({m: mask_overlap(a, b, sizes, m, p) for m in ('iou', 'iomin', 'intersection')"
-        " for p in (False,)}, __import__('sys').argv[1])\n"
+        "metrics = ('iou', 'iomin', 'intersection')\n"
+        "out = {(m, p): mask_overlap(a, b, sizes, m, p) for m in metrics for p in (False, True)}\n"
+        "torch.save(out, __import__('sys').argv[1])\n"
     )
-    results = []
+    results, tmp_dir = [], str(tmp_path)
     for force in ("1", "0"):
-        path = os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"nad_overlap_{os.getpid()}_{force}.pt")
+        path = os.path.join(tmp_dir, f"overlap_{force}.pt")
         env = dict(os.environ, NAD_EXT_PORTABLE_POPCOUNT=force)
         subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
         results.append(torch.load(path))
-        os.remove(path)
-    for metric in results[0]:
-        assert torch.equal(results[0][metric], results[1][metric]), metric
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
 
 
 def _good():

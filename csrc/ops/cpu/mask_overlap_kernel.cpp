@@ -50,7 +50,8 @@ inline int32_t popcount_portable(uint64_t x) {
 }
 
 struct Packed {
-  std::vector<uint64_t> words;  // (W_total, T): word w of layer l of row r at (word_off[l] + w) * T + r
+  // (W_total, T): word w of layer l of row r at (word_off[l] + w) * T + r
+  std::vector<uint64_t> words;
   std::vector<int32_t> sizes;   // (L, T): open channels of row r at layer l
 };
 
@@ -152,8 +153,10 @@ __attribute__((target("avx2,popcnt"))) void count_avx2(const uint64_t* __restric
       for (int64_t w = w0; w < w1; ++w) {
         const __m256i av = _mm256_set1_epi64x(static_cast<long long>(a_words[w]));
         const auto* bw = reinterpret_cast<const __m256i*>(bl + w * Tb + j);
-        acc0 = _mm256_add_epi8(acc0, popcount_bytes(_mm256_and_si256(av, _mm256_loadu_si256(bw)), lut, low));
-        acc1 = _mm256_add_epi8(acc1, popcount_bytes(_mm256_and_si256(av, _mm256_loadu_si256(bw + 1)), lut, low));
+        const __m256i v0 = _mm256_and_si256(av, _mm256_loadu_si256(bw));
+        const __m256i v1 = _mm256_and_si256(av, _mm256_loadu_si256(bw + 1));
+        acc0 = _mm256_add_epi8(acc0, popcount_bytes(v0, lut, low));
+        acc1 = _mm256_add_epi8(acc1, popcount_bytes(v1, lut, low));
       }
       tot0 = _mm256_add_epi64(tot0, _mm256_sad_epu8(acc0, zero));
       tot1 = _mm256_add_epi64(tot1, _mm256_sad_epu8(acc1, zero));

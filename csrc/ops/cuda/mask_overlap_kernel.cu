@@ -1,8 +1,9 @@
 // CUDA kernels of nad::mask_overlap.
 //
 // 1. pack_kernel: one warp per (row, word) bit-packs 64 channels of a layer with two ballots
-//    (layers start on word boundaries, so they never share a word). Words are stored word-major, (W_total, T), so a tile of rows of one word
-//    is one coalesced load. sizes_kernel then sums each (layer, row)'s popcounts.
+//    (layers start on word boundaries, so they never share a word). Words are stored
+//    word-major, (W_total, T), so a tile of rows of one word is one coalesced load.
+//    sizes_kernel then sums each (layer, row)'s popcounts.
 // 2. overlap_kernel: one launch for all layers. A block of 16 x 16 threads owns a 64 x 64 tile
 //    of the output, each thread 4 x 4 pairs (rows ty + 16 r of a, columns tx + 16 c of b, so a
 //    warp reads consecutive words of b: no shared-memory bank conflicts). Layer by layer, up to
@@ -140,7 +141,8 @@ __global__ void __launch_bounds__(kSide * kSide)
 }
 
 int blocks_for(int64_t n) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads1d - 1) / kThreads1d, 65535LL * 8)));
+  const int64_t blocks = (n + kThreads1d - 1) / kThreads1d;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 65535LL * 8)));
 }
 
 // Packs (T, K) bool into (W_total, T) words and computes the (L, T) set sizes.
@@ -166,7 +168,8 @@ void launch_overlap(const at::Tensor& pa, const at::Tensor& pb, const at::Tensor
                     int64_t Tb, bool per_layer, at::Tensor& out, cudaStream_t stream) {
   const int64_t tiles_a = (Ta + kTile - 1) / kTile, tiles_b = (Tb + kTile - 1) / kTile;
   TORCH_CHECK(tiles_b <= INT32_MAX, "mask_overlap: b has too many rows (", Tb, ")");
-  const dim3 grid(static_cast<unsigned>(tiles_b), static_cast<unsigned>(std::min<int64_t>(tiles_a, 65535)));
+  const dim3 grid(static_cast<unsigned>(tiles_b),
+                  static_cast<unsigned>(std::min<int64_t>(tiles_a, 65535)));
   const dim3 block(kSide, kSide);
   const auto* a_words = reinterpret_cast<const uint64_t*>(pa.const_data_ptr<int64_t>());
   const auto* b_words = reinterpret_cast<const uint64_t*>(pb.const_data_ptr<int64_t>());
@@ -205,7 +208,8 @@ at::Tensor mask_overlap(const at::Tensor& a_in, const at::Tensor& b_in,
       launch_overlap<OverlapMetric::kIoU>(pa, pb, sa, sb, meta, L, Ta, Tb, per_layer, out, stream);
       break;
     case OverlapMetric::kIoMin:
-      launch_overlap<OverlapMetric::kIoMin>(pa, pb, sa, sb, meta, L, Ta, Tb, per_layer, out, stream);
+      launch_overlap<OverlapMetric::kIoMin>(pa, pb, sa, sb, meta, L, Ta, Tb, per_layer, out,
+                                            stream);
       break;
     case OverlapMetric::kIntersection:
       launch_overlap<OverlapMetric::kIntersection>(pa, pb, sa, sb, meta, L, Ta, Tb, per_layer, out,
