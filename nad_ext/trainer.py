@@ -1,0 +1,283 @@
+"""The NAD training driver: learns every task's gates on a frozen network.
+
+Two modes give the same gates (tested):
+- ``paper``: the reference implementation's loop, one task per step, batches of 16 images
+  of that task's classes;
+- ``batched``: each step carries ``tasks_per_step`` tasks x 16 images, every sample routed
+  through its own task's gates, every task's loss and normalised-gradient update computed as
+  in paper mode.
+
+Data order and augmentation of task t in epoch e come from a generator seeded by (seed, e, t),
+and task t's initial gates from one seeded by (seed, t): the results depend neither on the
+mode nor on how many tasks share a step, and a resumed run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nad_ext import data as nad_data
+from nad_ext.gates import GatedModel, propose_gate_points
+from nad_ext.maskbank import MaskBank, Task, atomic_write
+from nad_ext.objective import nad_loss, normalized_gradient_step
+
+BANK_FILE = "masks.safetensors"
+LOG_FILE = "log.json"
+
+
+@dataclass
+class NADConfig:
+    """Training settings; the defaults are the paper's (METHOD.md).
+
+    ``beta`` None takes the model preset's value; ``image_size`` None takes the preset's input
+    size (224 for the ImageNet networks).
+    """
+
+    beta: float | None = None
+    lr: float = 0.1
+    batch_size: int = 16
+    epochs: int = 21
+    init_std: float = 1.0
+    seed: int = 0
+    image_size: int | None = None
+    mode: str = "batched"
+    tasks_per_step: int = 16
+    device: str = "auto"
+    keep_every_epoch: bool = True
+
+    def validate(self) -> None:
+        for name in ("beta", "lr", "init_std"):
+            value = getattr(self, name)
+            if value is None and name == "beta":
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("batch_size", "epochs", "tasks_per_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
+            raise ValueError(f"image_size must be an integer >= 8, got {self.image_size!r}")
+        if self.mode not in ("batched", "paper"):
+            raise ValueError(f"mode must be 'batched' or 'paper', got {self.mode!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_tasks(images: nad_data.ImageSet) -> list[Task]:
+    """One task per class, named after the class."""
+    return [Task(name, (c,)) for c, name in enumerate(images.classes)]
+
+
+def _task_indices(images: nad_data.ImageSet, tasks: Sequence[Task]) -> list[list[int]]:
+    out = []
+    for task in tasks:
+        bad = [c for c in task.classes if not 0 <= c < len(images.classes)]
+        if bad:
+            raise ValueError(f"task {task.name!r} names classes {bad} that {images.name} does not have")
+        idx = sorted(i for c in task.classes for i in images.indices_of_class(c))
+        if not idx:
+            raise ValueError(f"task {task.name!r} has no training images in {images.name}")
+        out.append(idx)
+    return out
+
+
+def _epoch_generator(seed: int, epoch: int, task: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + task)
+
+
+class _TaskStream:
+    """Task t's batches in one epoch: a seeded permutation, augmentation from the same generator."""
+
+    def __init__(self, images, indices, batch_size, size, generator):
+        order = torch.randperm(len(indices), generator=generator).tolist()
+        self.batches = [[indices[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
+        self.images, self.size, self.generator = images, size, generator
+
+    def load(self, j):
+        return nad_data.load_batch(self.images, self.batches[j], self.size, generator=self.generator)
+
+
+def build_gated_model(
+    model: nn.Module,
+    gate_points: Sequence[str] | str,
+    num_tasks: int,
+    image_size: int,
+    *,
+    model_id: str,
+    seed: int = 0,
+    init_std: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> GatedModel:
+    """Wraps ``model`` with gates at ``gate_points``: module names, ``"auto"``, or the name of
+    a model preset (see ``nad_ext.models.MODELS``)."""
+    from nad_ext import models
+
+    model = model.to(device)
+    example = torch.zeros(1, 3, image_size, image_size, device=device)
+    if isinstance(gate_points, str):
+        if gate_points == "auto":
+            gate_points = propose_gate_points(model, example)
+        else:
+            gate_points = models.get_spec(gate_points).gate_points(model)
+    return GatedModel(model, list(gate_points), num_tasks, example, seed=seed, init_std=init_std, model_id=model_id)
+
+
+def disentangle(
+    model: nn.Module,
+    train: nad_data.ImageSet,
+    gate_points: Sequence[str] | str,
+    *,
+    model_id: str,
+    tasks: Sequence[Task] | None = None,
+    config: NADConfig | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MaskBank:
+    """Learns the gates of every task on the frozen ``model``; returns the mask bank.
+
+    Args:
+        model: the pretrained network (its weights are not changed).
+        train: the training images.
+        gate_points: module names, "auto", or a preset name (e.g. "vgg16").
+        model_id: the network's identifier, stored in the bank (a preset name when it is one;
+            its beta and input size are then the defaults).
+        tasks: default one per class.
+        config: :class:`NADConfig`, default the paper's settings.
+        out_dir: where ``masks.safetensors`` (after every epoch, atomically), per-epoch copies
+            and ``log.json`` (loss curves) go. None keeps everything in memory.
+        resume: continue from the bank in ``out_dir``.
+        overwrite: replace an existing bank in ``out_dir`` instead of refusing to.
+        progress: show a tqdm bar per epoch.
+    """
+    from nad_ext import models
+
+    config = NADConfig(**asdict(config)) if config is not None else NADConfig()
+    spec = models.MODELS.get(model_id)
+    if config.beta is None:
+        if spec is None:
+            raise ValueError(f"beta must be given for model {model_id!r}, which has no preset")
+        config.beta = spec.beta
+    if config.image_size is None:
+        config.image_size = spec.input_size if spec is not None else 224
+    config.validate()
+    tasks = list(tasks) if tasks is not None else default_tasks(train)
+    if not tasks:
+        raise ValueError("tasks is empty")
+    indices = _task_indices(train, tasks)
+    device = resolve_device(config.device)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    bank_path = out_dir / BANK_FILE if out_dir is not None else None
+    if bank_path is not None and bank_path.exists() and not (resume or overwrite):
+        raise FileExistsError(f"{bank_path} exists: pass resume=True (--resume) to continue it or overwrite=True")
+
+    gated = build_gated_model(
+        model, gate_points, len(tasks), config.image_size, model_id=model_id,
+        seed=config.seed, init_std=config.init_std, device=device,
+    )
+    config_record = asdict(config)
+    start_epoch, log = 0, []
+    if resume and bank_path is not None and bank_path.exists():
+        bank = MaskBank.load(bank_path)
+        bank.apply_to(gated)
+        if [t.name for t in bank.tasks] != [t.name for t in tasks]:
+            raise ValueError(f"{bank_path} was trained for other tasks; cannot resume it")
+        changed = {k: (bank.config.get(k), v) for k, v in config_record.items()
+                   if k not in ("epochs", "device", "mode", "tasks_per_step", "keep_every_epoch") and bank.config.get(k) != v}
+        if changed:
+            raise ValueError(f"{bank_path} was trained with other settings {changed}; cannot resume it")
+        start_epoch = bank.epoch
+        if (out_dir / LOG_FILE).exists():
+            log = json.loads((out_dir / LOG_FILE).read_text())["epochs"][:start_epoch]
+
+    bank = MaskBank.from_gated(gated, tasks, config_record, start_epoch)
+    group = 1 if config.mode == "paper" else config.tasks_per_step
+    for epoch in range(start_epoch, config.epochs):
+        streams = [
+            _TaskStream(train, idx, config.batch_size, config.image_size, _epoch_generator(config.seed, epoch, t))
+            for t, idx in enumerate(indices)
+        ]
+        stats = _train_epoch(gated, streams, config, group, epoch, progress, device)
+        log.append(stats)
+        bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1)
+        if out_dir is not None:
+            bank.save(bank_path)
+            if config.keep_every_epoch:
+                bank.save(out_dir / f"masks_epoch{epoch + 1:02d}.safetensors")
+            payload = json.dumps({"model_id": model_id, "tasks": [t.name for t in tasks], "epochs": log}, indent=1)
+            atomic_write(out_dir / LOG_FILE, lambda tmp: Path(tmp).write_text(payload))
+    return bank
+
+
+def _train_epoch(gated: GatedModel, streams, config: NADConfig, group: int, epoch: int, progress: bool, device):
+    """One epoch over every task's batches; returns the epoch's per-task mean loss terms."""
+    num_tasks = len(streams)
+    sums = {k: torch.zeros(num_tasks) for k in ("ce", "mse", "sparse", "loss")}
+    steps = torch.zeros(num_tasks)
+    skipped = torch.zeros(num_tasks)
+    total_batches = sum(len(s.batches) for s in streams)
+    bar = tqdm(total=total_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+               disable=not progress, leave=False)
+    images_seen, start, tasks_done = 0, time.perf_counter(), 0
+    for first in range(0, num_tasks, group):
+        members = list(range(first, min(first + group, num_tasks)))
+        for j in range(max(len(streams[t].batches) for t in members)):
+            active = [t for t in members if j < len(streams[t].batches)]
+            loaded = [streams[t].load(j) for t in active]
+            x = torch.cat([b[0] for b in loaded]).to(device)
+            labels = torch.cat([b[1] for b in loaded]).to(device)
+            task_ids = torch.cat([torch.full((len(b[1]),), t, dtype=torch.int64) for t, b in zip(active, loaded)]).to(device)
+            terms = _step(gated, x, labels, task_ids, config)
+            counted = terms.counted.cpu()
+            for k in sums:
+                sums[k] += torch.where(counted, getattr(terms, k).detach().cpu(), torch.zeros(()))
+            steps += counted.float()
+            present = torch.zeros(num_tasks, dtype=torch.bool)
+            present[active] = True
+            skipped += (present & ~counted).float()
+            images_seen += len(labels)
+            bar.update(len(active))
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            n = steps.clamp(min=1)
+            bar.set_postfix(tasks=f"{tasks_done}/{num_tasks}", img_s=f"{images_seen / elapsed:.0f}",
+                            ce=f"{(sums['ce'] / n).mean():.3f}", mse=f"{(sums['mse'] / n).mean():.3f}",
+                            sparse=f"{(sums['sparse'] / n).mean():.3f}")
+        tasks_done += len(members)
+    bar.close()
+    n = steps.clamp(min=1)
+    return {
+        "epoch": epoch + 1,
+        "images_per_second": images_seen / max(time.perf_counter() - start, 1e-9),
+        "skipped_batches": skipped.tolist(),
+        **{k: (v / n).tolist() for k, v in sums.items()},
+    }
+
+
+def _step(gated: GatedModel, x, labels, task_ids, config: NADConfig):
+    """One NAD step: original forward, masked forward, backward to the gates, update."""
+    with torch.no_grad():
+        out, original_acts = gated.original(x)
+        correct = out.argmax(dim=1) == labels
+    for m in gated.logits:
+        m.grad = None
+    masked_out, masked_acts = gated(x, task_ids, record=True)
+    terms = nad_loss(masked_out, labels, masked_acts, original_acts, correct, task_ids, list(gated.logits), config.beta)
+    counted_tasks = terms.counted.nonzero().flatten()
+    if counted_tasks.numel():
+        terms.total.backward()
+        normalized_gradient_step(list(gated.logits), counted_tasks, config.lr)
+    return terms

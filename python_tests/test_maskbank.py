@@ -1,0 +1,106 @@
+import json
+import struct
+
+import pytest
+import torch
+
+from nad_ext.gates import GatePoint
+from nad_ext.maskbank import MaskBank, Task
+
+
+def make_bank(tasks=3, epoch=4):
+    torch.manual_seed(0)
+    points = [GatePoint("features.1", 4), GatePoint("features.4", 1), GatePoint("avgpool", 7)]
+    return MaskBank(
+        model_id="zoo_plain",
+        gate_points=points,
+        tasks=[Task(f"class{t}", (t,)) for t in range(tasks - 1)] + [Task("pair", (0, 1))],
+        logits=[torch.randn(tasks, p.channels) for p in points],
+        config={"beta": 4.5, "lr": 0.1},
+        epoch=epoch,
+    )
+
+
+def test_round_trip(tmp_path):
+    bank = make_bank()
+    bank.save(tmp_path / "b.safetensors")
+    loaded = MaskBank.load(tmp_path / "b.safetensors")
+    assert loaded.model_id == "zoo_plain" and loaded.epoch == 4
+    assert loaded.gate_points == bank.gate_points and loaded.tasks == bank.tasks
+    assert loaded.config == bank.config
+    for a, b in zip(loaded.logits, bank.logits):
+        torch.testing.assert_close(a, b)
+    assert loaded.layer_sizes == [4, 1, 7]
+    binary = loaded.binary()
+    assert binary.shape == (3, 12) and binary.dtype == torch.bool
+    assert torch.equal(binary[:, 4], bank.logits[1][:, 0] > 0)
+    torch.testing.assert_close(loaded.open_ratio()[:, 2], (bank.logits[2] > 0).float().mean(1))
+
+
+def test_file_follows_the_documented_format(tmp_path):
+    make_bank().save(tmp_path / "b.safetensors")
+    raw = (tmp_path / "b.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    assert sorted(k for k in header if k != "__metadata__") == ["logits.000", "logits.001", "logits.002"]
+    assert header["logits.002"]["dtype"] == "F32" and header["logits.002"]["shape"] == [3, 7]
+    meta = header["__metadata__"]
+    assert meta["format"] == "nad-ext.maskbank/1"
+    assert json.loads(meta["gate_points"]) == ["features.1", "features.4", "avgpool"]
+    assert json.loads(meta["channels"]) == [4, 1, 7]
+    assert json.loads(meta["task_classes"]) == [[0], [1], [0, 1]]
+
+
+def test_mismatch_says_what_differs():
+    bank = make_bank()
+    other = [GatePoint("features.1", 4), GatePoint("features.4", 2), GatePoint("classifier", 7)]
+    problems = bank.mismatch(other, model_id="vgg16")
+    text = "; ".join(problems)
+    assert "for model 'zoo_plain', not 'vgg16'" in text
+    assert "'features.4' has 1 channels in the bank but 2 in the model" in text
+    assert "'avgpool' is in the bank but not in the model" in text
+    assert "'classifier' is in the model but not in the bank" in text
+    with pytest.raises(ValueError, match="mask bank does not match the model"):
+        bank.check_matches(other)
+    bank.check_matches(list(bank.gate_points), "zoo_plain")
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
+        MaskBank.load(tmp_path / "missing.safetensors")
+    path = tmp_path / "b.safetensors"
+    make_bank().save(path)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="corrupted"):
+        MaskBank.load(path)
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="corrupted or not a safetensors file"):
+        MaskBank.load(path)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="is not a nad-ext mask bank"):
+        MaskBank.load(path)
+
+
+def test_shapes_are_checked_on_construction():
+    bank = make_bank()
+    with pytest.raises(ValueError, match=r"must have shape \(3, 4\)"):
+        MaskBank(bank.model_id, bank.gate_points, bank.tasks, [torch.zeros(2, 4)] + bank.logits[1:])
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "b.safetensors"
+    make_bank(epoch=1).save(path)
+
+    import nad_ext.maskbank as mb
+
+    def broken(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mb, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        make_bank(epoch=2).save(path)
+    assert MaskBank.load(path).epoch == 1  # the earlier bank is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["b.safetensors"]  # no temporary left

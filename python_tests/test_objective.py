@@ -1,0 +1,79 @@
+import torch
+import torch.nn.functional as F
+
+from nad_ext.objective import nad_loss, normalized_gradient_step
+
+
+def paper_loss_one_task(out, labels, masked_acts, original_acts, correct, logits_t, beta):
+    """METHOD.md's loss for a batch holding one task's samples only, written plainly."""
+    L = len(logits_t)
+    ce = F.cross_entropy(out, labels)
+    mse = sum(F.mse_loss(m[correct], o[correct]) for m, o in zip(masked_acts, original_acts))
+    sparse = sum(torch.sigmoid(m).pow(2).mean() for m in logits_t) / L
+    return (ce + mse) / L + beta * sparse
+
+
+def random_batch(n=12, tasks=3, classes=5):
+    torch.manual_seed(1)
+    task_ids = torch.randint(0, tasks, (n,))
+    task_ids[:tasks] = torch.arange(tasks)
+    logits = [torch.randn(tasks, 4, requires_grad=True), torch.randn(tasks, 6, requires_grad=True)]
+    out = torch.randn(n, classes, requires_grad=True)
+    masked = [torch.randn(n, 4, 3, 3, requires_grad=True), torch.randn(n, 6, requires_grad=True)]
+    original = [torch.randn(n, 4, 3, 3), torch.randn(n, 6)]
+    labels = torch.randint(0, classes, (n,))
+    correct = torch.rand(n) > 0.4
+    return out, labels, masked, original, correct, task_ids, logits
+
+
+def test_per_task_terms_match_the_paper_formula():
+    out, labels, masked, original, correct, task_ids, logits = random_batch()
+    terms = nad_loss(out, labels, masked, original, correct, task_ids, logits, beta=0.7)
+    for t in range(3):
+        sel = task_ids == t
+        if not correct[sel].any():
+            assert not terms.counted[t]
+            continue
+        expected = paper_loss_one_task(out[sel], labels[sel], [m[sel] for m in masked],
+                                       [o[sel] for o in original], correct[sel], [m[t] for m in logits], 0.7)
+        torch.testing.assert_close(terms.loss[t], expected)
+        assert terms.counted[t]
+
+
+def test_gradient_of_the_sum_is_each_tasks_own_gradient():
+    out, labels, masked, original, correct, task_ids, logits = random_batch()
+    correct[:] = True
+    terms = nad_loss(out, labels, masked, original, correct, task_ids, logits, beta=0.3)
+    grads = torch.autograd.grad(terms.total, logits)
+    for t in range(3):
+        sel = task_ids == t
+        own = paper_loss_one_task(out[sel], labels[sel], [m[sel] for m in masked],
+                                  [o[sel] for o in original], correct[sel], [m[t] for m in logits], 0.3)
+        own_grads = torch.autograd.grad(own, logits)
+        for g, g_own in zip(grads, own_grads):
+            torch.testing.assert_close(g[t], g_own[t])
+
+
+def test_tasks_with_no_correct_sample_are_skipped():
+    out, labels, masked, original, correct, task_ids, logits = random_batch()
+    correct[task_ids == 1] = False
+    correct[task_ids != 1] = True
+    terms = nad_loss(out, labels, masked, original, correct, task_ids, logits, beta=1.0)
+    assert terms.counted.tolist() == [True, False, True]
+    grads = torch.autograd.grad(terms.total, logits)
+    assert all(torch.all(g[1] == 0) for g in grads)
+
+
+def test_normalized_gradient_step_moves_each_task_and_point_by_lr():
+    logits = [torch.randn(3, 5, requires_grad=True), torch.randn(3, 2, requires_grad=True)]
+    before = [m.detach().clone() for m in logits]
+    (logits[0][0].pow(2).sum() * 7 + logits[1][0].sum() + logits[0][2].sum()).backward()
+    normalized_gradient_step(logits, torch.tensor([0, 2]), lr=0.1)
+    for m, b in zip(logits, before):
+        moved = (m.detach() - b).norm(dim=1)
+        assert torch.all(moved[1] == 0)  # task 1 not in the step
+    torch.testing.assert_close((logits[0].detach()[0] - before[0][0]).norm(), torch.tensor(0.1))
+    torch.testing.assert_close((logits[1].detach()[0] - before[1][0]).norm(), torch.tensor(0.1))
+    torch.testing.assert_close(logits[1].detach()[2], before[1][2])  # zero gradient: unchanged
+    g = 14 * before[0][0]
+    torch.testing.assert_close(logits[0].detach()[0], before[0][0] - 0.1 * g / g.norm())

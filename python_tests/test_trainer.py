@@ -1,0 +1,153 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from nad_ext.data import ImageSet
+from nad_ext.maskbank import MaskBank, Task
+from nad_ext.trainer import NADConfig, disentangle
+
+
+def colour_images(num_classes=3, per_class=40, size=16, seed=0):
+    """Class c: a uniform image whose colour channel c is bright, with a little noise."""
+    gen = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    for c in range(num_classes):
+        base = torch.zeros(per_class, 3, size, size)
+        base[:, c] = 0.8
+        noisy = (base + 0.1 * torch.rand(per_class, 3, size, size, generator=gen)).clamp(0, 1)
+        images.append((noisy * 255).to(torch.uint8))
+        labels += [c] * per_class
+    return ImageSet([f"c{c}" for c in range(num_classes)], labels, f"colours-{seed}", images=torch.cat(images))
+
+
+class KnownChannels(nn.Module):
+    """Channels 2c and 2c+1 of `feat` respond to class c only; channels 6, 7 never respond.
+
+    The classifier reads class c's logit from its two channels: NAD must find exactly those.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.feat = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.fill_(-1.0)
+            for c in range(3):
+                # normalised bright channel ~ +1.6..2.2, dark ~ -2: only class c passes the ReLU
+                self.conv.weight[2 * c : 2 * c + 2, c] = 1.0
+                self.conv.bias[2 * c : 2 * c + 2] = 0.0
+            self.conv.bias[6:] = -5.0
+            self.fc.weight.zero_()
+            self.fc.bias.zero_()
+            for c in range(3):
+                self.fc.weight[c, 2 * c : 2 * c + 2] = 2.0
+
+    def forward(self, x):
+        return self.fc(self.pool(self.feat(self.conv(x))).flatten(1))
+
+
+def small_cnn():
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )
+
+
+def fit_small_cnn(images):
+    """A few Adam steps so that the network classifies most training images correctly."""
+    model = small_cnn()
+    from nad_ext.data import load_batch
+
+    x, y = load_batch(images, list(range(len(images))), 16)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+CFG = dict(beta=1.0, epochs=2, image_size=16, batch_size=16)
+
+
+def test_known_channels_are_recovered():
+    images = colour_images(per_class=48)
+    bank = disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False,
+                       config=NADConfig(beta=1.0, epochs=21, image_size=16))
+    open_channels = bank.binary()
+    for c in range(3):
+        assert open_channels[c].nonzero().flatten().tolist() == [2 * c, 2 * c + 1]
+
+
+def test_batched_mode_gives_the_gates_of_one_task_at_a_time():
+    images = colour_images(per_class=40)
+    model = fit_small_cnn(images)
+    paper = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False, config=NADConfig(mode="paper", **CFG))
+    batched = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+                          config=NADConfig(mode="batched", tasks_per_step=3, **CFG))
+    two = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+                      config=NADConfig(mode="batched", tasks_per_step=2, **CFG))
+    for p, b, t in zip(paper.logits, batched.logits, two.logits):
+        torch.testing.assert_close(b, p, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(t, p, rtol=1e-4, atol=1e-4)
+    init = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+                       config=NADConfig(**{**CFG, "epochs": 1}))
+    assert not torch.allclose(init.logits[0], paper.logits[0])  # the gates did move
+
+
+def test_epochs_are_saved_and_a_resumed_run_continues_exactly(tmp_path):
+    images = colour_images(per_class=24)
+    model = fit_small_cnn(images)
+    cfg = dict(beta=1.0, image_size=16)
+    full = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+                       config=NADConfig(epochs=3, **cfg), out_dir=tmp_path / "full")
+    disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+                config=NADConfig(epochs=1, **cfg), out_dir=tmp_path / "part")
+    with pytest.raises(FileExistsError, match="resume"):
+        disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+                    config=NADConfig(epochs=3, **cfg), out_dir=tmp_path / "part")
+    resumed = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+                          config=NADConfig(epochs=3, **cfg), out_dir=tmp_path / "part", resume=True)
+    for a, b in zip(full.logits, resumed.logits):
+        torch.testing.assert_close(a, b)
+    assert resumed.epoch == 3
+    assert MaskBank.load(tmp_path / "part" / "masks.safetensors").epoch == 3
+    assert MaskBank.load(tmp_path / "part" / "masks_epoch01.safetensors").epoch == 1
+    log = json.loads((tmp_path / "part" / "log.json").read_text())
+    assert [e["epoch"] for e in log["epochs"]] == [1, 2, 3]
+    assert len(log["epochs"][0]["ce"]) == 3
+    with pytest.raises(ValueError, match="other settings"):
+        disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+                    config=NADConfig(epochs=4, beta=2.0, image_size=16), out_dir=tmp_path / "part", resume=True)
+
+
+def test_tasks_made_of_several_classes():
+    images = colour_images(per_class=16)
+    bank = disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False,
+                       tasks=[Task("c0+c1", (0, 1)), Task("c2", (2,))], config=NADConfig(**CFG))
+    assert bank.task_names == ["c0+c1", "c2"] and bank.logits[0].shape == (2, 8)
+    with pytest.raises(ValueError, match="task 'c9' names classes"):
+        disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False,
+                    tasks=[Task("c9", (9,))], config=NADConfig(**CFG))
+
+
+@pytest.mark.parametrize("field, value", [("beta", -1.0), ("beta", float("nan")), ("lr", 0), ("lr", "fast"),
+                                          ("epochs", 0), ("batch_size", 1.5), ("mode", "fast")])
+def test_bad_settings_are_named(field, value):
+    images = colour_images(per_class=4)
+    with pytest.raises(ValueError, match=field):
+        disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False,
+                    config=NADConfig(**{**CFG, field: value}))
+
+
+def test_beta_is_required_without_a_preset():
+    with pytest.raises(ValueError, match="beta must be given"):
+        disentangle(KnownChannels(), colour_images(per_class=4), ["feat"], model_id="known", progress=False,
+                    config=NADConfig(image_size=16))
