@@ -1,12 +1,15 @@
 """Writes the inputs and expected outputs of the C++ tests (cpp_tests/) as safetensors files.
 
-    python cpp_tests/make_fixtures.py <folder>
+    python cpp_tests/make_fixtures.py <folder> [--library build-cpp/libnad.so]
 
 Expected values come from pure-PyTorch / NumPy references, so the C++ library is checked
 against the Python side's definitions of the operators. The mask bank follows docs/DESIGN.md.
+With --library, nad_ext (this checkout) runs on that LibTorch build of the operators and a small
+gated model is exported to TorchScript (nad_ext.export) with its expected outputs.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -39,17 +42,20 @@ def task_gate_case(gen, prefix, x_shape, num_tasks):
 
 
 def overlap_reference(a: np.ndarray, b: np.ndarray, layer_sizes, metric: str, per_layer: bool):
-    """All-pairs overlap of boolean masks a (Ta, K) and b (Tb, K): iou or iomin."""
+    """nad::mask_overlap in NumPy: all-pairs overlap of boolean masks a (Ta, K) and b (Tb, K)
+    per layer (iou, iomin with 0/0 = 1, or intersection); the mean over layers unless
+    per_layer."""
     def one(a, b):
         a, b = a.astype(np.int64), b.astype(np.int64)
         inter = a @ b.T
+        if metric == "intersection":
+            return inter.astype(np.float64)
         na, nb = a.sum(1)[:, None], b.sum(1)[None, :]
         den = na + nb - inter if metric == "iou" else np.minimum(na, nb)
-        return inter / den
-    if not per_layer:
-        return one(a, b)
+        return np.where(den == 0, 1.0, inter / np.maximum(den, 1))
     bounds = np.cumsum([0, *layer_sizes])
-    return np.stack([one(a[:, lo:hi], b[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])])
+    layers = np.stack([one(a[:, lo:hi], b[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])])
+    return layers if per_layer else layers.mean(0)
 
 
 def write_bank(path, gen):
@@ -109,7 +115,36 @@ def corrupt_banks(folder, bank_path):
             f.write(blob)
 
 
-def main(folder: str) -> None:
+def export_gated_model(folder: str, library: str) -> None:
+    os.environ["NAD_EXT_LIBRARY"] = os.path.abspath(library)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from torch import nn
+
+    from nad_ext.export import export_gated, export_task
+    from nad_ext.gates import GatedModel
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5),
+    )
+    gated = GatedModel(net, ["1", "3"], num_tasks=3, example_input=torch.randn(2, 3, 8, 8),
+                       model_id="cpp_test_convnet")
+    export_gated(gated, torch.randn(2, 3, 8, 8), os.path.join(folder, "gated_all.pt"))
+    export_task(gated, 1, torch.randn(2, 3, 8, 8), os.path.join(folder, "gated_task1.pt"))
+    # Another batch size than at tracing: the exports must not have frozen it.
+    x = torch.randn(5, 3, 8, 8)
+    task_ids = torch.tensor([0, 2, 1, 1, 0])
+    with torch.no_grad():
+        expected = {
+            "x": x, "task_ids": task_ids,
+            "y_all": gated(x, task_ids)[0],
+            "y_task1": gated(x, torch.ones(5, dtype=torch.int64), binary=True)[0],
+        }
+    save_file(expected, os.path.join(folder, "gated_expected.safetensors"))
+
+
+def main(folder: str, library: str | None) -> None:
     os.makedirs(folder, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     tensors = {}
@@ -127,23 +162,28 @@ def main(folder: str) -> None:
         "similarity_iou": torch.from_numpy(overlap_reference(masks, masks, channels, "iou", False)),
         "similarity_iomin": torch.from_numpy(overlap_reference(masks, masks, channels, "iomin", False)),
     }
-    # mask_overlap on masks of different task counts; every row has an open channel per layer.
+    # mask_overlap on masks of different task counts, with empty layers (0/0 = 1).
     sizes = [5, 3, 8]
     rng = np.random.default_rng(1)
     a, b = rng.random((3, sum(sizes))) > 0.5, rng.random((5, sum(sizes))) > 0.4
-    for m in (a, b):
-        m[:, np.cumsum([0, *sizes[:-1]])] = True
+    a[0, 5:8] = False
+    b[1, 5:8] = False
+    b[2, :5] = False
     expected.update({"overlap.a": torch.from_numpy(a), "overlap.b": torch.from_numpy(b),
                      "overlap.layer_sizes": torch.tensor(sizes, dtype=torch.int64)})
-    for metric in ("iou", "iomin"):
+    for metric in ("iou", "iomin", "intersection"):
         for per_layer in (False, True):
             key = f"overlap.{metric}.{'per_layer' if per_layer else 'all'}"
             expected[key] = torch.from_numpy(overlap_reference(a, b, sizes, metric, per_layer))
     save_file(expected, os.path.join(folder, "bank_expected.safetensors"))
+    if library:
+        export_gated_model(folder, library)
     print(f"fixtures written to {folder}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: make_fixtures.py <folder>")
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder")
+    parser.add_argument("--library", help="libnad.so: also export a gated model (TorchScript)")
+    args = parser.parse_args()
+    main(args.folder, args.library)

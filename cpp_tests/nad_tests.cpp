@@ -11,6 +11,7 @@
 #include <string>
 
 #include <torch/autograd.h>
+#include <torch/script.h>
 
 #include <nad/maskbank.h>
 #include <nad/nad.h>
@@ -22,7 +23,7 @@ struct Failure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-#define CHECK(cond, ...)                                                                    \
+#define REQUIRE(cond, ...)                                                                    \
   do {                                                                                      \
     if (!(cond)) {                                                                          \
       std::ostringstream msg_;                                                              \
@@ -33,10 +34,10 @@ struct Failure : std::runtime_error {
 
 void check_close(const at::Tensor& actual, const at::Tensor& expected, const std::string& what,
                  double atol = 1e-5, double rtol = 1e-5) {
-  CHECK(actual.sizes() == expected.sizes(),
+  REQUIRE(actual.sizes() == expected.sizes(),
         what << ": shape " << actual.sizes() << " != " << expected.sizes());
   const auto a = actual.detach().cpu().to(at::kDouble), e = expected.to(at::kDouble);
-  CHECK(at::allclose(a, e, rtol, atol),
+  REQUIRE(at::allclose(a, e, rtol, atol),
         what << ": max abs difference " << (a - e).abs().max().item<double>());
 }
 
@@ -49,9 +50,9 @@ void expect_error(const std::function<void()>& fn, const std::vector<std::string
   } catch (const c10::Error& e) {
     message = e.what_without_backtrace();
   }
-  CHECK(!message.empty(), what << ": no error was raised");
+  REQUIRE(!message.empty(), what << ": no error was raised");
   for (const auto& part : parts)
-    CHECK(message.find(part) != std::string::npos,
+    REQUIRE(message.find(part) != std::string::npos,
           what << ": message lacks \"" << part << "\": " << message);
   std::cout << "  refused as expected: " << message << "\n";
 }
@@ -92,23 +93,23 @@ void task_gate_forward_backward(const Args& args) {
 void maskbank_load(const Args& args) {
   const auto bank = nad::MaskBank::load(args[0] + "/bank.safetensors");
   const auto expected = nad::read_safetensors(args[0] + "/bank_expected.safetensors");
-  CHECK(bank.model_id() == "cpp_test_net", bank.model_id());
-  CHECK((bank.gate_points() == std::vector<std::string>{"features.0", "features.3", "classifier.1"}),
+  REQUIRE(bank.model_id() == "cpp_test_net", bank.model_id());
+  REQUIRE((bank.gate_points() == std::vector<std::string>{"features.0", "features.3", "classifier.1"}),
         "gate points");
-  CHECK((bank.channels() == std::vector<int64_t>{4, 6, 3}), "channels");
-  CHECK((bank.tasks() == std::vector<std::string>{"cat", "dog", "car, red", "ship"}), "tasks");
-  CHECK((bank.task_classes() == std::vector<std::vector<int64_t>>{{0}, {1}, {2, 3}, {4}}),
+  REQUIRE((bank.channels() == std::vector<int64_t>{4, 6, 3}), "channels");
+  REQUIRE((bank.tasks() == std::vector<std::string>{"cat", "dog", "car, red", "ship"}), "tasks");
+  REQUIRE((bank.task_classes() == std::vector<std::vector<int64_t>>{{0}, {1}, {2, 3}, {4}}),
         "task classes");
-  CHECK(bank.epoch() == 7, bank.epoch());
-  CHECK(bank.config_json().find("caf\\u00e9") != std::string::npos, bank.config_json());
-  CHECK(bank.logits().size() == 3 && bank.logits()[1].sizes() == at::IntArrayRef({4, 6}),
+  REQUIRE(bank.epoch() == 7, bank.epoch());
+  REQUIRE(bank.config_json().find("caf\\u00e9") != std::string::npos, bank.config_json());
+  REQUIRE(bank.logits().size() == 3 && bank.logits()[1].sizes() == at::IntArrayRef({4, 6}),
         "logits shapes");
-  CHECK(bank.logits()[1].scalar_type() == at::kFloat, "logits dtype");
+  REQUIRE(bank.logits()[1].scalar_type() == at::kFloat, "logits dtype");
   const auto binary = bank.binary();
-  CHECK(binary.scalar_type() == at::kBool, binary.scalar_type());
-  CHECK(at::equal(binary, expected.tensor("binary")), "binary() differs from Python's");
+  REQUIRE(binary.scalar_type() == at::kBool, binary.scalar_type());
+  REQUIRE(at::equal(binary, expected.tensor("binary")), "binary() differs from Python's");
   const auto sizes = expected.tensor("layer_sizes");
-  CHECK(bank.layer_sizes() == std::vector<int64_t>(sizes.data_ptr<int64_t>(),
+  REQUIRE(bank.layer_sizes() == std::vector<int64_t>(sizes.data_ptr<int64_t>(),
                                                    sizes.data_ptr<int64_t>() + sizes.numel()),
         "layer sizes");
 }
@@ -146,17 +147,29 @@ void mask_overlap_vs_numpy(const Args& args) {
   const auto& b = fx.tensor("overlap.b");
   const auto s = fx.tensor("overlap.layer_sizes");
   const std::vector<int64_t> sizes(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + s.numel());
-  for (const std::string metric : {"iou", "iomin"})
+  for (const std::string metric : {"iou", "iomin", "intersection"})
     for (const bool per_layer : {false, true}) {
       const std::string key = "overlap." + metric + (per_layer ? ".per_layer" : ".all");
       check_close(nad::mask_overlap(a, b, sizes, metric, per_layer), fx.tensor(key), key);
     }
 }
 
+// A gated model exported by nad_ext.export (TorchScript, nad::task_gate calls in the graph).
+void torchscript_gated_model(const Args& args) {
+  const auto fx = nad::read_safetensors(args[0] + "/gated_expected.safetensors");
+  const auto& x = fx.tensor("x");
+  auto all = torch::jit::load(args[0] + "/gated_all.pt");
+  auto task1 = torch::jit::load(args[0] + "/gated_task1.pt");
+  torch::NoGradGuard no_grad;
+  check_close(all.forward({x, fx.tensor("task_ids")}).toTensor(), fx.tensor("y_all"),
+              "export_gated forward(x, task_ids)");
+  check_close(task1.forward({x}).toTensor(), fx.tensor("y_task1"), "export_task forward(x)");
+}
+
 // Reads nad_similarity's CSV: the header's task names and the values.
 std::pair<std::vector<std::string>, std::vector<std::vector<double>>> read_csv(const std::string& path) {
   std::ifstream in(path);
-  CHECK(in, "cannot open " << path);
+  REQUIRE(in, "cannot open " << path);
   std::string line;
   std::getline(in, line);
   std::vector<std::string> header;
@@ -183,27 +196,27 @@ std::pair<std::vector<std::string>, std::vector<std::vector<double>>> read_csv(c
 }
 
 void similarity_program_vs_python(const Args& args) {
-  CHECK(args.size() == 2, "usage: similarity_program <fixtures> <nad_similarity>");
+  REQUIRE(args.size() == 2, "usage: similarity_program <fixtures> <nad_similarity>");
   const auto fx = nad::read_safetensors(args[0] + "/bank_expected.safetensors");
   for (const std::string metric : {"iou", "iomin"}) {
     const std::string out = args[0] + "/similarity_" + metric + ".csv";
     const std::string cmd = "\"" + args[1] + "\" \"" + args[0] + "/bank.safetensors\" --metric " +
                             metric + " --out \"" + out + "\"";
-    CHECK(std::system(cmd.c_str()) == 0, "failed: " << cmd);
+    REQUIRE(std::system(cmd.c_str()) == 0, "failed: " << cmd);
     const auto [header, rows] = read_csv(out);
-    CHECK((header == std::vector<std::string>{"task", "cat", "dog", "car, red", "ship"}),
+    REQUIRE((header == std::vector<std::string>{"task", "cat", "dog", "car, red", "ship"}),
           "CSV header");
     const auto& expected = fx.tensor("similarity_" + metric);
-    CHECK(static_cast<int64_t>(rows.size()) == expected.size(0), "CSV rows");
+    REQUIRE(static_cast<int64_t>(rows.size()) == expected.size(0), "CSV rows");
     at::Tensor actual = at::empty(expected.sizes(), at::kDouble);
     for (size_t i = 0; i < rows.size(); ++i) {
-      CHECK(static_cast<int64_t>(rows[i].size()) == expected.size(1), "CSV row " << i);
+      REQUIRE(static_cast<int64_t>(rows[i].size()) == expected.size(1), "CSV row " << i);
       for (size_t j = 0; j < rows[i].size(); ++j) actual[i][j] = rows[i][j];
     }
     check_close(actual, expected, "similarity " + metric, 2e-6);  // CSV has 6 decimals
   }
   // Usage errors exit with 2 and do not touch the bank.
-  CHECK(std::system(("\"" + args[1] + "\" --metric dice x 2>/dev/null").c_str()) != 0,
+  REQUIRE(std::system(("\"" + args[1] + "\" --metric dice x 2>/dev/null").c_str()) != 0,
         "bad metric accepted");
 }
 
@@ -214,6 +227,7 @@ const std::map<std::string, void (*)(const Args&)> kCases = {
     {"maskbank_check_matches", maskbank_check_matches},
     {"mask_overlap_vs_numpy", mask_overlap_vs_numpy},
     {"similarity_program_vs_python", similarity_program_vs_python},
+    {"torchscript_gated_model", torchscript_gated_model},
 };
 
 }  // namespace

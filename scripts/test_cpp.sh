@@ -20,11 +20,12 @@ cmake -S . -B "$BUILD" "${args[@]}"
 cmake --build "$BUILD" -j "$JOBS"
 cmake --install "$BUILD"
 
-"$PYTHON" cpp_tests/make_fixtures.py "$BUILD/fixtures"
+"$PYTHON" cpp_tests/make_fixtures.py "$BUILD/fixtures" --library "$BUILD/libnad.so"
 ctest --test-dir "$BUILD" --output-on-failure
 
 # The consumer example sees only the install: find_package(nad) -> nad::nad.
 cmake -S examples/cpp -B "$BUILD/example" -G Ninja -DCMAKE_PREFIX_PATH="$PWD/$BUILD/install"
 cmake --build "$BUILD/example" -j "$JOBS"
 "$BUILD/example/app" "$BUILD/fixtures/bank.safetensors"
+"$BUILD/example/run_gated" "$BUILD/fixtures/gated_all.pt" "$BUILD/fixtures/gated_expected.safetensors"
 echo "C++ build, tests and example: OK"

@@ -2,8 +2,8 @@
 //
 //   nad_similarity <bank.safetensors> [--metric iou|iomin] [--out file.csv]
 //
-// Entry (i, j) is the overlap of task i's and task j's binary sub-architectures over all gate
-// points (nad::mask_overlap with per_layer=false). Prints to stdout unless --out is given.
+// Entry (i, j) is the overlap of task i's and task j's binary sub-architectures, averaged over
+// the gate points (nad::mask_overlap with per_layer=false). Prints to stdout unless --out.
 #include <cstdio>
 #include <fstream>
 #include <iostream>

@@ -84,12 +84,15 @@ inline std::tuple<at::Tensor, at::Tensor> task_gate_backward(const at::Tensor& g
 
 // nad::mask_overlap(Tensor a, Tensor b, int[] layer_sizes, str metric, bool per_layer) -> Tensor
 //
-// All-pairs overlap of binary sub-architectures (see csrc/ops/mask_overlap.h). a: (Ta, K) and
-// b: (Tb, K) bool masks, one row per task, the K channels being the gate points' channels
-// concatenated (layer_sizes, summing to K, gives the channels of each gate point, as
-// MaskBank::layer_sizes()). metric: "iou" (|a & b| / |a | b|) or "iomin"
-// (|a & b| / min(|a|, |b|)). Returns (Ta, Tb) over all channels, or (L, Ta, Tb), one matrix per
-// gate point, when per_layer.
+// All-pairs, layer-wise overlap of binary sub-architectures (csrc/ops/mask_overlap.h).
+// a: (Ta, K) and b: (Tb, K) bool, one row per task: the open channels of every gate point
+// concatenated in gate-point order (MaskBank::binary()); layer_sizes: the channels of each
+// gate point, positive, summing to K (MaskBank::layer_sizes()). metric, per layer l:
+//   "iou"          |A_l & B_l| / |A_l | B_l|    (the paper's similarity)
+//   "iomin"        |A_l & B_l| / min(|A_l|, |B_l|)
+//   "intersection" |A_l & B_l|
+// with 0/0 = 1 for iou and iomin. Returns float32 (Ta, Tb), the mean over layers, or
+// (L, Ta, Tb), every layer's matrix, when per_layer. Not differentiable.
 inline at::Tensor mask_overlap(const at::Tensor& a, const at::Tensor& b,
                                const std::vector<int64_t>& layer_sizes,
                                const std::string& metric, bool per_layer) {
