@@ -189,6 +189,11 @@ def disentangle(
         model, gate_points, len(tasks), config.image_size, model_id=model_id,
         seed=config.seed, init_std=config.init_std, device=device,
     )
+    if progress:
+        print(f"{model_id}: {len(gated.gate_points)} gate points, {sum(gated.layer_sizes)} channels, "
+              f"{len(tasks)} tasks ({config.mode} mode) on {device}")
+        for point in gated.gate_points:
+            print(f"  {point.name:36s} {point.channels:5d}")
     config_record = asdict(config)
     start_epoch, log = 0, []
     if resume and bank_path is not None and bank_path.exists():

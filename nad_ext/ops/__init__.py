@@ -6,6 +6,7 @@ gradients too, and the fake (meta) implementations here let ``torch.compile`` tr
 """
 from nad_ext import _extension  # noqa: F401  (loads the operators)
 
+from .mask_overlap import mask_overlap, mask_overlap_reference
 from .task_gate import task_gate, task_gate_reference
 
-__all__ = ["task_gate", "task_gate_reference"]
+__all__ = ["mask_overlap", "mask_overlap_reference", "task_gate", "task_gate_reference"]

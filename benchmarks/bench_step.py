@@ -1,0 +1,148 @@
+"""End-to-end NAD step throughput: images per second for one full step (original forward,
+masked forward, backward to the gates, normalised-gradient update).
+
+Measured side by side in one run (timings on shared machines drift, ratios hold):
+- reference-style: the reference implementation's loop: gates as forward hooks computing
+  sigmoid(m) * x, one task at a time, batch 16, fp32 eager;
+- batched: nad_ext's GatedModel + objective, ``tasks`` tasks x 16 images per step, fp32 eager
+  (``nad::task_gate`` gates, per-task losses and updates);
+- batched-bf16: the same under bf16 autocast with channels_last (CUDA only).
+
+Usage (on the GPU machine):  python benchmarks/bench_step.py --models vgg16 resnet50
+On a CPU, smaller defaults:   python benchmarks/bench_step.py --models zoo_plain zoo_residual
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nad_ext import models
+from nad_ext.objective import nad_loss, normalized_gradient_step
+from nad_ext.trainer import build_gated_model
+
+
+def timed(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def reference_style(model, names, beta, device, size):
+    """One task, batch 16, hooks computing sigmoid(m) * x: the reference implementation's step."""
+    modules = dict(model.named_modules())
+    example = torch.zeros(1, 3, size, size, device=device)
+    channels = []
+    handles = [modules[n].register_forward_hook(lambda m, i, o: channels.append(o.shape[1])) for n in names]
+    with torch.no_grad():
+        model(example)
+    for h in handles:
+        h.remove()
+    masks = [torch.randn(c, device=device, requires_grad=True) for c in channels]
+    state = {"on": False, "acts": []}
+
+    def gate(index):
+        def hook(module, inputs, output):
+            if state["on"]:
+                output = output * torch.sigmoid(masks[index]).view(1, -1, *([1] * (output.dim() - 2)))
+            state["acts"].append(output)
+            return output
+        return hook
+
+    for i, n in enumerate(names):
+        modules[n].register_forward_hook(gate(i))
+    x = torch.randn(16, 3, size, size, device=device)
+    y = torch.randint(0, 10, (16,), device=device)
+
+    def step():
+        state["on"], state["acts"] = False, []
+        with torch.no_grad():
+            out = model(x)
+        original = [a.detach() for a in state["acts"]]
+        keep = out.argmax(1) == y
+        keep[:] = True  # time the full work (random weights classify nothing correctly)
+        state["on"], state["acts"] = True, []
+        masked_out = model(x)
+        loss = F.cross_entropy(masked_out, y) + sum(F.mse_loss(a[keep], o[keep]) for a, o in zip(state["acts"], original))
+        loss = loss / len(masks) + beta * sum(torch.sigmoid(m).pow(2).mean() for m in masks) / len(masks)
+        grads = torch.autograd.grad(loss, masks)
+        with torch.no_grad():
+            for m, g in zip(masks, grads):
+                m -= 0.1 * g / g.norm()
+    return step, 16
+
+
+def batched(model, names, beta, device, size, tasks, bf16=False):
+    gated = build_gated_model(model, names, tasks, size, model_id="bench", device=device)
+    n = 16 * tasks
+    x = torch.randn(n, 3, size, size, device=device)
+    if bf16:
+        x = x.to(memory_format=torch.channels_last)
+        gated.model.to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (n,), device=device)
+    ids = torch.arange(tasks, device=device).repeat_interleave(16)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                _, original = gated.original(x)
+            correct = torch.ones(n, dtype=torch.bool, device=device)  # time the full work
+            for m in gated.logits:
+                m.grad = None
+            out, acts = gated(x, ids, record=True)
+            terms = nad_loss(out, y, acts, original, correct, ids, list(gated.logits), beta)
+        terms.total.backward()
+        normalized_gradient_step(list(gated.logits), torch.arange(tasks, device=device), 0.1)
+    return step, n
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--models", nargs="+", default=["vgg16", "resnet50"] if cuda else ["zoo_plain", "zoo_residual"])
+    parser.add_argument("--tasks", type=int, default=16, help="tasks per batched step (x 16 images)")
+    parser.add_argument("--size", type=int, default=None, help="input size (default: the model's)")
+    parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
+    parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
+    args = parser.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
+          f"{args.tasks} tasks x 16 images per batched step")
+    print(f"{'model':14s} {'path':16s} {'img/s':>10s} {'x ref':>7s} {'peak MiB':>9s}")
+    for name in args.models:
+        spec = models.get_spec(name)
+        size = args.size or spec.input_size
+        paths = [("reference-style", lambda m, p: reference_style(m, p, spec.beta, device, size)),
+                 ("batched", lambda m, p: batched(m, p, spec.beta, device, size, args.tasks))]
+        if cuda:
+            paths.append(("batched-bf16", lambda m, p: batched(m, p, spec.beta, device, size, args.tasks, bf16=True)))
+        ref = None
+        for label, make in paths:
+            torch.manual_seed(0)
+            model = models.load_model(name, num_classes=10).to(device)
+            step, images = make(model, spec.gate_points(model))
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            rate = images / timed(step, device, args.warmup, args.repeats)
+            ref = ref or rate
+            peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+            print(f"{name:14s} {label:16s} {rate:10.0f} {rate / ref:7.2f} {peak:9.0f}")
+    print("fused path (nad::masked_conv2d + fused loss/update): not implemented yet (issue 4)")
+
+
+if __name__ == "__main__":
+    main()
