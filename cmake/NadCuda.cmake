@@ -47,6 +47,10 @@ macro(nad_setup_cuda)
     enable_language(CUDA)
     set(CMAKE_CUDA_STANDARD 20)
     set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+    if(NOT CMAKE_CUDA20_STANDARD_COMPILE_OPTION)  # CMake < 3.26 does not know nvcc's flag
+      set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+      set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+    endif()
     # A minimal toolkit lacks the cuSPARSE/cuBLAS headers that torch's CUDA headers include; the
     # nvidia-* wheels next to a pip torch carry them (setup.py does the same).
     set(NAD_CUDA_EXTRA_INCLUDE_DIRS "")
