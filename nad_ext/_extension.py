@@ -1,9 +1,19 @@
-"""Loads the compiled extension that registers the ``torch.ops.nad`` operators."""
+"""Loads the compiled extension that registers the ``torch.ops.nad`` operators.
+
+NAD_EXT_LIBRARY=<path of libnad.so> uses the LibTorch (CMake) build of the same operators
+instead of nad_ext._C (one of the two only: both register the ``nad`` namespace).
+"""
+import os
+
 import torch
 
+_library = os.environ.get("NAD_EXT_LIBRARY")
 try:
-    from nad_ext import _C  # noqa: F401  (importing registers the operators)
-except ImportError as err:  # pragma: no cover - exercised only on a broken install
+    if _library:
+        torch.ops.load_library(_library)
+    else:
+        from nad_ext import _C  # noqa: F401  (importing registers the operators)
+except (ImportError, OSError) as err:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "nad_ext's native extension (nad_ext._C) is not built or does not match this PyTorch "
         f"({torch.__version__}): {err}\n"

@@ -1,0 +1,223 @@
+#include "json.h"
+
+#include <charconv>
+
+namespace nad::json {
+namespace {
+
+constexpr int kMaxDepth = 64;
+
+class Parser {
+ public:
+  explicit Parser(std::string_view text) : s_(text) {}
+
+  Value document() {
+    Value v = value(0);
+    skip_space();
+    if (pos_ != s_.size()) fail("unexpected text after the JSON value");
+    return v;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const {
+    throw std::runtime_error(what + " at byte " + std::to_string(pos_));
+  }
+
+  void skip_space() {
+    while (pos_ < s_.size() &&
+           (s_[pos_] == ' ' || s_[pos_] == '\t' || s_[pos_] == '\n' || s_[pos_] == '\r'))
+      ++pos_;
+  }
+
+  bool eat(char c) {
+    skip_space();
+    if (pos_ < s_.size() && s_[pos_] == c) {
+      ++pos_;
+      return true;
+    }
+    return false;
+  }
+
+  void expect(char c) {
+    if (!eat(c)) fail(std::string("expected '") + c + "'");
+  }
+
+  bool literal(std::string_view word) {
+    if (s_.substr(pos_, word.size()) != word) return false;
+    pos_ += word.size();
+    return true;
+  }
+
+  Value value(int depth) {
+    if (depth > kMaxDepth) fail("JSON nested too deeply");
+    skip_space();
+    if (pos_ >= s_.size()) fail("unexpected end of JSON");
+    Value v;
+    const char c = s_[pos_];
+    if (c == '{') {
+      v.kind = Value::Kind::Object;
+      ++pos_;
+      if (eat('}')) return v;
+      do {
+        skip_space();
+        if (pos_ >= s_.size() || s_[pos_] != '"') fail("expected a string key");
+        std::string key = string();
+        if (v.find(key)) fail("duplicate key \"" + key + "\"");
+        expect(':');
+        v.members.emplace_back(std::move(key), value(depth + 1));
+      } while (eat(','));
+      expect('}');
+    } else if (c == '[') {
+      v.kind = Value::Kind::Array;
+      ++pos_;
+      if (eat(']')) return v;
+      do v.items.push_back(value(depth + 1));
+      while (eat(','));
+      expect(']');
+    } else if (c == '"') {
+      v.kind = Value::Kind::String;
+      v.text = string();
+    } else if (literal("true") || literal("false")) {
+      v.kind = Value::Kind::Bool;
+      v.boolean = c == 't';
+    } else if (literal("null")) {
+      v.kind = Value::Kind::Null;
+    } else if (c == '-' || (c >= '0' && c <= '9')) {
+      v.kind = Value::Kind::Number;
+      v.text = number();
+    } else {
+      fail(std::string("unexpected character '") + c + "'");
+    }
+    return v;
+  }
+
+  std::string number() {
+    const size_t start = pos_;
+    auto digits = [&] {
+      const size_t from = pos_;
+      while (pos_ < s_.size() && s_[pos_] >= '0' && s_[pos_] <= '9') ++pos_;
+      if (pos_ == from) fail("expected a digit");
+      return pos_ - from;
+    };
+    if (s_[pos_] == '-') ++pos_;
+    const bool leading_zero = pos_ < s_.size() && s_[pos_] == '0';
+    if (digits() > 1 && leading_zero) fail("number with a leading zero");
+    if (pos_ < s_.size() && s_[pos_] == '.') {
+      ++pos_;
+      digits();
+    }
+    if (pos_ < s_.size() && (s_[pos_] == 'e' || s_[pos_] == 'E')) {
+      ++pos_;
+      if (pos_ < s_.size() && (s_[pos_] == '+' || s_[pos_] == '-')) ++pos_;
+      digits();
+    }
+    return std::string(s_.substr(start, pos_ - start));
+  }
+
+  unsigned hex4() {
+    if (pos_ + 4 > s_.size()) fail("truncated \\u escape");
+    unsigned code = 0;
+    for (int i = 0; i < 4; ++i) {
+      const char h = s_[pos_++];
+      code <<= 4;
+      if (h >= '0' && h <= '9') code |= h - '0';
+      else if (h >= 'a' && h <= 'f') code |= h - 'a' + 10;
+      else if (h >= 'A' && h <= 'F') code |= h - 'A' + 10;
+      else fail("bad hex digit in \\u escape");
+    }
+    return code;
+  }
+
+  static void append_utf8(std::string& out, unsigned cp) {
+    if (cp < 0x80) {
+      out += static_cast<char>(cp);
+    } else if (cp < 0x800) {
+      out += static_cast<char>(0xC0 | (cp >> 6));
+      out += static_cast<char>(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+      out += static_cast<char>(0xE0 | (cp >> 12));
+      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (cp & 0x3F));
+    } else {
+      out += static_cast<char>(0xF0 | (cp >> 18));
+      out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (cp & 0x3F));
+    }
+  }
+
+  std::string string() {
+    ++pos_;  // the opening quote
+    std::string out;
+    while (true) {
+      if (pos_ >= s_.size()) fail("unterminated string");
+      const char c = s_[pos_++];
+      if (c == '"') return out;
+      if (static_cast<unsigned char>(c) < 0x20) fail("control character in a string");
+      if (c != '\\') {
+        out += c;
+        continue;
+      }
+      if (pos_ >= s_.size()) fail("unterminated string");
+      switch (const char e = s_[pos_++]) {
+        case '"': case '\\': case '/': out += e; break;
+        case 'b': out += '\b'; break;
+        case 'f': out += '\f'; break;
+        case 'n': out += '\n'; break;
+        case 'r': out += '\r'; break;
+        case 't': out += '\t'; break;
+        case 'u': {
+          unsigned cp = hex4();
+          if (cp >= 0xD800 && cp < 0xDC00) {  // a surrogate pair encodes one code point
+            if (!literal("\\u")) fail("unpaired surrogate in \\u escape");
+            const unsigned low = hex4();
+            if (low < 0xDC00 || low >= 0xE000) fail("unpaired surrogate in \\u escape");
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+          } else if (cp >= 0xDC00 && cp < 0xE000) {
+            fail("unpaired surrogate in \\u escape");
+          }
+          append_utf8(out, cp);
+          break;
+        }
+        default: fail(std::string("bad escape '\\") + e + "'");
+      }
+    }
+  }
+
+  std::string_view s_;
+  size_t pos_ = 0;
+};
+
+}  // namespace
+
+const Value* Value::find(std::string_view key) const {
+  for (const auto& [k, v] : members)
+    if (k == key) return &v;
+  return nullptr;
+}
+
+int64_t Value::as_int(const std::string& what) const {
+  int64_t out = 0;
+  if (kind == Kind::Number) {
+    const auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), out);
+    if (err == std::errc() && end == text.data() + text.size()) return out;
+  }
+  throw std::runtime_error(what + " must be an integer, got " +
+                           (kind == Kind::Number ? text : std::string(kind_name(kind))));
+}
+
+const char* kind_name(Value::Kind kind) {
+  switch (kind) {
+    case Value::Kind::Null: return "null";
+    case Value::Kind::Bool: return "a boolean";
+    case Value::Kind::Number: return "a number";
+    case Value::Kind::String: return "a string";
+    case Value::Kind::Array: return "a list";
+    case Value::Kind::Object: return "an object";
+  }
+  return "?";
+}
+
+Value parse(std::string_view text) { return Parser(text).document(); }
+
+}  // namespace nad::json

@@ -1,0 +1,139 @@
+#include <nad/safetensors.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+#include <fstream>
+
+#include "json.h"
+
+static_assert(std::endian::native == std::endian::little,
+              "the safetensors reader assumes a little-endian host");
+
+namespace nad {
+namespace {
+
+// Bigger headers are refused before allocating (safetensors' own limit is 100 MB).
+constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+
+at::ScalarType dtype_of(const std::string& name, const std::string& where) {
+  static const std::map<std::string, at::ScalarType> dtypes = {
+      {"BOOL", at::kBool}, {"U8", at::kByte},   {"I8", at::kChar},      {"I16", at::kShort},
+      {"I32", at::kInt},   {"I64", at::kLong},  {"F16", at::kHalf},     {"BF16", at::kBFloat16},
+      {"F32", at::kFloat}, {"F64", at::kDouble}};
+  const auto it = dtypes.find(name);
+  TORCH_CHECK(it != dtypes.end(), where, ": unknown dtype \"", name, "\"");
+  return it->second;
+}
+
+std::vector<char> read_all(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  TORCH_CHECK(in, path, ": cannot open the file");
+  const auto size = static_cast<size_t>(in.tellg());
+  std::vector<char> bytes(size);
+  in.seekg(0);
+  TORCH_CHECK(in.read(bytes.data(), static_cast<std::streamsize>(size)), path,
+              ": cannot read the file");
+  return bytes;
+}
+
+}  // namespace
+
+const at::Tensor& SafetensorsFile::tensor(const std::string& name) const {
+  const auto it = tensors.find(name);
+  TORCH_CHECK(it != tensors.end(), path, ": no tensor \"", name, "\"");
+  return it->second;
+}
+
+SafetensorsFile read_safetensors(const std::string& path) {
+  const std::vector<char> bytes = read_all(path);
+  TORCH_CHECK(bytes.size() >= 8, path, ": truncated file (", bytes.size(),
+              " bytes; a safetensors file starts with an 8-byte header length)");
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, bytes.data(), 8);
+  TORCH_CHECK(header_len >= 2 && header_len <= kMaxHeaderBytes, path, ": bad header length ",
+              header_len, " (not a safetensors file?)");
+  TORCH_CHECK(header_len <= bytes.size() - 8, path, ": truncated file (header of ", header_len,
+              " bytes but only ", bytes.size() - 8, " bytes follow the length)");
+  const std::string_view header_text(bytes.data() + 8, header_len);
+  const char* data = bytes.data() + 8 + header_len;
+  const uint64_t data_size = bytes.size() - 8 - header_len;
+
+  json::Value header;
+  try {
+    header = json::parse(header_text);
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, path, ": bad JSON in the header: ", e.what());
+  }
+  TORCH_CHECK(header.kind == json::Value::Kind::Object, path,
+              ": the header must be a JSON object, got ", json::kind_name(header.kind));
+
+  SafetensorsFile file;
+  file.path = path;
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (const auto& [name, entry] : header.members) {
+    const std::string where = path + ": \"" + name + "\"";
+    TORCH_CHECK(entry.kind == json::Value::Kind::Object, where, " must be a JSON object");
+    if (name == "__metadata__") {
+      for (const auto& [key, value] : entry.members) {
+        TORCH_CHECK(value.kind == json::Value::Kind::String, path, ": metadata \"", key,
+                    "\" must be a string, got ", json::kind_name(value.kind));
+        file.metadata[key] = value.text;
+      }
+      continue;
+    }
+    const auto* dtype = entry.find("dtype");
+    const auto* shape = entry.find("shape");
+    const auto* offsets = entry.find("data_offsets");
+    TORCH_CHECK(dtype && shape && offsets && entry.members.size() == 3, where,
+                " must have exactly the keys dtype, shape and data_offsets");
+    TORCH_CHECK(dtype->kind == json::Value::Kind::String, where, ": dtype must be a string");
+    const auto scalar_type = dtype_of(dtype->text, where);
+    TORCH_CHECK(shape->kind == json::Value::Kind::Array, where, ": shape must be a list");
+    TORCH_CHECK(offsets->kind == json::Value::Kind::Array && offsets->items.size() == 2, where,
+                ": data_offsets must be a list [begin, end]");
+    std::vector<int64_t> sizes;
+    uint64_t numel = 1;
+    uint64_t begin = 0, end = 0;
+    try {
+      for (const auto& dim : shape->items) {
+        sizes.push_back(dim.as_int("a dimension of shape"));
+        TORCH_CHECK(sizes.back() >= 0, where, ": negative dimension in shape");
+        // Overflow would only come from absurd shapes; the size check below catches the rest.
+        numel *= static_cast<uint64_t>(sizes.back());
+      }
+      const int64_t b = offsets->items[0].as_int("data_offsets[0]");
+      const int64_t e = offsets->items[1].as_int("data_offsets[1]");
+      TORCH_CHECK(b >= 0 && e >= 0, where, ": negative data_offsets");
+      begin = static_cast<uint64_t>(b);
+      end = static_cast<uint64_t>(e);
+    } catch (const std::runtime_error& e) {
+      TORCH_CHECK(false, where, ": ", e.what());
+    }
+    TORCH_CHECK(begin <= end && end <= data_size, where, ": data_offsets [", begin, ", ", end,
+                "] out of range (the data section has ", data_size, " bytes: truncated file?)");
+    const uint64_t nbytes = numel * c10::elementSize(scalar_type);
+    TORCH_CHECK(end - begin == nbytes, where, ": data_offsets [", begin, ", ", end, "] hold ",
+                end - begin, " bytes but dtype ", dtype->text, " and shape ", sizes, " need ",
+                nbytes);
+    auto tensor = at::empty(sizes, at::TensorOptions().dtype(scalar_type));
+    if (nbytes) std::memcpy(tensor.data_ptr(), data + begin, nbytes);
+    file.names.push_back(name);
+    file.tensors.emplace(name, std::move(tensor));
+    ranges.emplace_back(begin, end);
+  }
+  // The data section must be covered exactly, without overlaps or holes (the format's rule).
+  std::sort(ranges.begin(), ranges.end());
+  uint64_t covered = 0;
+  for (const auto& [begin, end] : ranges) {
+    TORCH_CHECK(begin == covered, path, ": tensor data ",
+                begin < covered ? "overlaps" : "leaves a hole", " at byte ", begin,
+                " of the data section");
+    covered = end;
+  }
+  TORCH_CHECK(covered == data_size, path, ": ", data_size - covered,
+              " unused bytes at the end of the data section (truncated or corrupted file?)");
+  return file;
+}
+
+}  // namespace nad
