@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Sets up nad-ext (scripts/setup.sh) and runs the whole test suite. Extra arguments go to pytest.
+# Sets up nad-ext (scripts/setup.sh), runs the Python test suite, then builds the LibTorch
+# library with CMake and runs the C++ tests (scripts/test_cpp.sh). Extra arguments go to pytest.
+#   NAD_SKIP_CPP=1   run the Python tests only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,4 +13,7 @@ if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: that is a failure here" >&2
   exit 1
 fi
-exit "$rc"
+[ "$rc" -eq 0 ] || exit "$rc"
+if [ "${NAD_SKIP_CPP:-0}" != 1 ]; then
+  PYTHON=.venv/bin/python bash scripts/test_cpp.sh
+fi
