@@ -8,4 +8,11 @@ from nad_ext import _extension  # noqa: F401  (loads the operators)
 
 from .task_gate import task_gate, task_gate_reference
 
+# Fused NAD ops: gated convolution, per-task gate-point MSE, normalised-gradient update.
+from .gate_mse import gate_mse, gate_mse_reference
+from .masked_conv2d import masked_conv2d, masked_conv2d_reference
+from .normalized_step import normalized_gradient_step_, normalized_gradient_step_reference
+
 __all__ = ["task_gate", "task_gate_reference"]
+__all__ += ["masked_conv2d", "masked_conv2d_reference", "gate_mse", "gate_mse_reference"]
+__all__ += ["normalized_gradient_step_", "normalized_gradient_step_reference"]
