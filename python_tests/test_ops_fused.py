@@ -377,7 +377,7 @@ def test_fake_matches_real_layouts():
 
     (x, w, b, logits, ids), kw = _conv_inputs("cpu", CONVS[4], dtype=torch.float32)
     conv = [list(kw["stride"]), list(kw["padding"]), list(kw["dilation"]), kw["groups"], True]
-    for xl in (x, x.to(memory_format=torch.channels_last), x[..., ::2], x.transpose(2, 3)):
+    for xl in (x, x.to(memory_format=torch.channels_last), torch.stack([x, x], -1)[..., 0], x.transpose(2, 3)):
         real = torch.ops.nad.masked_conv2d_forward(xl, w, b, logits, ids, *conv)
         mode = FakeTensorMode()
         fakes = [mode.from_tensor(t) for t in (xl, w, b, logits, ids)]
@@ -385,13 +385,12 @@ def test_fake_matches_real_layouts():
             fake = torch.ops.nad.masked_conv2d_forward(*fakes, *conv)
         for r, f in zip(real, fake):
             assert r.shape == f.shape and r.stride() == f.stride()
-        grad = torch.randn_like(real[0])
+        counts, grad = ids >= 0, torch.ones(3)
+        fake_counts, fake_grad_t = mode.from_tensor(counts), mode.from_tensor(grad)
         with mode:
-            fake_grad = torch.ops.nad.gate_mse_backward(
-                mode.from_tensor(torch.ones(3)), fake[0], fake[1], mode.from_tensor(ids >= 0), fakes[4], 3
-            )
-        real_grad = torch.ops.nad.gate_mse_backward(torch.ones(3), real[0], real[1], ids >= 0, ids, 3)
-        assert real_grad.stride() == fake_grad.stride() and grad.shape == real_grad.shape
+            fake_grad = torch.ops.nad.gate_mse_backward(fake_grad_t, fake[0], fake[1], fake_counts, fakes[4], 3)
+        real_grad = torch.ops.nad.gate_mse_backward(grad, real[0], real[1], counts, ids, 3)
+        assert real_grad.shape == fake_grad.shape and real_grad.stride() == fake_grad.stride()
 
 
 def test_torch_compile_fullgraph():
