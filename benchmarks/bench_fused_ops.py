@@ -1,7 +1,7 @@
 """Micro-benchmarks of the fused NAD ops against their unfused PyTorch references.
 
-    pytest benchmarks/bench_fused_ops.py                # pytest-benchmark, CPU (CUDA where present)
-    python benchmarks/bench_fused_ops.py [--device cuda] # a side-by-side table
+    python -m pytest benchmarks/bench_fused_ops.py      # pytest-benchmark, CPU (CUDA where present)
+    PYTHONPATH=. python benchmarks/bench_fused_ops.py [--device cuda]   # a side-by-side table
 
 Each case is one training-step use of the op: masked_conv2d forward + backward to x and the
 logits, gate_mse forward + backward, one normalised-gradient update of all gate points.
