@@ -188,7 +188,7 @@ MODELS: dict[str, ModelSpec] = {
     ]
 }
 ZOO = [name for name in MODELS if name.startswith("zoo_")]
-ZOO_EPOCHS = {"zoo_plain": 5, "zoo_residual": 5, "zoo_dense": 5, "zoo_nas": 5}
+ZOO_EPOCHS = {"zoo_plain": 8, "zoo_residual": 8, "zoo_dense": 8, "zoo_nas": 8}
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -9,4 +9,15 @@ from nad_ext import _extension  # noqa: F401  (loads the operators)
 from .mask_overlap import mask_overlap, mask_overlap_reference
 from .task_gate import task_gate, task_gate_reference
 
-__all__ = ["mask_overlap", "mask_overlap_reference", "task_gate", "task_gate_reference"]
+from .gate_mse import gate_mse, gate_mse_reference
+from .masked_conv2d import masked_conv2d, masked_conv2d_reference
+from .normalized_step import normalized_gradient_step_, normalized_gradient_step_reference
+
+__all__ = [
+    "task_gate", "task_gate_reference",
+    "mask_overlap", "mask_overlap_reference",
+    # Fused NAD ops: gated convolution, per-task gate-point MSE, normalised-gradient update.
+    "masked_conv2d", "masked_conv2d_reference",
+    "gate_mse", "gate_mse_reference",
+    "normalized_gradient_step_", "normalized_gradient_step_reference",
+]

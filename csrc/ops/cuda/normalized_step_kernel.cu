@@ -1,0 +1,88 @@
+// CUDA kernel of nad::normalized_gradient_step_: one launch covers every (gate point, task) row
+// of up to kMaxLayers gate points (more are done in further launches). The per-layer pointers,
+// widths and strides travel in a kernel-argument struct (as in PyTorch's multi_tensor_apply),
+// so there is no host-to-device copy and no sync; one block per row: norm, then update.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../normalized_step.h"
+
+namespace nad {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxLayers = 48;  // 48 x 40 bytes: well inside the 4 KB kernel-argument limit
+
+template <typename scalar_t>
+struct Layers {
+  scalar_t* logits[kMaxLayers];
+  const scalar_t* grads[kMaxLayers];
+  int64_t width[kMaxLayers], stride0[kMaxLayers], stride1[kMaxLayers];
+};
+
+template <typename scalar_t>
+__global__ void step_kernel(Layers<scalar_t> layers, const bool* __restrict__ selected, scalar_t lr) {
+  const int64_t t = blockIdx.x;
+  if (!selected[t]) return;  // uniform per block
+  const int l = blockIdx.y;
+  const int64_t C = layers.width[l];
+  const scalar_t* g = layers.grads[l] + t * C;
+  scalar_t sq = 0;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) sq += g[c] * g[c];
+  __shared__ scalar_t warp_sums[kThreads / 32];
+  __shared__ scalar_t norm;
+  for (int offset = 16; offset > 0; offset >>= 1) sq += __shfl_down_sync(0xffffffff, sq, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sq;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    scalar_t total = 0;
+    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+    norm = sqrt(total);
+  }
+  __syncthreads();
+  if (!(norm > 0)) return;
+  scalar_t* m = layers.logits[l] + t * layers.stride0[l];
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) m[c * layers.stride1[l]] -= lr * (g[c] / norm);
+}
+
+}  // namespace
+
+void normalized_gradient_step_(at::TensorList logits, at::TensorList grads, const at::Tensor& tasks,
+                               double lr) {
+  check_normalized_step_args(logits, grads, tasks);
+  c10::cuda::CUDAGuard guard(tasks.device());
+  const int64_t T = logits[0].size(0), L = static_cast<int64_t>(logits.size());
+  TORCH_CHECK(T <= INT32_MAX, "normalized_gradient_step_: too many tasks");
+  if (T == 0 || tasks.numel() == 0) return;
+  const auto sel = selected_rows(tasks, T);
+  std::vector<at::Tensor> g(grads.begin(), grads.end());
+  for (auto& x : g) x = x.contiguous();  // kept alive until the launches are queued
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "normalized_gradient_step_cuda", [&] {
+    for (int64_t l0 = 0; l0 < L; l0 += kMaxLayers) {
+      const int64_t count = std::min<int64_t>(kMaxLayers, L - l0);
+      Layers<scalar_t> layers{};
+      for (int64_t k = 0; k < count; ++k) {
+        const auto& m = logits[l0 + k];
+        layers.logits[k] = m.data_ptr<scalar_t>();
+        layers.grads[k] = g[l0 + k].const_data_ptr<scalar_t>();
+        layers.width[k] = m.size(1);
+        layers.stride0[k] = m.stride(0);
+        layers.stride1[k] = m.stride(1);
+      }
+      step_kernel<scalar_t><<<dim3(static_cast<unsigned>(T), static_cast<unsigned>(count)), kThreads, 0, stream>>>(
+          layers, sel.const_data_ptr<bool>(), static_cast<scalar_t>(lr));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace nad
+
+TORCH_LIBRARY_IMPL(nad, CUDA, m) {
+  m.impl("normalized_gradient_step_", &nad::cuda::normalized_gradient_step_);
+}

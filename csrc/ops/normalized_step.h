@@ -1,0 +1,16 @@
+#pragma once
+// nad::normalized_gradient_step_: the NAD update for all gate points and tasks at once, in place:
+//   for every gate point l and task t in `tasks`:  m_l[t] -= lr * g_l[t] / ||g_l[t]||_2
+// (rows with a zero gradient norm are left unchanged; a task listed twice is updated once).
+// logits[l]: (T, C_l) float32 or float64, any strides, one T, dtype and device for all;
+// grads[l]: shaped like logits[l]; tasks: (K,) int64 in [0, T).
+#include <ATen/ATen.h>
+
+namespace nad {
+
+void check_normalized_step_args(at::TensorList logits, at::TensorList grads, const at::Tensor& tasks);
+
+// (T,) bool, true for the rows to update; duplicates in tasks collapse here.
+at::Tensor selected_rows(const at::Tensor& tasks, int64_t num_rows);
+
+}  // namespace nad
