@@ -580,3 +580,23 @@ def run_all(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size:
     np.savez_compressed(buffer, **arrays)
     atomic_write(out_dir / "hit_rate_examples.npz", lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
     return results
+
+
+def load_results(out_dir: str | Path) -> dict:
+    """Reads what :func:`run_all` wrote to ``out_dir`` back into its result dict (the example
+    mosaics and maps included), for reports made later (``nad report``)."""
+    out_dir = Path(out_dir)
+    path = out_dir / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `nad analyze ... --out {out_dir}` first")
+    results = json.loads(path.read_text())
+    npz = out_dir / "hit_rate_examples.npz"
+    if npz.is_file():
+        arrays = np.load(npz)
+        num_layers = len(results["stats"]["per_gate_point"]["mean"])
+        for e, ex in enumerate(results["hit_rate"]["examples"]):
+            if f"example{e}_mosaic" in arrays:
+                ex["mosaic"] = arrays[f"example{e}_mosaic"]
+                ex["maps"] = [[arrays.get(f"example{e}_class{q}_layer{layer:03d}") for layer in range(num_layers)]
+                              for q in range(4)]
+    return results

@@ -99,6 +99,9 @@ def cmd_analyze(args) -> None:
     from nad_ext.trainer import build_gated_model
 
     bank = MaskBank.load(args.bank)
+    if bank.model_id != args.model:  # before its gate points are looked up in the wrong network
+        raise ValueError(f"mask bank does not match the model: {args.bank} is for model {bank.model_id!r}, "
+                         f"not {args.model!r}")
     train, val = _load_data(args, "train"), _load_data(args, "val")
     model = _load_model(args, train, val)
     size = args.image_size or bank.config.get("image_size") or models.get_spec(args.model).input_size
@@ -108,9 +111,9 @@ def cmd_analyze(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from nad_ext import report
+    from nad_ext import analysis, report
 
-    results = {Path(d).name: json.loads((Path(d) / "analysis.json").read_text()) for d in args.results}
+    results = {Path(d).resolve().name: analysis.load_results(d) for d in args.results}
     path = report.write_report(results, args.out, metadata={"sources": args.results})
     print(f"report: {path}")
 

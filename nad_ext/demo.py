@@ -26,16 +26,22 @@ DEMO_BETAS = {"zoo_plain": 4.5, "zoo_residual": 0.02, "zoo_dense": 0.02, "zoo_na
 
 
 def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, num_mosaics=None,
-             device="auto", networks=None, progress=True) -> dict:
-    """Runs the demo; returns the summary that it also writes to ``out_dir/summary.json``."""
+             device="auto", networks=None, images_per_class=None, zoo_epochs=None, progress=True) -> dict:
+    """Runs the demo; returns the summary that it also writes to ``out_dir/summary.json``.
+
+    ``networks`` (default: the whole zoo), ``images_per_class`` (train, val; default the data
+    set's) and ``zoo_epochs`` (default ``models.ZOO_EPOCHS``) make smaller runs for tests.
+    """
     start = time.perf_counter()
     out_dir = Path(out_dir)
     epochs = epochs or DEMO_EPOCHS
     num_mosaics = num_mosaics or DEMO_MOSAICS
     device = resolve_device(device)
-    train, val = data.generated_shapes("train"), data.generated_shapes("val")
+    n_train, n_val = images_per_class or (None, None)
+    train = data.generated_shapes("train", images_per_class=n_train)
+    val = data.generated_shapes("val", images_per_class=n_val)
     print(f"data: {train} / {val}")
-    zoo = models.load_zoo(cache_dir, train, val, names=networks, progress=progress)
+    zoo = models.load_zoo(cache_dir, train, val, names=networks, progress=progress, epochs=zoo_epochs)
     summary, results = {}, {}
     for name, (model, accuracy) in zoo.items():
         spec = models.get_spec(name)
