@@ -8,26 +8,13 @@
 #include <torch/library.h>
 
 #include "../gate_mse.h"
+#include "common.cuh"
 
 namespace nad {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kPerBlock = kThreads * 8;  // elements of one sample per block
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t shared[kThreads / 32];
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffff, v, offset);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? shared[lane] : acc_t(0);
-  if (warp == 0)
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffff, v, offset);
-  return v;
-}
 
 template <typename scalar_t, typename acc_t>
 __global__ void sums_kernel(const scalar_t* __restrict__ m, const scalar_t* __restrict__ o,

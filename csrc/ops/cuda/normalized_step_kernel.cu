@@ -8,12 +8,12 @@
 #include <torch/library.h>
 
 #include "../normalized_step.h"
+#include "common.cuh"
 
 namespace nad {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kMaxLayers = 48;  // 48 x 40 bytes: well inside the 4 KB kernel-argument limit
 
 template <typename scalar_t>

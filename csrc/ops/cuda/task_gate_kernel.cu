@@ -8,17 +8,11 @@
 #include <torch/library.h>
 
 #include "../task_gate.h"
+#include "common.cuh"
 
 namespace nad {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t sigmoid(acc_t v) {
-  return acc_t(1) / (acc_t(1) + exp(-v));
-}
 
 // Forward. channels_inner: memory order (N, S, C) instead of (N, C, S).
 template <typename scalar_t, typename acc_t, typename logit_t>
@@ -40,19 +34,6 @@ __global__ void task_gate_forward_kernel(const scalar_t* __restrict__ x,
     const acc_t g = sigmoid<acc_t>(static_cast<acc_t>(logits[task_ids[n] * C + c]));
     y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * g);
   }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t shared[kThreads / 32];
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffff, v, offset);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? shared[lane] : acc_t(0);
-  if (warp == 0)
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffff, v, offset);
-  return v;
 }
 
 // Backward, (N, C, S) layout: one block per (n, c) row.

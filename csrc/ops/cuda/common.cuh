@@ -1,0 +1,29 @@
+#pragma once
+// Device helpers shared by the CUDA kernels of csrc/ops/cuda/.
+
+namespace nad {
+namespace cuda {
+
+constexpr int kThreads = 256;  // threads per block of the kernels that use block_sum
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid(acc_t v) {
+  return acc_t(1) / (acc_t(1) + exp(-v));
+}
+
+// Sum over the block (blockDim.x == kThreads); the result is valid in thread 0.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t v) {
+  __shared__ acc_t shared[kThreads / 32];
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffff, v, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? shared[lane] : acc_t(0);
+  if (warp == 0)
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffff, v, offset);
+  return v;
+}
+
+}  // namespace cuda
+}  // namespace nad
