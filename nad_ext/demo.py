@@ -84,6 +84,8 @@ def _summarise(name, connection, accuracy, bank, result) -> dict:
         ],
         "mean_masked_accuracy": masked["mean"]["accuracy"],
         "mean_original_accuracy": masked["mean"]["original_accuracy"],
+        "mean_masked_rejection": masked["mean"]["rejection"],
+        "mean_original_rejection": masked["mean"]["original_rejection"],
         "mean_hit_rate_per_gate_point": result["hit_rate"]["mean"],
     }
 
@@ -93,6 +95,8 @@ def _print_summary(s: dict) -> None:
     print(f"  open-channel ratio per gate point: {ratios}")
     print(f"  own-class accuracy, original network {s['mean_original_accuracy']:.1%} -> "
           f"binary sub-architectures {s['mean_masked_accuracy']:.1%} (mean over tasks)")
+    print(f"  predicted as the task's class on other classes' images: original "
+          f"{s['mean_original_rejection']:.1%} -> sub-architectures {s['mean_masked_rejection']:.1%}")
     worst = min(s["masked_accuracy_per_task"], key=lambda t: t["masked"])
     print(f"  weakest task: {worst['task']} {worst['original']:.1%} -> {worst['masked']:.1%}; "
           f"open channels {np.mean(s['open_ratio_per_gate_point']):.0%} on average")
