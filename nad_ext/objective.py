@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from nad_ext.ops.normalized_step import normalized_gradient_step_reference
+
 
 @dataclass
 class NADLoss:
@@ -90,10 +92,4 @@ def normalized_gradient_step(gate_logits: Sequence[torch.Tensor], tasks: torch.T
     g is the gradient of task t's loss with respect to its logits at gate point l, the norm
     taken over that gate point's channels. A zero gradient leaves the gate unchanged.
     """
-    for m in gate_logits:
-        if m.grad is None:
-            continue
-        g = m.grad[tasks]
-        norm = g.norm(dim=1, keepdim=True)
-        step = torch.where(norm > 0, g / norm.clamp(min=torch.finfo(g.dtype).tiny), torch.zeros_like(g))
-        m[tasks] -= lr * step
+    normalized_gradient_step_reference(gate_logits, [m.grad for m in gate_logits], tasks, lr)
