@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["batched", "paper"])
     p.add_argument("--seed", type=int)
     p.add_argument("--image-size", type=int)
+    p.add_argument("--fuse", choices=["auto", "on", "off"],
+                   help="fused fast path: BatchNorm folded, nad::masked_conv2d (default auto: on with CUDA)")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"],
+                   help="network precision; gate logits stay float32 (default auto: bfloat16 on the fused CUDA path)")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"],
+                   help="replay the step from CUDA graphs (default auto: on with the fused CUDA path)")
     p.add_argument("--tasks", help='JSON file {"task": ["class", ...]}; default: one task per class')
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the mask bank in --out")

@@ -7,6 +7,7 @@ through its own task's gates by ``nad::task_gate``.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass
 from typing import Sequence
@@ -14,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nad_ext.ops import task_gate
+from nad_ext.ops import _checks, task_gate
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,12 @@ class GatedModel(nn.Module):
         example_input: one input batch, used once to find each gate point's channel count.
         seed, init_std: the initialisation m ~ N(0, init_std^2) (per-task generators).
         model_id: identifies the network in mask banks (e.g. "vgg16").
+        fuse: run a rewritten copy of the network (``model`` itself is left as it is):
+            BatchNorm folded into convolutions, and gate points at the end of a Conv2d+ReLU
+            chain computed by ``nad::masked_conv2d`` (see :mod:`nad_ext.fused`). Same function,
+            fewer passes over the activations.
+        dtype, channels_last: run the network in this dtype and memory format (e.g. bfloat16
+            and channels_last on a GPU); inputs are converted, gate logits stay float32.
     """
 
     def __init__(
@@ -140,6 +147,9 @@ class GatedModel(nn.Module):
         seed: int = 0,
         init_std: float = 1.0,
         model_id: str = "model",
+        fuse: bool = False,
+        dtype: torch.dtype | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         if num_tasks < 1:
@@ -152,9 +162,14 @@ class GatedModel(nn.Module):
         for m in model.modules():
             if hasattr(m, "inplace") and isinstance(m, _ACTIVATIONS + (nn.Hardtanh, nn.Dropout)):
                 m.inplace = False
+        resolve_modules(model, gate_points)
+        if fuse:
+            from nad_ext.fused import fold_batchnorm
+
+            model = copy.deepcopy(model)
+            fold_batchnorm(model, example_input, watch=list(gate_points))
         self.model = model
         self.model_id = model_id
-        modules = resolve_modules(model, gate_points)
         seen = _probe(model, example_input, list(gate_points))
         points = []
         for name in gate_points:
@@ -178,15 +193,34 @@ class GatedModel(nn.Module):
         self._task_ids: torch.Tensor | None = None
         self._binary = False
         self._record: list | None = None
+        self.fused_points: list[int] = []  # gate points gated inside a convolution
+        if fuse:
+            from nad_ext.fused import fuse_gated_convolutions
+
+            self.fused_points = fuse_gated_convolutions(model, list(gate_points), self._gate_source)
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        if dtype is not None or channels_last:
+            model.to(dtype=dtype, memory_format=self.memory_format)
+        modules = resolve_modules(model, gate_points)
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
 
+    def _gate_logits(self, index: int) -> torch.Tensor:
+        logits = self.logits[index]
+        if self._binary:  # sigmoid(+inf) = 1, sigmoid(-inf) = 0: exact 0/1 gates
+            logits = torch.where(logits.detach() > 0, float("inf"), float("-inf"))
+        return logits
+
+    def _gate_source(self, index: int):
+        """For a fused convolution: its gate's (logits, task_ids) in masked passes, else None."""
+        return lambda: None if self._task_ids is None else (self._gate_logits(index), self._task_ids)
+
     def _hook(self, index: int):
+        gated_inside = index in self.fused_points
+
         def hook(module, inputs, output):
-            if self._task_ids is not None:
-                logits = self.logits[index]
-                if self._binary:  # sigmoid(+inf) = 1, sigmoid(-inf) = 0: exact 0/1 gates
-                    logits = torch.where(logits.detach() > 0, float("inf"), float("-inf"))
-                output = task_gate(output, logits, self._task_ids)
+            if self._task_ids is not None and not gated_inside:
+                output = task_gate(output, self._gate_logits(index), self._task_ids)
             if self._record is not None:
                 self._record[index] = output
             return output
@@ -194,10 +228,15 @@ class GatedModel(nn.Module):
         return hook
 
     def _run(self, x, task_ids, binary, record):
+        if self.dtype is not None or self.memory_format is torch.channels_last:
+            x = x.to(dtype=self.dtype, memory_format=self.memory_format)
         self._task_ids, self._binary = task_ids, binary
         self._record = [None] * len(self.gate_points) if record else None
         try:
-            out = self.model(x)
+            # task_ids were checked once here; the gates need not check them again (each check
+            # is a device sync).
+            with _checks.ids_checked():
+                out = self.model(x)
             return out, self._record
         finally:
             self._task_ids, self._record = None, None
@@ -217,7 +256,13 @@ class GatedModel(nn.Module):
         """
         if not isinstance(task_ids, torch.Tensor) or task_ids.dim() != 1 or task_ids.shape[0] != x.shape[0]:
             raise ValueError(f"task_ids must be a tensor of shape ({x.shape[0]},), one task per sample")
-        return self._run(x, task_ids.to(x.device, torch.int64), binary, record)
+        self.check_task_ids(task_ids)
+        return self._run(x, task_ids.to(x.device, torch.int64, non_blocking=True), binary, record)
+
+    def check_task_ids(self, task_ids: torch.Tensor) -> None:
+        """ValueError unless every id lies in [0, num_tasks). Pass CPU ids where possible: on a
+        CUDA tensor the check waits for the device."""
+        _checks.ids_in_range("task_ids", task_ids, self.num_tasks, "one task per sample")
 
     def original(self, x: torch.Tensor, *, record: bool = True):
         """The original network (no gates); returns ``(logits, activations at gate points)``."""

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from nad_ext.ops.normalized_step import normalized_gradient_step_reference
+from nad_ext.ops import gate_mse, normalized_gradient_step_
 
 
 @dataclass
@@ -71,17 +71,16 @@ def nad_loss(
     k_t = torch.zeros(num_tasks, device=task_ids.device).index_add_(0, task_ids, correct_f)
 
     ce = _per_task_mean(F.cross_entropy(masked_out.float(), labels, reduction="none"), task_ids, n_t, num_tasks)
-    mse = torch.zeros(num_tasks, device=task_ids.device)
-    for masked, original in zip(masked_acts, original_acts, strict=True):
-        # Every sample has the same number of elements, so the mean over all elements of the
-        # K samples is the mean of their per-sample means.
-        per_sample = (masked.float() - original.float()).pow(2).flatten(1).mean(dim=1)
-        mse = mse + _per_task_mean(per_sample * correct_f, task_ids, k_t, num_tasks)
+    # nad::gate_mse: one pass per gate point, low-precision activations read without copies.
+    mse = sum(gate_mse(masked, original.detach(), correct, task_ids, num_tasks).float()
+              for masked, original in zip(masked_acts, original_acts, strict=True))
     act = (ce + mse) / num_points
     sparse = sum(torch.sigmoid(m).pow(2).mean(dim=1) for m in gate_logits) / num_points
     loss = act + beta * sparse
     counted = k_t > 0
-    total = loss[counted].sum()
+    # A product instead of loss[counted]: no device sync, and the uncounted tasks' gradients
+    # are exact zeros, which the update leaves alone.
+    total = (loss * counted).sum()
     return NADLoss(total=total, ce=ce, mse=mse, act=act, sparse=sparse, loss=loss, counted=counted)
 
 
@@ -89,7 +88,8 @@ def nad_loss(
 def normalized_gradient_step(gate_logits: Sequence[torch.Tensor], tasks: torch.Tensor, lr: float) -> None:
     """m_t^l <- m_t^l - lr * g / ||g||_2 for the given tasks at every gate point.
 
-    g is the gradient of task t's loss with respect to its logits at gate point l, the norm
-    taken over that gate point's channels. A zero gradient leaves the gate unchanged.
+    g is the gradient of task t's loss with respect to its logits at gate point l (``.grad``),
+    the norm taken over that gate point's channels. A zero gradient leaves the gate unchanged.
+    One ``nad::normalized_gradient_step_`` launch for all gate points.
     """
-    normalized_gradient_step_reference(gate_logits, [m.grad for m in gate_logits], tasks, lr)
+    normalized_gradient_step_(gate_logits, [m.grad for m in gate_logits], tasks, lr)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +29,8 @@ from tqdm.auto import tqdm
 from nad_ext import data as nad_data
 from nad_ext.gates import GatedModel, propose_gate_points
 from nad_ext.maskbank import MaskBank, Task, atomic_write
-from nad_ext.objective import nad_loss, normalized_gradient_step
+from nad_ext.objective import nad_loss
+from nad_ext.ops import _checks, normalized_gradient_step_
 
 BANK_FILE = "masks.safetensors"
 LOG_FILE = "log.json"
@@ -52,6 +55,9 @@ class NADConfig:
     tasks_per_step: int = 16
     device: str = "auto"
     keep_every_epoch: bool = True
+    fuse: str = "auto"
+    precision: str = "auto"
+    cuda_graph: str = "auto"
 
     def validate(self) -> None:
         for name in ("beta", "lr", "init_std"):
@@ -68,6 +74,29 @@ class NADConfig:
             raise ValueError(f"image_size must be an integer >= 8, got {self.image_size!r}")
         if self.mode not in ("batched", "paper"):
             raise ValueError(f"mode must be 'batched' or 'paper', got {self.mode!r}")
+        for name in ("fuse", "cuda_graph"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def execution(self, device: torch.device) -> tuple[bool, torch.dtype, bool]:
+        """(fuse, dtype, CUDA graph) of the step on ``device``, with "auto" resolved."""
+        cuda = device.type == "cuda"
+        fuse = self.fuse == "on" or (self.fuse == "auto" and cuda)
+        precision = self.precision
+        if precision == "auto":
+            precision = "bfloat16" if fuse and cuda else "float32"
+        if self.cuda_graph == "on" and not cuda:
+            raise ValueError(f"cuda_graph='on' needs a CUDA device; the device is {device}")
+        graph = self.cuda_graph == "on" or (self.cuda_graph == "auto" and cuda and fuse)
+        return fuse, PRECISIONS[precision], graph
+
+
+PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# Settings that change how a run executes but not its result; a run may resume with others.
+EXECUTION_SETTINGS = ("epochs", "device", "mode", "tasks_per_step", "keep_every_epoch", "fuse", "precision",
+                      "cuda_graph")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,6 +127,28 @@ def _epoch_generator(seed: int, epoch: int, task: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + task)
 
 
+def _prefetched_steps(streams, group: int):
+    """Yields ``(first task of a new group or None, active tasks, their loaded batches)`` per
+    step, the next step's batches loading in worker threads while the current step runs.
+
+    Step by step, each task's batches are loaded in order by one thread at a time, so its
+    generator gives the same images and augmentations as a sequential loop would.
+    """
+    plan = []
+    for first in range(0, len(streams), group):
+        members = range(first, min(first + group, len(streams)))
+        for j in range(max(len(streams[t].batches) for t in members)):
+            plan.append((first if j == 0 else None, [t for t in members if j < len(streams[t].batches)], j))
+    workers = max(1, min(group, os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(workers, thread_name_prefix="nad-data") as pool:
+        submit = lambda k: [pool.submit(streams[t].load, plan[k][2]) for t in plan[k][1]]  # noqa: E731
+        pending = submit(0) if plan else []
+        for k, (first, active, _) in enumerate(plan):
+            loaded = [f.result() for f in pending]
+            pending = submit(k + 1) if k + 1 < len(plan) else []
+            yield first, active, loaded
+
+
 class _TaskStream:
     """Task t's batches in one epoch: a seeded permutation, augmentation from the same generator."""
 
@@ -120,9 +171,12 @@ def build_gated_model(
     seed: int = 0,
     init_std: float = 1.0,
     device: torch.device | str = "cpu",
+    fuse: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> GatedModel:
     """Wraps ``model`` with gates at ``gate_points``: module names, ``"auto"``, or the name of
-    a model preset (see ``nad_ext.models.MODELS``)."""
+    a model preset (see ``nad_ext.models.MODELS``). ``fuse`` and a low-precision ``dtype`` give
+    the fast path (see :class:`GatedModel`; reduced precision runs channels_last)."""
     from nad_ext import models
 
     model = model.to(device)
@@ -132,7 +186,9 @@ def build_gated_model(
             gate_points = propose_gate_points(model, example)
         else:
             gate_points = models.get_spec(gate_points).gate_points(model)
-    return GatedModel(model, list(gate_points), num_tasks, example, seed=seed, init_std=init_std, model_id=model_id)
+    low_precision = dtype != torch.float32
+    return GatedModel(model, list(gate_points), num_tasks, example, seed=seed, init_std=init_std, model_id=model_id,
+                      fuse=fuse, dtype=dtype if low_precision else None, channels_last=low_precision)
 
 
 def disentangle(
@@ -185,15 +241,19 @@ def disentangle(
     if bank_path is not None and bank_path.exists() and not (resume or overwrite):
         raise FileExistsError(f"{bank_path} exists: pass resume=True (--resume) to continue it or overwrite=True")
 
+    fuse, dtype, graph = config.execution(device)
     gated = build_gated_model(
         model, gate_points, len(tasks), config.image_size, model_id=model_id,
-        seed=config.seed, init_std=config.init_std, device=device,
+        seed=config.seed, init_std=config.init_std, device=device, fuse=fuse, dtype=dtype,
     )
     if progress:
+        path = ", ".join((["fused"] if fuse else []) + [str(dtype).replace("torch.", "")]
+                         + (["CUDA graphs"] if graph else []))
         print(f"{model_id}: {len(gated.gate_points)} gate points, {sum(gated.layer_sizes)} channels, "
-              f"{len(tasks)} tasks ({config.mode} mode) on {device}")
-        for point in gated.gate_points:
-            print(f"  {point.name:36s} {point.channels:5d}")
+              f"{len(tasks)} tasks ({config.mode} mode) on {device} ({path})")
+        for i, point in enumerate(gated.gate_points):
+            where = "  (in masked_conv2d)" if i in gated.fused_points else ""
+            print(f"  {point.name:36s} {point.channels:5d}{where}")
     config_record = asdict(config)
     start_epoch, log = 0, []
     if resume and bank_path is not None and bank_path.exists():
@@ -202,7 +262,7 @@ def disentangle(
         if [t.name for t in bank.tasks] != [t.name for t in tasks]:
             raise ValueError(f"{bank_path} was trained for other tasks; cannot resume it")
         changed = {k: (bank.config.get(k), v) for k, v in config_record.items()
-                   if k not in ("epochs", "device", "mode", "tasks_per_step", "keep_every_epoch") and bank.config.get(k) != v}
+                   if k not in EXECUTION_SETTINGS and bank.config.get(k) != v}
         if changed:
             raise ValueError(f"{bank_path} was trained with other settings {changed}; cannot resume it")
         start_epoch = bank.epoch
@@ -210,13 +270,18 @@ def disentangle(
             log = json.loads((out_dir / LOG_FILE).read_text())["epochs"][:start_epoch]
 
     bank = MaskBank.from_gated(gated, tasks, config_record, start_epoch)
+    step = lambda *batch: train_step(gated, *batch, config)  # noqa: E731
+    if graph:
+        from nad_ext.step_graph import GraphedSteps
+
+        step = GraphedSteps(gated, lambda g, *batch: train_step(g, *batch, config))
     group = 1 if config.mode == "paper" else config.tasks_per_step
     for epoch in range(start_epoch, config.epochs):
         streams = [
             _TaskStream(train, idx, config.batch_size, config.image_size, _epoch_generator(config.seed, epoch, t))
             for t, idx in enumerate(indices)
         ]
-        stats = _train_epoch(gated, streams, config, group, epoch, progress, device)
+        stats = _train_epoch(step, streams, config, group, epoch, progress, device)
         log.append(stats)
         bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1)
         if out_dir is not None:
@@ -228,61 +293,70 @@ def disentangle(
     return bank
 
 
-def _train_epoch(gated: GatedModel, streams, config: NADConfig, group: int, epoch: int, progress: bool, device):
-    """One epoch over every task's batches; returns the epoch's per-task mean loss terms."""
+def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progress: bool, device):
+    """One epoch over every task's batches (``step(x, labels, task_ids, tasks)`` per batch);
+    returns the epoch's per-task mean loss terms.
+
+    The running sums stay on the device; the progress bar reads them about once a second, so
+    that steps are not serialised by device syncs.
+    """
     num_tasks = len(streams)
-    sums = {k: torch.zeros(num_tasks) for k in ("ce", "mse", "sparse", "loss")}
-    steps = torch.zeros(num_tasks)
-    skipped = torch.zeros(num_tasks)
+    sums = {k: torch.zeros(num_tasks, device=device) for k in ("ce", "mse", "sparse", "loss")}
+    steps = torch.zeros(num_tasks, device=device)
+    skipped = torch.zeros(num_tasks, device=device)
     total_batches = sum(len(s.batches) for s in streams)
     bar = tqdm(total=total_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                disable=not progress, leave=False)
-    images_seen, start, tasks_done = 0, time.perf_counter(), 0
-    for first in range(0, num_tasks, group):
-        members = list(range(first, min(first + group, num_tasks)))
-        for j in range(max(len(streams[t].batches) for t in members)):
-            active = [t for t in members if j < len(streams[t].batches)]
-            loaded = [streams[t].load(j) for t in active]
-            x = torch.cat([b[0] for b in loaded]).to(device)
-            labels = torch.cat([b[1] for b in loaded]).to(device)
-            task_ids = torch.cat([torch.full((len(b[1]),), t, dtype=torch.int64) for t, b in zip(active, loaded)]).to(device)
-            terms = _step(gated, x, labels, task_ids, config)
-            counted = terms.counted.cpu()
-            for k in sums:
-                sums[k] += torch.where(counted, getattr(terms, k).detach().cpu(), torch.zeros(()))
-            steps += counted.float()
-            present = torch.zeros(num_tasks, dtype=torch.bool)
-            present[active] = True
-            skipped += (present & ~counted).float()
-            images_seen += len(labels)
-            bar.update(len(active))
-            elapsed = max(time.perf_counter() - start, 1e-9)
+    images_seen, start, tasks_done, shown = 0, time.perf_counter(), 0, 0.0
+    for first, active, loaded in _prefetched_steps(streams, group):
+        if first is not None:
+            tasks_done = first
+        x = torch.cat([b[0] for b in loaded]).to(device, non_blocking=True)
+        labels = torch.cat([b[1] for b in loaded]).to(device, non_blocking=True)
+        task_ids = torch.cat([torch.full((len(b[1]),), t, dtype=torch.int64) for t, b in zip(active, loaded)])
+        terms = step(x, labels, task_ids, torch.tensor(active))
+        for k in sums:
+            sums[k] += torch.where(terms.counted, getattr(terms, k).detach(), 0.0)
+        steps += terms.counted
+        present = torch.zeros(num_tasks, dtype=torch.bool)
+        present[active] = True
+        skipped += present.to(device, non_blocking=True) & ~terms.counted
+        images_seen += len(labels)
+        bar.update(len(active))
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        if progress and elapsed - shown >= 1.0:
+            shown = elapsed
             n = steps.clamp(min=1)
             bar.set_postfix(tasks=f"{tasks_done}/{num_tasks}", img_s=f"{images_seen / elapsed:.0f}",
                             ce=f"{(sums['ce'] / n).mean():.3f}", mse=f"{(sums['mse'] / n).mean():.3f}",
                             sparse=f"{(sums['sparse'] / n).mean():.3f}")
-        tasks_done += len(members)
     bar.close()
     n = steps.clamp(min=1)
+    means = {k: (v / n).tolist() for k, v in sums.items()}  # waits for the device's last step
     return {
         "epoch": epoch + 1,
         "images_per_second": images_seen / max(time.perf_counter() - start, 1e-9),
         "skipped_batches": skipped.tolist(),
-        **{k: (v / n).tolist() for k, v in sums.items()},
+        **means,
     }
 
 
-def _step(gated: GatedModel, x, labels, task_ids, config: NADConfig):
-    """One NAD step: original forward, masked forward, backward to the gates, update."""
+def train_step(gated: GatedModel, x, labels, task_ids, tasks, config: NADConfig):
+    """One NAD step: original forward, masked forward, backward to the gates, update.
+
+    ``task_ids`` are checked once by ``gated`` (on the CPU, without a device sync); ``tasks``
+    lists the tasks present. The step never waits for the device: tasks without a correctly
+    classified sample get exact zero gradients, which the normalised step leaves unchanged. So
+    it can also be captured in a CUDA graph (:mod:`nad_ext.step_graph`).
+    """
     with torch.no_grad():
         out, original_acts = gated.original(x)
         correct = out.argmax(dim=1) == labels
-    for m in gated.logits:
-        m.grad = None
     masked_out, masked_acts = gated(x, task_ids, record=True)
-    terms = nad_loss(masked_out, labels, masked_acts, original_acts, correct, task_ids, list(gated.logits), config.beta)
-    counted_tasks = terms.counted.nonzero().flatten()
-    if counted_tasks.numel():
-        terms.total.backward()
-        normalized_gradient_step(list(gated.logits), counted_tasks, config.lr)
+    logits = list(gated.logits)
+    with _checks.ids_checked():
+        task_ids = task_ids.to(x.device, non_blocking=True)
+        terms = nad_loss(masked_out, labels, masked_acts, original_acts, correct, task_ids, logits, config.beta)
+        grads = torch.autograd.grad(terms.total, logits)
+        normalized_gradient_step_(logits, grads, tasks.to(x.device, non_blocking=True), config.lr)
     return terms

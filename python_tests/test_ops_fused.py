@@ -1,11 +1,10 @@
 """The fused NAD ops (nad::masked_conv2d, nad::gate_mse, nad::normalized_gradient_step_)
-against their pure-PyTorch references and against nad_ext.objective."""
+against their pure-PyTorch references and against METHOD.md's formulas written plainly."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import DEVICES
-from nad_ext import objective
 from nad_ext.ops import (
     gate_mse,
     gate_mse_reference,
@@ -211,28 +210,23 @@ def test_gate_mse_matches_reference(device, dtype, tol):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gate_mse_equals_the_nad_loss_term(device):
-    n, tasks, classes = 12, 4, 6
-    masked_acts = [torch.randn(n, 5, 6, 6, device=device), torch.randn(n, 7, 3, 3, device=device)]
-    original_acts = [a + 0.3 * torch.randn_like(a) for a in masked_acts]
+def test_gate_mse_is_the_papers_per_task_mse(device):
+    """METHOD.md's term, written plainly: task t's MSE over its correctly classified samples."""
+    n, tasks = 12, 4
     correct = torch.rand(n, device=device) > 0.4
     ids = torch.randint(0, tasks, (n,), device=device)
     ids[-1], correct[ids == 3] = 3, False  # task 3 present but with an empty K
-    logits = [torch.randn(tasks, 5, device=device), torch.randn(tasks, 7, device=device)]
-    args = (torch.randn(n, classes, device=device), torch.randint(0, classes, (n,), device=device))
-    for l in range(2):
-        masked = masked_acts[l].clone().requires_grad_(True)
-        loss = objective.nad_loss(*args, [masked], [original_acts[l]], correct, ids, [logits[l]], beta=0.1)
-        ref_grad, = torch.autograd.grad(loss.mse.sum(), masked)
-        masked.grad = None
-        out = gate_mse(masked, original_acts[l], correct, ids, tasks)
-        torch.testing.assert_close(out, loss.mse, rtol=1e-5, atol=1e-7)
+    for shape in [(n, 5, 6, 6), (n, 7)]:
+        masked = torch.randn(shape, device=device, requires_grad=True)
+        original = masked.detach() + 0.3 * torch.randn(shape, device=device)
+        keep = [(ids == t) & correct for t in range(tasks)]
+        expected = torch.stack([F.mse_loss(masked[k], original[k]) if k.any() else masked.sum() * 0 for k in keep])
+        out = gate_mse(masked, original, correct, ids, tasks)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
         assert out[3] == 0
-        got_grad, = torch.autograd.grad(out.sum(), masked)
-        torch.testing.assert_close(got_grad, ref_grad, rtol=1e-5, atol=1e-8)
-    full = objective.nad_loss(*args, masked_acts, original_acts, correct, ids, logits, beta=0.1)
-    total = sum(gate_mse(m, o, correct, ids, tasks) for m, o in zip(masked_acts, original_acts))
-    torch.testing.assert_close(total, full.mse, rtol=1e-5, atol=1e-7)
+        got, = torch.autograd.grad(out.sum(), masked)
+        ref, = torch.autograd.grad(expected.sum(), masked)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -301,7 +295,7 @@ def _gates(device, dtype=torch.float32, tasks=6, widths=(5, 9, 1, 300)):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_normalized_step_equals_objective(device, dtype):
+def test_normalized_step_equals_its_reference(device, dtype):
     ours, ref = _gates(device, dtype), _gates(device, dtype)
     for m, r in zip(ours, ref):
         with torch.no_grad():
@@ -310,7 +304,7 @@ def test_normalized_step_equals_objective(device, dtype):
     tasks = torch.tensor([4, 1, 0, 4, 2], device=device)  # a duplicate, a zero-gradient row
     before = [m.detach().clone() for m in ours]
     normalized_gradient_step_(ours, [m.grad for m in ours], tasks, 0.1)
-    objective.normalized_gradient_step(ref, tasks, 0.1)
+    normalized_gradient_step_reference(ref, [r.grad for r in ref], tasks, 0.1)
     for m, r, b in zip(ours, ref, before):
         torch.testing.assert_close(m.detach(), r.detach(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(m[[1, 3, 5]].detach(), b[[1, 3, 5]], rtol=0, atol=0)

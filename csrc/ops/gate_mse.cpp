@@ -1,16 +1,11 @@
 #include "gate_mse.h"
 
+#include "task_ids.h"
+
 namespace nad {
 namespace {
 
 constexpr const char* kOp = "gate_mse";
-
-void check_ids_in_range(const at::Tensor& task_ids, int64_t num_tasks) {
-  // One device sync on CUDA; the Python wrapper validates first, this protects LibTorch callers.
-  if (task_ids.numel() == 0) return;
-  const bool bad = task_ids.lt(0).logical_or(task_ids.ge(num_tasks)).any().item<bool>();
-  TORCH_CHECK(!bad, kOp, ": task_ids must lie in [0, ", num_tasks, ")");
-}
 
 // Both inputs as (N, E) rows in one memory order in which every sample is a contiguous block:
 // the sum over a sample does not care about the order inside it, so a channels_last pair is
@@ -62,7 +57,7 @@ void check_gate_mse_args(const at::Tensor& masked, const at::Tensor& original,
 at::Tensor gate_mse_with(GateMseSums sums_fn, const at::Tensor& masked, const at::Tensor& original,
                          const at::Tensor& counts, const at::Tensor& task_ids, int64_t num_tasks) {
   check_gate_mse_args(masked, original, counts, task_ids, num_tasks);
-  check_ids_in_range(task_ids, num_tasks);
+  check_ids_in_range(task_ids, num_tasks, kOp, "task_ids");
   const auto acc = masked.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto sums = at::zeros({num_tasks}, masked.options().dtype(acc));
   if (masked.numel() == 0) return sums;

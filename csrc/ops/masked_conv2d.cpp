@@ -1,16 +1,11 @@
 #include "masked_conv2d.h"
 
+#include "task_ids.h"
+
 namespace nad {
 namespace {
 
 constexpr const char* kOp = "masked_conv2d";
-
-void check_ids_in_range(const at::Tensor& task_ids, int64_t num_tasks) {
-  // One device sync on CUDA; the Python wrapper validates first, this protects LibTorch callers.
-  if (task_ids.numel() == 0) return;
-  const bool bad = task_ids.lt(0).logical_or(task_ids.ge(num_tasks)).any().item<bool>();
-  TORCH_CHECK(!bad, kOp, ": task_ids must lie in [0, ", num_tasks, ")");
-}
 
 // The layout of y and act; the fake impl in nad_ext/ops/masked_conv2d.py uses the same rule.
 at::MemoryFormat format_of(const at::Tensor& x) {
@@ -68,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward_with(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     bool relu, bool save_act) {
   check_masked_conv2d_args(x, weight, bias, logits, task_ids, stride, padding, dilation, groups);
-  check_ids_in_range(task_ids, logits.size(0));
+  check_ids_in_range(task_ids, logits.size(0), kOp, "task_ids");
   const auto fmt = format_of(x);
   // Usually a no-op: the convolution backends already return x's layout.
   const auto conv = at::convolution(x, weight, c10::nullopt, stride, padding, dilation,

@@ -1,5 +1,7 @@
 #include "normalized_step.h"
 
+#include "task_ids.h"
+
 namespace nad {
 
 void check_normalized_step_args(at::TensorList logits, at::TensorList grads, const at::Tensor& tasks) {
@@ -23,10 +25,8 @@ void check_normalized_step_args(at::TensorList logits, at::TensorList grads, con
     TORCH_CHECK(m.device() == tasks.device() && g.device() == tasks.device(), op,
                 ": logits, grads and tasks must be on one device");
   }
-  if (tasks.numel() > 0) {
-    const bool bad = tasks.lt(0).logical_or(tasks.ge(first.size(0))).any().item<bool>();
-    TORCH_CHECK(!bad, op, ": tasks must lie in [0, ", first.size(0), ")");
-  }
+  // On CUDA, the index_fill_ of selected_rows asserts the range on the device.
+  check_ids_in_range(tasks, first.size(0), op, "tasks");
 }
 
 at::Tensor selected_rows(const at::Tensor& tasks, int64_t num_rows) {

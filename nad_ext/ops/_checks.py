@@ -2,7 +2,13 @@
 name the argument and what was expected."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
+
+# Set while a caller that has already validated its ids runs a batch of ops (see ids_checked).
+_IDS_CHECKED = contextvars.ContextVar("nad_ext_ids_checked", default=False)
 
 FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -29,9 +35,25 @@ def same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"{', '.join(devices)} must be on one device; got {listed}")
 
 
+@contextlib.contextmanager
+def ids_checked():
+    """Within this block the op wrappers skip their id-range checks: the caller (for example
+    ``GatedModel.forward``) has checked the ids once, and each check costs a device sync."""
+    token = _IDS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _IDS_CHECKED.reset(token)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def ids_in_range(name: str, ids: torch.Tensor, upper: int, what: str) -> None:
-    """Values of ``ids`` in [0, upper). Skipped while torch.compile traces (data-dependent)."""
-    if ids.numel() == 0 or torch.compiler.is_compiling():
+    """Values of ``ids`` in [0, upper). Skipped while torch.compile traces or a CUDA graph is
+    captured (a value read is impossible there), and inside :func:`ids_checked`."""
+    if ids.numel() == 0 or _IDS_CHECKED.get() or torch.compiler.is_compiling() or _capturing():
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= upper:

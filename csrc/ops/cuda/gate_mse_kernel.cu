@@ -19,7 +19,7 @@ constexpr int64_t kPerBlock = kThreads * 8;  // elements of one sample per block
 template <typename scalar_t, typename acc_t>
 __global__ void sums_kernel(const scalar_t* __restrict__ m, const scalar_t* __restrict__ o,
                             const bool* __restrict__ counts, const int64_t* __restrict__ ids,
-                            acc_t* __restrict__ sums, int64_t E) {
+                            acc_t* __restrict__ sums, int64_t T, int64_t E) {
   const int64_t n = blockIdx.y;
   if (!counts[n]) return;  // uniform per block: no thread reaches the barrier
   const int64_t base = n * E;
@@ -29,18 +29,18 @@ __global__ void sums_kernel(const scalar_t* __restrict__ m, const scalar_t* __re
     part += d * d;
   }
   part = block_sum<acc_t>(part);
-  if (threadIdx.x == 0) atomicAdd(&sums[ids[n]], part);
+  if (threadIdx.x == 0) atomicAdd(&sums[task_of(ids, n, T)], part);
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void apply_kernel(const scalar_t* __restrict__ m, const scalar_t* __restrict__ o,
                              const bool* __restrict__ counts, const int64_t* __restrict__ ids,
                              const acc_t* __restrict__ scale, scalar_t* __restrict__ grad_m,
-                             int64_t numel, int64_t E) {
+                             int64_t numel, int64_t T, int64_t E) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel;
        i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t n = i / E;
-    const acc_t k = counts[n] ? scale[ids[n]] : acc_t(0);
+    const acc_t k = counts[n] ? scale[task_of(ids, n, T)] : acc_t(0);
     grad_m[i] = static_cast<scalar_t>(k * (static_cast<acc_t>(m[i]) - static_cast<acc_t>(o[i])));
   }
 }
@@ -56,7 +56,7 @@ void sums(const at::Tensor& m, const at::Tensor& o, const at::Tensor& counts,
     using acc_t = at::opmath_type<scalar_t>;
     sums_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         m.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), counts.const_data_ptr<bool>(),
-        task_ids.const_data_ptr<int64_t>(), out.data_ptr<acc_t>(), E);
+        task_ids.const_data_ptr<int64_t>(), out.data_ptr<acc_t>(), out.size(0), E);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -72,7 +72,7 @@ void apply(const at::Tensor& m, const at::Tensor& o, const at::Tensor& counts,
     apply_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
         m.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), counts.const_data_ptr<bool>(),
         task_ids.const_data_ptr<int64_t>(), scale.const_data_ptr<acc_t>(), grad_m.data_ptr<scalar_t>(),
-        numel, E);
+        numel, scale.size(0), E);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -23,7 +23,7 @@ template <typename scalar_t, typename acc_t, typename logit_t>
 __global__ void epilogue_kernel(const scalar_t* __restrict__ conv, const scalar_t* __restrict__ bias,
                                 const logit_t* __restrict__ logits, const int64_t* __restrict__ ids,
                                 scalar_t* __restrict__ y, scalar_t* __restrict__ act, int64_t numel,
-                                int64_t C, int64_t S, bool relu, bool channels_inner) {
+                                int64_t T, int64_t C, int64_t S, bool relu, bool channels_inner) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel;
        i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t c = channels_inner ? i % C : (i / S) % C;
@@ -32,7 +32,7 @@ __global__ void epilogue_kernel(const scalar_t* __restrict__ conv, const scalar_
     if (relu && !(v > acc_t(0))) v = acc_t(0);
     const scalar_t a = static_cast<scalar_t>(v);
     if (act) act[i] = a;
-    const acc_t g = sigmoid<acc_t>(static_cast<acc_t>(logits[ids[n] * C + c]));
+    const acc_t g = sigmoid<acc_t>(static_cast<acc_t>(logits[task_of(ids, n, T) * C + c]));
     y[i] = static_cast<scalar_t>(g * static_cast<acc_t>(a));
   }
 }
@@ -50,8 +50,8 @@ template <typename scalar_t, typename acc_t, typename logit_t>
 __global__ void backward_rows_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ act,
                                      const logit_t* __restrict__ logits, const int64_t* __restrict__ ids,
                                      scalar_t* __restrict__ grad_pre, acc_t* __restrict__ sums,
-                                     int64_t C, int64_t S, bool relu) {
-  const int64_t row = blockIdx.x, n = row / C, c = row % C, t = ids[n];
+                                     int64_t T, int64_t C, int64_t S, bool relu) {
+  const int64_t row = blockIdx.x, n = row / C, c = row % C, t = task_of(ids, n, T);
   const acc_t g = sigmoid<acc_t>(static_cast<acc_t>(logits[t * C + c]));
   acc_t dot = 0;
   for (int64_t s = threadIdx.x; s < S; s += blockDim.x)
@@ -67,9 +67,9 @@ template <typename scalar_t, typename acc_t, typename logit_t>
 __global__ void backward_inner_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ act,
                                       const logit_t* __restrict__ logits, const int64_t* __restrict__ ids,
                                       scalar_t* __restrict__ grad_pre, acc_t* __restrict__ sums,
-                                      int64_t C, int64_t S, bool relu) {
+                                      int64_t T, int64_t C, int64_t S, bool relu) {
   __shared__ acc_t partial[kInnerS][kInnerC];
-  const int64_t c = blockIdx.x * (int64_t)kInnerC + threadIdx.x, n = blockIdx.y, t = ids[n];
+  const int64_t c = blockIdx.x * (int64_t)kInnerC + threadIdx.x, n = blockIdx.y, t = task_of(ids, n, T);
   const int64_t chunk_end = (blockIdx.z + 1) * (int64_t)kInnerChunk;
   const int64_t s_end = chunk_end < S ? chunk_end : S;
   acc_t dot = 0;
@@ -99,7 +99,7 @@ void epilogue(const at::Tensor& conv, const at::Tensor& bias, const at::Tensor& 
       epilogue_kernel<x_t, acc_t, scalar_t><<<blocks_for(numel), kThreads, 0, stream>>>(
           conv.const_data_ptr<x_t>(), bias.defined() ? bias.const_data_ptr<x_t>() : nullptr,
           logits.const_data_ptr<scalar_t>(), task_ids.const_data_ptr<int64_t>(), y.data_ptr<x_t>(),
-          act.defined() ? act.data_ptr<x_t>() : nullptr, numel, C, S, relu, inner);
+          act.defined() ? act.data_ptr<x_t>() : nullptr, numel, logits.size(0), C, S, relu, inner);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -122,12 +122,12 @@ void backward_pass(const at::Tensor& grad_y, const at::Tensor& act, const at::Te
         backward_inner_kernel<x_t, acc_t, scalar_t><<<grid, block, 0, stream>>>(
             grad_y.const_data_ptr<x_t>(), act.const_data_ptr<x_t>(), logits.const_data_ptr<scalar_t>(),
             task_ids.const_data_ptr<int64_t>(), grad_pre.data_ptr<x_t>(), gate_sums.data_ptr<acc_t>(),
-            C, S, relu);
+            logits.size(0), C, S, relu);
       } else {
         backward_rows_kernel<x_t, acc_t, scalar_t><<<static_cast<unsigned>(N * C), kThreads, 0, stream>>>(
             grad_y.const_data_ptr<x_t>(), act.const_data_ptr<x_t>(), logits.const_data_ptr<scalar_t>(),
             task_ids.const_data_ptr<int64_t>(), grad_pre.data_ptr<x_t>(), gate_sums.data_ptr<acc_t>(),
-            C, S, relu);
+            logits.size(0), C, S, relu);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

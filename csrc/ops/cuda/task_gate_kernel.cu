@@ -19,8 +19,8 @@ template <typename scalar_t, typename acc_t, typename logit_t>
 __global__ void task_gate_forward_kernel(const scalar_t* __restrict__ x,
                                          const logit_t* __restrict__ logits,
                                          const int64_t* __restrict__ task_ids,
-                                         scalar_t* __restrict__ y, int64_t numel, int64_t C,
-                                         int64_t S, bool channels_inner) {
+                                         scalar_t* __restrict__ y, int64_t numel, int64_t T,
+                                         int64_t C, int64_t S, bool channels_inner) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel;
        i += (int64_t)gridDim.x * blockDim.x) {
     int64_t n, c;
@@ -31,7 +31,7 @@ __global__ void task_gate_forward_kernel(const scalar_t* __restrict__ x,
       c = (i / S) % C;
       n = i / (C * S);
     }
-    const acc_t g = sigmoid<acc_t>(static_cast<acc_t>(logits[task_ids[n] * C + c]));
+    const acc_t g = sigmoid<acc_t>(static_cast<acc_t>(logits[task_of(task_ids, n, T) * C + c]));
     y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * g);
   }
 }
@@ -43,11 +43,11 @@ __global__ void task_gate_backward_rows_kernel(const scalar_t* __restrict__ grad
                                                const logit_t* __restrict__ logits,
                                                const int64_t* __restrict__ task_ids,
                                                scalar_t* __restrict__ grad_x,
-                                               acc_t* __restrict__ grad_logits, int64_t C,
-                                               int64_t S) {
+                                               acc_t* __restrict__ grad_logits, int64_t T,
+                                               int64_t C, int64_t S) {
   const int64_t row = blockIdx.x;
   const int64_t n = row / C, c = row % C;
-  const int64_t t = task_ids[n];
+  const int64_t t = task_of(task_ids, n, T);
   const acc_t g = sigmoid<acc_t>(static_cast<acc_t>(logits[t * C + c]));
   const int64_t off = row * S;
   acc_t dot = 0;
@@ -69,11 +69,11 @@ __global__ void task_gate_backward_inner_kernel(const scalar_t* __restrict__ gra
                                                 const int64_t* __restrict__ task_ids,
                                                 scalar_t* __restrict__ grad_x,
                                                 acc_t* __restrict__ grad_logits, int64_t N,
-                                                int64_t C, int64_t S) {
+                                                int64_t T, int64_t C, int64_t S) {
   const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (idx >= N * C) return;
   const int64_t n = idx / C, c = idx % C;
-  const int64_t t = task_ids[n];
+  const int64_t t = task_of(task_ids, n, T);
   const acc_t g = sigmoid<acc_t>(static_cast<acc_t>(logits[t * C + c]));
   acc_t dot = 0;
   for (int64_t s = 0; s < S; ++s) {
@@ -83,13 +83,6 @@ __global__ void task_gate_backward_inner_kernel(const scalar_t* __restrict__ gra
     dot += gy * static_cast<acc_t>(x[i]);
   }
   atomicAdd(&grad_logits[t * C + c], dot * g * (acc_t(1) - g));
-}
-
-void check_ids_in_range(const at::Tensor& task_ids, int64_t num_tasks) {
-  // One device sync; the Python wrapper validates first, this protects LibTorch callers.
-  if (task_ids.numel() == 0) return;
-  const auto bad = task_ids.lt(0).logical_or(task_ids.ge(num_tasks)).any().item<bool>();
-  TORCH_CHECK(!bad, "task_gate: task_ids must lie in [0, ", num_tasks, ")");
 }
 
 // Picks the memory layout the kernels work in; returns x in that layout.
@@ -108,7 +101,6 @@ int blocks_for(int64_t n) {
 at::Tensor task_gate(const at::Tensor& x_in, const at::Tensor& logits_in,
                      const at::Tensor& task_ids_in) {
   check_task_gate_args(x_in, logits_in, task_ids_in);
-  check_ids_in_range(task_ids_in, logits_in.size(0));
   c10::cuda::CUDAGuard guard(x_in.device());
   bool inner = false;
   const auto x = layout_of(x_in, inner);
@@ -125,7 +117,7 @@ at::Tensor task_gate(const at::Tensor& x_in, const at::Tensor& logits_in,
     AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "task_gate_cuda_logits", [&] {
       task_gate_forward_kernel<x_t, acc_t, scalar_t><<<blocks_for(numel), kThreads, 0, stream>>>(
           x.const_data_ptr<x_t>(), logits.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
-          y.data_ptr<x_t>(), numel, C, S, inner);
+          y.data_ptr<x_t>(), numel, logits.size(0), C, S, inner);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -140,7 +132,6 @@ std::tuple<at::Tensor, at::Tensor> task_gate_backward(const at::Tensor& grad_y_i
   TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(),
               "task_gate_backward: grad_y must have the shape of x ", x_in.sizes(), ", got ",
               grad_y_in.sizes());
-  check_ids_in_range(task_ids_in, logits_in.size(0));
   c10::cuda::CUDAGuard guard(x_in.device());
   bool inner = false;
   const auto x = layout_of(x_in, inner);
@@ -164,13 +155,13 @@ std::tuple<at::Tensor, at::Tensor> task_gate_backward(const at::Tensor& grad_y_i
               <<<blocks_for(N * C), kThreads, 0, stream>>>(
                   grad_y.const_data_ptr<x_t>(), x.const_data_ptr<x_t>(),
                   logits.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
-                  grad_x.data_ptr<x_t>(), grad_acc.data_ptr<acc_t>(), N, C, S);
+                  grad_x.data_ptr<x_t>(), grad_acc.data_ptr<acc_t>(), N, logits.size(0), C, S);
         } else {
           task_gate_backward_rows_kernel<x_t, acc_t, scalar_t>
               <<<static_cast<unsigned>(N * C), kThreads, 0, stream>>>(
                   grad_y.const_data_ptr<x_t>(), x.const_data_ptr<x_t>(),
                   logits.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
-                  grad_x.data_ptr<x_t>(), grad_acc.data_ptr<acc_t>(), C, S);
+                  grad_x.data_ptr<x_t>(), grad_acc.data_ptr<acc_t>(), logits.size(0), C, S);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

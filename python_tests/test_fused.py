@@ -1,0 +1,233 @@
+"""The fast path: BatchNorm folding, fused gated convolutions, and the fused training step
+against the eager path (float32: same results up to rounding; bfloat16: within its tolerance)."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import DEVICES
+from nad_ext import models
+from nad_ext.fused import GatedConv2d, fold_batchnorm
+from nad_ext.gates import GatedModel
+from nad_ext.trainer import NADConfig, disentangle
+from test_trainer import colour_images, fit_small_cnn
+
+
+def randomise_batchnorm(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine terms, so that folding has something to fold."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=gen))
+                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
+                m.bias.copy_(0.6 * torch.rand(c, generator=gen) - 0.3)
+    return model.eval()
+
+
+def zoo(name: str) -> tuple[nn.Module, list[str]]:
+    torch.manual_seed(0)
+    spec = models.get_spec(name)
+    model = randomise_batchnorm(spec.build(10))
+    return model, spec.gate_points(model)
+
+
+def vgg_like() -> nn.Sequential:
+    """VGG's pattern: conv+ReLU gate points, block ends gated after the max-pool, biased convs."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    )
+
+
+def compare(eager: GatedModel, fused: GatedModel, x, ids, rtol):
+    """Outputs, recorded gate-point activations and logits gradients of a masked pass."""
+    def rel(a, b):
+        a, b = a.detach().double(), b.detach().double()
+        return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+    out_e, acts_e = eager(x, ids, record=True)
+    out_f, acts_f = fused(x, ids, record=True)
+    assert rel(out_f, out_e) < rtol
+    for a, b in zip(acts_f, acts_e, strict=True):
+        assert a.shape == b.shape and rel(a, b) < rtol
+    (out_e.float() ** 2).sum().backward()
+    (out_f.float() ** 2).sum().backward()
+    for a, b in zip(fused.logits, eager.logits, strict=True):
+        assert rel(a.grad, b.grad) < 10 * rtol
+    bin_e, _ = eager(x, ids, binary=True)
+    bin_f, _ = fused(x, ids, binary=True)
+    assert rel(bin_f, bin_e) < rtol
+
+
+@pytest.mark.parametrize("name", ["zoo_plain", "zoo_residual", "zoo_dense", "zoo_nas"])
+def test_folded_network_computes_the_same_function(name):
+    model, points = zoo(name)
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    count = lambda: sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # noqa: E731
+    before = count()
+    folded = fold_batchnorm(model, x[:1], watch=points)
+    assert folded > 0 and count() == before - folded
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_folding_refuses_a_convolution_whose_output_is_used_twice():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # folding would change the second use
+
+    model = randomise_batchnorm(Shared())
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    with pytest.warns(UserWarning, match="left unfolded"):
+        assert fold_batchnorm(model, x[:1]) == 0
+    assert isinstance(model.bn, nn.BatchNorm2d)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_vgg_pattern_is_fused_at_every_convolution_and_the_callers_model_is_untouched():
+    model = vgg_like()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    points = ["1", "4", "8"]  # a ReLU, a max-pool after a ReLU, two pools after a strided conv's ReLU
+    x = torch.randn(6, 3, 16, 16)
+    fused = GatedModel(model, points, 3, x[:1], fuse=True)
+    assert fused.fused_points == [0, 1, 2]
+    assert sum(isinstance(m, GatedConv2d) for m in fused.model.modules()) == 3
+    assert all(isinstance(m, (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear))
+               for m in model)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    eager = GatedModel(model, points, 3, x[:1])
+    compare(eager, fused, x, torch.tensor([0, 1, 2, 2, 1, 0]), rtol=1e-5)
+
+
+def test_chains_broken_by_another_gate_point_or_a_shared_module_are_not_fused():
+    relu = nn.ReLU()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), relu, nn.MaxPool2d(2), nn.Conv2d(4, 4, 1), relu,
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    x = torch.randn(2, 3, 12, 12)
+    # "2" would fuse through "1", but "1" is a gate point itself; "5"'s chain has the shared ReLU.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gated = GatedModel(model, ["2", "5"], 2, x[:1], fuse=True)
+    assert gated.fused_points == []
+    eager = GatedModel(model, ["2", "5"], 2, x[:1])
+    compare(eager, gated, x, torch.tensor([0, 1]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["zoo_plain", "zoo_residual", "zoo_dense"])
+def test_fused_gated_model_matches_the_eager_one(device, name):
+    model, points = zoo(name)
+    model = model.to(device)
+    x = torch.randn(8, 3, 64, 64, device=device)
+    ids = torch.arange(8) % 4
+    eager = GatedModel(model, points, 4, x[:1])
+    fused = GatedModel(model, points, 4, x[:1], fuse=True)
+    if name == "zoo_plain":
+        assert fused.fused_points == [0, 1, 2, 3, 4]  # every conv gate point; avgpool is not in a Sequential
+    compare(eager, fused, x, ids, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_channels_last_matches_within_its_precision(device):
+    model, points = zoo("zoo_plain")
+    model = model.to(device)
+    x = torch.randn(8, 3, 64, 64, device=device)
+    eager = GatedModel(model, points, 4, x[:1])
+    fast = GatedModel(model, points, 4, x[:1], fuse=True, dtype=torch.bfloat16, channels_last=True)
+    out, acts = fast(x, torch.arange(8) % 4, record=True)
+    assert out.dtype == torch.bfloat16 and all(m.dtype == torch.float32 for m in fast.logits)
+    assert acts[0].is_contiguous(memory_format=torch.channels_last)
+    compare(eager, fast, x, torch.arange(8) % 4, rtol=2e-2)
+
+
+TRAIN = dict(beta=1.0, epochs=2, image_size=16, batch_size=16, tasks_per_step=3, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def eager_run():
+    """A small fitted network, its data, and the gates the float32 eager path learns on them."""
+    images = colour_images()
+    model = fit_small_cnn(images)
+    bank = disentangle(model, images, ["1", "4"], model_id="small", config=NADConfig(fuse="off", **TRAIN),
+                       progress=False)
+    return images, model, bank
+
+
+def test_fused_training_gives_the_eager_paths_gates(eager_run):
+    images, model, eager = eager_run
+    fused = disentangle(model, images, ["1", "4"], model_id="small", config=NADConfig(fuse="on", **TRAIN),
+                        progress=False)
+    for a, b in zip(fused.logits, eager.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_training_stays_close_to_float32(eager_run):
+    images, model, f32 = eager_run
+    bf16 = disentangle(model, images, ["1", "4"], model_id="small", progress=False,
+                       config=NADConfig(fuse="on", precision="bfloat16", **TRAIN))
+    for a, b in zip(bf16.logits, f32.logits, strict=True):
+        assert (a - b).abs().max() < 0.1  # 6 normalised steps of length 0.1: drift well under one step
+        assert ((a > 0) == (b > 0)).float().mean() > 0.9
+
+
+def test_execution_settings_resolve_per_device_and_bad_ones_are_named():
+    assert NADConfig().execution(torch.device("cpu")) == (False, torch.float32, False)
+    assert NADConfig().execution(torch.device("cuda")) == (True, torch.bfloat16, True)
+    assert NADConfig(precision="float32", cuda_graph="off").execution(torch.device("cuda")) == (True, torch.float32, False)
+    assert NADConfig(fuse="off").execution(torch.device("cuda")) == (False, torch.float32, False)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        NADConfig(cuda_graph="on").execution(torch.device("cpu"))
+    with pytest.raises(ValueError, match="cuda_graph must be"):
+        NADConfig(cuda_graph=True).validate()
+    with pytest.raises(ValueError, match="fuse must be"):
+        NADConfig(fuse="yes").validate()
+    with pytest.raises(ValueError, match="precision must be"):
+        NADConfig(precision="fp8").validate()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replays_compute_the_eager_steps(dtype):
+    from nad_ext.step_graph import GraphedSteps
+    from nad_ext.trainer import build_gated_model, train_step
+
+    model, points = zoo("zoo_plain")
+    config = NADConfig(beta=4.5)
+    runs = []
+    for graphed in (False, True):
+        gated = build_gated_model(model, points, 4, 64, model_id="zoo_plain", device="cuda", fuse=True, dtype=dtype)
+        step = (GraphedSteps(gated, lambda g, *b: train_step(g, *b, config)) if graphed
+                else lambda *b: train_step(gated, *b, config))
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(3):  # new data every step: the replays must read the new inputs
+            x = torch.randn(32, 3, 64, 64, generator=gen).cuda()
+            with torch.no_grad():
+                labels = gated.original(x, record=False)[0].argmax(1)
+            labels[:4] = (labels[:4] + 1) % 10  # some samples do not count
+            ids = torch.arange(4).repeat_interleave(8)
+            losses.append(step(x, labels, ids, torch.arange(4)).loss.clone())
+        if graphed:
+            assert len(step.graphs) == 1 and not step.failed
+        runs.append((losses, [m.detach().clone() for m in gated.logits]))
+    (eager_losses, eager_logits), (graph_losses, graph_logits) = runs
+    # Same kernels; only float atomics may add in another order (and bf16 round differently).
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, b in zip(graph_losses + graph_logits, eager_losses + eager_logits):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
