@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from nad_ext import models
 from nad_ext.objective import nad_loss, normalized_gradient_step
+from nad_ext.step_graph import GraphedSteps
 from nad_ext.trainer import NADConfig, build_gated_model, train_step
 
 
@@ -116,8 +117,8 @@ def batched(model, names, beta, device, size, tasks, bf16=False):
     return step, n
 
 
-def fused(model, names, beta, device, size, tasks, dtype=torch.float32):
-    """The trainer's own step on the fused GatedModel."""
+def fused(model, names, beta, device, size, tasks, dtype=torch.float32, graph=False):
+    """The trainer's own step on the fused GatedModel (``graph``: replayed from a CUDA graph)."""
     gated = build_gated_model(model, names, tasks, size, model_id="bench", device=device, fuse=True, dtype=dtype)
     n = 16 * tasks
     x = torch.randn(n, 3, size, size, device=device)
@@ -126,6 +127,9 @@ def fused(model, names, beta, device, size, tasks, dtype=torch.float32):
         y = gated.original(x, record=False)[0].argmax(1)
     config = NADConfig(beta=beta)
     active = torch.arange(tasks)
+    if graph:
+        steps = GraphedSteps(gated, lambda g, *batch: train_step(g, *batch, config))
+        return (lambda: steps(x, y, ids, active)), n
     return (lambda: train_step(gated, x, y, ids, active, config)), n
 
 
@@ -137,6 +141,9 @@ def main():
     parser.add_argument("--size", type=int, default=None, help="input size (default: the model's)")
     parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
     parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
+    parser.add_argument("--paths", nargs="+", help="only these paths (the first one is the ratios' base)")
+    parser.add_argument("--profile", metavar="PATH", help="after timing, profile 3 steps of this path and "
+                        "print the operators by device time (by CPU time without a GPU)")
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
@@ -151,8 +158,12 @@ def main():
                  ("batched", lambda m, p: batched(m, p, spec.beta, device, size, args.tasks)),
                  ("fused", lambda m, p: fused(m, p, spec.beta, device, size, args.tasks))]
         if cuda:
+            bf16 = torch.bfloat16
             paths += [("batched-bf16", lambda m, p: batched(m, p, spec.beta, device, size, args.tasks, bf16=True)),
-                      ("fused-bf16", lambda m, p: fused(m, p, spec.beta, device, size, args.tasks, torch.bfloat16))]
+                      ("fused-bf16", lambda m, p: fused(m, p, spec.beta, device, size, args.tasks, bf16)),
+                      ("fused-bf16-graph", lambda m, p: fused(m, p, spec.beta, device, size, args.tasks, bf16, True))]
+        if args.paths:
+            paths = [(label, make) for label, make in paths if label in args.paths]
         ref = None
         for label, make in paths:
             torch.manual_seed(0)
@@ -163,7 +174,27 @@ def main():
             rate = images / timed(step, device, args.warmup, args.repeats)
             ref = ref or rate
             peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
-            print(f"{name:14s} {label:16s} {rate:10.0f} {rate / ref:7.2f} {peak:9.0f}")
+            print(f"{name:14s} {label:16s} {rate:10.0f} {rate / ref:7.2f} {peak:9.0f}", flush=True)
+            if label == args.profile:
+                profile(step, device)
+            del step, model
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+def profile(step, device):
+    """Where the time of a step goes: operators by self device time (CPU time on a CPU)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
 if __name__ == "__main__":
