@@ -19,6 +19,7 @@ if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.
 ):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
+import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -67,14 +68,18 @@ def extension():
     if cuda:
         include_dirs += cuda_library_headers()
     cxx = ["-O3"]
+    # at::parallel_for is a header template: without -fopenmp it compiles to a serial loop.
+    # The extension then uses the OpenMP runtime torch has already loaded (same soname).
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     kwargs = dict(
         name="nad_ext._C",
         sources=sources,
         include_dirs=include_dirs,
         define_macros=[("NAD_WITH_CUDA", "1")] if cuda else [],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}
+        extra_compile_args={"cxx": cxx + openmp, "nvcc": ["-O3", "-lineinfo"]}
         if cuda
-        else {"cxx": cxx},
+        else {"cxx": cxx + openmp},
+        extra_link_args=openmp,
     )
     make = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
     return make(**kwargs)
