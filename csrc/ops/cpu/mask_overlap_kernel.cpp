@@ -24,9 +24,10 @@
 //    latency, a single divider) held up the next layer's word loop. The division is a true one,
 //    so values are bit-identical to overlap_value; the mean is summed over the layers in order
 //    and divided by L, as in the scalar paths. The output is written once, never read back.
-// 3. Threads. Blocks are grouped into tiles of panels, handed out one at a time to PyTorch's
-//    intra-op threads (parallel_workers, which says why it is not at::parallel_for); in a tile a
-//    b panel (W x 128 bytes) stays in L1 while the tile's a panels (W x 64 bytes) stream past it.
+// 3. Threads. Blocks are grouped into tiles of 64 x 64 pairs, handed out one at a time to
+//    PyTorch's intra-op threads (parallel_workers, which says why it is not at::parallel_for). In
+//    a tile an a panel (W x 64 bytes) stays in L1 while the tile's b panels (W x 128 bytes, L2)
+//    pass it, so that the output is written along its rows.
 //
 // Scalar paths (x86 without AVX2: POPCNT; other CPUs, or NAD_EXT_PORTABLE_POPCOUNT=1: portable
 // bit tricks): words stored word-major, (word, row), tiles of kTileA x kTileB pairs, layer by
@@ -42,6 +43,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "../mask_overlap.h"
@@ -375,27 +377,39 @@ __attribute__((target("avx2,popcnt"))) void pack_panel_rows(const uint8_t* src, 
   }
 }
 
+// Panels of P rows of m, allocated; pack_panel_rows fills them.
 template <int64_t P>
-Panels pack_panels(const at::Tensor& m, const Layout& g) {
-  const int64_t T = m.size(0), K = m.size(1);
+Panels alloc_panels(const at::Tensor& m, const Layout& g) {
+  const int64_t T = m.size(0);
   Panels p;
   p.panels = (T + P - 1) / P;
   const int64_t panel_words = g.W * P * 2;
   p.words = at::empty({p.panels * panel_words}, m.options().dtype(at::kLong));
   p.sizes.assign(p.panels * g.L * P, 0);
+  // Every word of a row is written by pack_panel_rows; the padding rows of a last, partial
+  // panel are empty.
   auto* words = reinterpret_cast<uint64_t*>(p.words.data_ptr<int64_t>());
-  // Every word of a row is written below; the padding rows of a last, partial panel are empty.
   if (T % P != 0) std::fill_n(words + (p.panels - 1) * panel_words, panel_words, uint64_t{0});
-  const auto* src = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
-  constexpr int64_t kRows = 32;  // rows per task
-  const int64_t tasks = (T + kRows - 1) / kRows;
-  parallel_workers(tasks, [&](std::atomic<int64_t>& next) {
-    for (int64_t task = next++; task < tasks; task = next++) {
-      pack_panel_rows<P>(src, K, task * kRows, std::min(T, (task + 1) * kRows), g, words,
-                         p.sizes.data());
-    }
-  });
   return p;
+}
+
+// Rows [r0, r1) of a (task < tasks_a) or of b, for pack task `task` of kPackRows rows.
+constexpr int64_t kPackRows = 32;  // rows per packing task: whole panels of both layouts
+
+void pack_task(int64_t task, int64_t tasks_a, const at::Tensor& a, const at::Tensor& b,
+               const Layout& g, Panels& pa, Panels& pb) {
+  const bool is_a = task < tasks_a;
+  const at::Tensor& m = is_a ? a : b;
+  Panels& p = is_a ? pa : pb;
+  const int64_t r0 = (is_a ? task : task - tasks_a) * kPackRows;
+  const int64_t r1 = std::min(m.size(0), r0 + kPackRows);
+  const auto* src = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
+  auto* words = reinterpret_cast<uint64_t*>(p.words.data_ptr<int64_t>());
+  if (is_a) {
+    pack_panel_rows<kPanelA>(src, m.size(1), r0, r1, g, words, p.sizes.data());
+  } else {
+    pack_panel_rows<kPanelB>(src, m.size(1), r0, r1, g, words, p.sizes.data());
+  }
 }
 
 // Byte-wise popcounts of n >= 1 words (n <= kMaxPass) of the 4 x 8 block into x0..x7: x(2i)
@@ -602,8 +616,8 @@ BlockFn pick_block_fn(bool per_layer) {
 void mask_overlap_avx2(const at::Tensor& a, const at::Tensor& b, const Layout& g,
                        OverlapMetric kind, bool per_layer, at::Tensor& out) {
   const int64_t Ta = a.size(0), Tb = b.size(0), W = g.W;
-  const Panels pa = pack_panels<kPanelA>(a, g);
-  const Panels pb = pack_panels<kPanelB>(b, g);
+  Panels pa = alloc_panels<kPanelA>(a, g);
+  Panels pb = alloc_panels<kPanelB>(b, g);
   std::vector<int64_t> layer_words(g.L);
   for (int64_t l = 0; l < g.L; ++l) layer_words[l] = g.word_off[l + 1] - g.word_off[l];
   const BlockArgs shared_args{layer_words.data(), nullptr, g.L, Tb, Ta * Tb};
@@ -615,9 +629,9 @@ void mask_overlap_avx2(const at::Tensor& a, const at::Tensor& b, const Layout& g
       block = pick_block_fn<OverlapMetric::kIntersection>(per_layer);
       break;
   }
-  // Tiles of up to 32 a panels (128 rows) x 16 b panels (128 rows); smaller while there are
-  // fewer than 4 tiles per thread, so that small problems still use every thread.
-  int64_t tile_a = 32, tile_b = 16;
+  // Tiles of up to 16 a panels (64 rows) x 8 b panels (64 rows); smaller while there are fewer
+  // than 4 tiles per thread, so that small problems still use every thread.
+  int64_t tile_a = 16, tile_b = 8;
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
   auto count_tiles = [&] {
     return ((pa.panels + tile_a - 1) / tile_a) * ((pb.panels + tile_b - 1) / tile_b);
@@ -630,23 +644,39 @@ void mask_overlap_avx2(const at::Tensor& a, const at::Tensor& b, const Layout& g
     }
   }
   const int64_t tiles_b = (pb.panels + tile_b - 1) / tile_b;
-  const auto* wa = reinterpret_cast<const uint64_t*>(pa.words.const_data_ptr<int64_t>());
-  const auto* wb = reinterpret_cast<const uint64_t*>(pb.words.const_data_ptr<int64_t>());
+  const uint64_t* wa = reinterpret_cast<uint64_t*>(pa.words.data_ptr<int64_t>());
+  const uint64_t* wb = reinterpret_cast<uint64_t*>(pb.words.data_ptr<int64_t>());
   float* o = out.data_ptr<float>();
-  const int64_t tiles = count_tiles();
-  parallel_workers(tiles, [&](std::atomic<int64_t>& next) {
+  // One parallel region for packing and tiles (each region costs a wake-up of the other threads
+  // and a join, which on a busy machine can wait for a scheduler tick): tasks [0, packs) pack 32
+  // rows of a or b each, the others are tiles, which start once every packing task is done.
+  const int64_t tasks_a = (Ta + kPackRows - 1) / kPackRows;
+  const int64_t packs = tasks_a + (Tb + kPackRows - 1) / kPackRows;
+  const int64_t tasks = packs + count_tiles();
+  std::atomic<int64_t> packed{0};
+  parallel_workers(tasks, [&](std::atomic<int64_t>& next) {
     // The counts of one block, all layers (L x 4 x 8 int32), aligned for the vector stores.
     std::vector<int32_t> scratch(g.L * kPanelA * kPanelB + 8);
     BlockArgs args = shared_args;
     args.counts = reinterpret_cast<int32_t*>(
         (reinterpret_cast<uintptr_t>(scratch.data()) + 31) & ~static_cast<uintptr_t>(31));
-    for (int64_t t = next++; t < tiles; t = next++) {
+    for (int64_t task = next++; task < tasks; task = next++) {
+      if (task < packs) {
+        pack_task(task, tasks_a, a, b, g, pa, pb);
+        packed.fetch_add(1, std::memory_order_release);
+        continue;
+      }
+      // Packing tasks still running are on other threads, which will finish them.
+      while (packed.load(std::memory_order_acquire) < packs) std::this_thread::yield();
+      const int64_t t = task - packs;
       const int64_t pa0 = (t / tiles_b) * tile_a, pa1 = std::min(pa0 + tile_a, pa.panels);
       const int64_t pb0 = (t % tiles_b) * tile_b, pb1 = std::min(pb0 + tile_b, pb.panels);
-      for (int64_t jb = pb0; jb < pb1; ++jb) {
-        const int64_t j = jb * kPanelB, nc = std::min(kPanelB, Tb - j);
-        for (int64_t ib = pa0; ib < pa1; ++ib) {
-          const int64_t i = ib * kPanelA, nr = std::min(kPanelA, Ta - i);
+      // Along rows of the output: each cache line of it is written whole, by consecutive
+      // blocks (a column of blocks wrote each line in two halves, far apart, and was slower).
+      for (int64_t ib = pa0; ib < pa1; ++ib) {
+        const int64_t i = ib * kPanelA, nr = std::min(kPanelA, Ta - i);
+        for (int64_t jb = pb0; jb < pb1; ++jb) {
+          const int64_t j = jb * kPanelB, nc = std::min(kPanelB, Tb - j);
           block(args, wa + ib * W * kPanelA * 2, wb + jb * W * kPanelB * 2,
                 pa.sizes.data() + ib * g.L * kPanelA, pb.sizes.data() + jb * g.L * kPanelB,
                 o + i * Tb + j, nr, nc);
