@@ -53,6 +53,39 @@ def test_large_crosses_tiles(device, metric):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_random_shapes(device):
+    # Shapes around the CPU kernel's blocks (4 rows of a x 8 rows of b, tiles of 128 x 128,
+    # byte counters reduced every 31 words): row counts that are and are not multiples of the
+    # block, single rows, many small layers, and layers of 32, 62 (two full passes) and 63 words.
+    g = torch.Generator().manual_seed(7)
+    shapes = [(1, 1), (1, 13), (13, 1), (3, 7), (4, 8), (5, 9), (8, 4), (31, 33), (129, 17)]
+    for case, (ta, tb) in enumerate(shapes):
+        n_layers = int(torch.randint(1, 40, (1,), generator=g))
+        sizes = torch.randint(1, 200, (n_layers,), generator=g).tolist()
+        if case % 3 == 0:
+            sizes.insert(n_layers // 2, [1985, 3968, 4000][case // 3])
+        a = _masks(ta, sizes, device, generator=g)
+        b = _masks(tb, sizes, device, generator=g)
+        for metric in METRICS:
+            for per_layer in (False, True):
+                _check(a, b, sizes, metric, per_layer)
+
+
+def test_thread_count_does_not_change_results():
+    # The CPU kernel cuts the output into more, smaller tiles when there are more threads.
+    sizes = [3, 64, 2100, 65]
+    a, b = _masks(37, sizes), _masks(150, sizes)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = {(m, p): mask_overlap(a, b, sizes, m, p) for m in METRICS for p in (False, True)}
+    finally:
+        torch.set_num_threads(threads)
+    for (metric, per_layer), expected in one.items():
+        assert torch.equal(mask_overlap(a, b, sizes, metric, per_layer), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_zero_over_zero_is_one(device):
     sizes = [3, 2]
     a = torch.tensor([[0, 0, 0, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool, device=device)
@@ -91,7 +124,7 @@ def test_portable_popcount_fallback(tmp_path):
         "import torch\n"
         "from nad_ext.ops import mask_overlap\n"
         "torch.manual_seed(1)\n"
-        "sizes = [1, 63, 64, 65, 130]\n"
+        "sizes = [1, 63, 64, 65, 130, 2100]\n"
         "a = torch.rand(70, sum(sizes)) < torch.rand(70, 1)\n"
         "b = torch.rand(300, sum(sizes)) < torch.rand(300, 1)\n"
         "metrics = ('iou', 'iomin', 'intersection')\n"
