@@ -73,10 +73,10 @@ enum class Isa { kPortable, kPopcnt, kAvx2 };
 // Runs worker(next) on each of PyTorch's intra-op threads (at most n of them); the workers share
 // tasks [0, n) by taking `next++` until it reaches n, so a thread that runs slower (a busy shared
 // machine) just takes fewer tasks.
-// Why not at::parallel_for: it is a header template whose OpenMP region exists only where the
-// including file is compiled with -fopenmp, and the extension's build does not pass it, so here
-// it would run the whole range on the calling thread. TensorIterator::for_each is compiled into
-// libtorch, and its at::parallel_for spreads the range [0, workers) over the real thread pool.
+// Why not at::parallel_for directly: it is a header template whose OpenMP region exists only in
+// files compiled with -fopenmp; in a build without it (as this extension's was) it runs the whole
+// range on the calling thread. TensorIterator::for_each is compiled into libtorch, so its
+// at::parallel_for spreads the range [0, workers) over the intra-op threads with either build.
 template <typename F>
 void parallel_workers(int64_t n, const F& worker) {
   std::atomic<int64_t> next{0};
