@@ -1,7 +1,8 @@
 """Benchmarks of nad::mask_overlap (all-pairs layer-wise IoU of binary sub-architectures).
 
-Workload of docs/PERFORMANCE.md: T tasks vs T tasks, VGG16's 13 gate points (4,224 channels),
-random masks with 30-50% of the channels open, mean IoU over layers. Baselines measured in the
+Workload of the performance brief (shared/PERFORMANCE.md beside the repository): T tasks vs
+T tasks, VGG16's 13 gate points (4,224 channels), random masks with 30-50% of the channels
+open, mean IoU over layers. Baselines measured in the
 same run: a NumPy float32 matrix product per layer, and (small T) a reference-style Python
 double loop over pairs. Every implementation is checked against the float64 reference first.
 
