@@ -31,19 +31,17 @@ class GraphedSteps:
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor, tasks: torch.Tensor):
         key = (tuple(x.shape), x.dtype, tasks.numel())
+        if key not in self.graphs and (self.failed or len(self.graphs) >= self.max_graphs):
+            return self.step(self.gated, x, labels, task_ids, tasks)
+        # Eager steps validate the ids; inside the graph nothing can be read back.
+        self.gated.check_task_ids(task_ids)
         if key not in self.graphs:
-            if self.failed or len(self.graphs) >= self.max_graphs:
-                return self.step(self.gated, x, labels, task_ids, tasks)
-            # Eager steps validate the ids; inside the graph nothing can be read back.
-            self.gated.check_task_ids(task_ids)
             try:
                 self.graphs[key] = self._capture(x, labels, task_ids, tasks)
             except RuntimeError as err:  # a capture problem must not end a long run
                 self.failed = True
                 warnings.warn(f"CUDA graph capture failed, the step runs eagerly from now on: {err}")
                 return self.step(self.gated, x, labels, task_ids, tasks)
-        else:
-            self.gated.check_task_ids(task_ids)
         graph, inputs, terms = self.graphs[key]
         for static, value in zip(inputs, (x, labels, task_ids, tasks)):
             static.copy_(value, non_blocking=True)
