@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nad_ext.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, eval_transform, load_batch
-from nad_ext.gates import GatedModel
+from nad_ext.gates import GatedModel, GatePoint
 from nad_ext.maskbank import MaskBank, atomic_write
 from nad_ext.ops.mask_overlap import mask_overlap
 
@@ -169,15 +169,39 @@ def _one_task_per_class(bank: MaskBank, val_images: ImageSet) -> list[int]:
 # Activation maps
 
 
-def activation_maps(activation: torch.Tensor, size: int) -> torch.Tensor | None:
-    """Sum over channels, min-max normalised per sample, resized bicubic to (size, size).
+def position_map(activation: torch.Tensor, point: GatePoint | None = None) -> torch.Tensor | None:
+    """The gate point's output summed over its units at every position: (N, h, w) float, or
+    None when the output has no spatial positions.
 
-    ``activation``: (N, C, H, W). Returns float (N, size, size), or None when the output is not
-    spatial ((N, C) or H x W = 1 x 1). A constant map normalises to zeros.
+    Units are summed along ``point.channel_axis`` (and, for attention heads, the head
+    dimension too). What remains is the position grid: (h, w) for (N, C, H, W) and NHWC maps and
+    for Swin's head outputs; for (N, L) tokens, the square patch grid when L = g * g, or when
+    L = g * g + 1 with a leading class token, which is dropped (torchvision's ViT); any other
+    token count (extra distillation or register tokens) and (N, C) vectors have no map.
     """
-    if activation.dim() != 4 or activation.shape[-1] * activation.shape[-2] <= 1:
+    axis = 1 if point is None else point.channel_axis
+    units = [axis] + ([activation.dim() - 1] if point is not None and point.units == "heads" else [])
+    maps = activation.float().sum(dim=units)
+    if maps.dim() == 2:
+        length = maps.shape[1]
+        for extra in (0, 1):
+            side = math.isqrt(max(length - extra, 0))
+            if side > 0 and side * side == length - extra:
+                return maps[:, extra:].reshape(-1, side, side)
         return None
-    maps = activation.float().sum(1)
+    return maps if maps.dim() == 3 else None
+
+
+def activation_maps(activation: torch.Tensor, size: int, point: GatePoint | None = None) -> torch.Tensor | None:
+    """:func:`position_map` (channels on axis 1 when ``point`` is None), min-max normalised
+    per sample and resized bicubic to (size, size).
+
+    Returns float (N, size, size), or None when the output is not spatial (see
+    :func:`position_map`, or 1 x 1 after a global pool). A constant map normalises to zeros.
+    """
+    maps = position_map(activation, point)
+    if maps is None or maps.shape[-1] * maps.shape[-2] <= 1:
+        return None
     low = maps.amin(dim=(1, 2), keepdim=True)
     span = maps.amax(dim=(1, 2), keepdim=True) - low
     maps = torch.where(span > 0, (maps - low) / span.clamp(min=1e-30), torch.zeros_like(maps))
@@ -287,6 +311,16 @@ def _draw_mosaics(val_images: ImageSet, classes: list[int], num_mosaics: int, se
     return picked, images
 
 
+@torch.no_grad()
+def _accepts_size(gated: GatedModel, size: int, device) -> bool:
+    """Whether the network runs on (size x size) images (a ViT accepts only its own size)."""
+    try:
+        gated.original(torch.zeros(1, 3, size, size, device=device), record=False)
+    except (RuntimeError, AssertionError, ValueError):
+        return False
+    return True
+
+
 def _mosaic_hits(gated, mosaics, tasks, top_fraction, device, batch_size, keep_examples=0):
     """Runs each mosaic with its four classes' tasks; returns hits (L, M, 4) (NaN where not
     spatial) and the maps of the first ``keep_examples`` mosaics ({m: (4, L) list of maps})."""
@@ -302,7 +336,7 @@ def _mosaic_hits(gated, mosaics, tasks, top_fraction, device, batch_size, keep_e
         ids = tasks[start:stop].reshape(-1).to(device)
         _, acts = gated(x, ids, binary=True, record=True)
         for layer, act in enumerate(acts):
-            maps = activation_maps(act, x.shape[-1])
+            maps = activation_maps(act, x.shape[-1], gated.gate_points[layer])
             if maps is None:
                 continue
             hits[layer, start:stop] = top_hits(maps, quadrants[: 4 * n].to(device), top_fraction).cpu().view(n, 4)
@@ -319,7 +353,8 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
     """The 2x2 mosaic hit rate per gate point (METHOD.md, analysis 2), with a null baseline.
 
     Each mosaic holds four eval-transformed validation images of four different random classes
-    (side 2 * image_size). For each of its classes and each gate point, the mosaic runs through
+    (side 2 * image_size; a network with a fixed input size, such as a ViT, gets the mosaic at
+    image_size, its images at half size: ``mosaic_size`` says which). For each of its classes and each gate point, the mosaic runs through
     that class's binary sub-architecture (its one-class task); the activation map (see
     :func:`activation_maps`) is resized to the mosaic and the hit is the fraction of its top
     ``top_fraction`` pixels inside the class's quadrant (:func:`top_hits`). ``mean``/``std``
@@ -336,7 +371,9 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
     gated.to(device)
     usable = _mosaic_classes(bank, val_images)
     picked, image_idx = _draw_mosaics(val_images, list(usable), num_mosaics, seed)
-    s = image_size
+    # A network with a fixed input size (a ViT) sees the mosaic at that size, each image at half
+    # its resolution; the others see it at twice the image size, as in the paper.
+    s = image_size if _accepts_size(gated, 2 * image_size, device) else image_size // 2
     mosaics = torch.empty(num_mosaics, 3, 2 * s, 2 * s)
     for m in range(num_mosaics):
         tiles = [eval_transform(val_images.load(int(i)), s) for i in image_idx[m]]
@@ -369,7 +406,7 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
         "null_mean": [summary(null_all, l)[0] if null else None for l in range(len(names))],
         "null_std": [summary(null_all, l)[1] if null else None for l in range(len(names))],
         "chance": CHANCE_HIT,
-        "num_mosaics": num_mosaics, "top_fraction": float(top_fraction), "seed": seed,
+        "num_mosaics": num_mosaics, "mosaic_size": 2 * s, "top_fraction": float(top_fraction), "seed": seed,
         "null_samples": null_samples, "pairs": 4 * num_mosaics,
         "notes": {n: NON_SPATIAL_NOTE for n, sp in zip(names, spatial) if not sp},
         "examples": [],
@@ -490,7 +527,7 @@ def single_image_view(gated: GatedModel, bank: MaskBank, image: torch.Tensor, ta
     _, acts = gated(x, torch.tensor([task], device=device), binary=True, record=True)
     views = []
     for point, act in zip(bank.gate_points, acts):
-        maps = activation_maps(act, image_size)
+        maps = activation_maps(act, image_size, point)
         if maps is None:
             views.append({"gate_point": point.name, "map": None, "top": None})
             continue

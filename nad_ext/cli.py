@@ -20,6 +20,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
+def _add_units_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--units", default="channels", choices=["channels", "mlp", "heads"],
+                   help="what a preset (or 'auto') gates: block channels (default), the MLP hidden units of "
+                        "transformer/ConvNeXt blocks, or attention heads")
+
+
 def _load_data(args, split: str):
     from nad_ext import data
 
@@ -40,16 +46,23 @@ def _load_model(args, train, val):
 
 def cmd_gate_points(args) -> None:
     from nad_ext import models
+    from nad_ext.gates import describe_layout
     from nad_ext.trainer import build_gated_model
 
     train = _load_data(args, "train")
     model = _load_model(args, train, _load_data(args, "val")) if args.weights or args.model in models.ZOO \
         else models.load_model(args.model, num_classes=len(train.classes))
-    size = args.image_size or models.get_spec(args.model).input_size
-    gated = build_gated_model(model, "auto" if args.auto else args.model, 1, size, model_id=args.model)
-    for i, p in enumerate(gated.gate_points):
-        print(f"{i:3d}  {p.name:40s} {p.channels:6d} channels")
-    print(f"{len(gated.gate_points)} gate points, {sum(gated.layer_sizes)} channels")
+    spec = models.get_spec(args.model)
+    size = args.image_size or spec.input_size
+    gated = build_gated_model(model, "auto" if args.auto else args.model, 1, size, model_id=args.model,
+                              units=args.units)
+    fmt = lambda values: "(" + ", ".join(f"{v:.3f}" for v in values) + ")"  # noqa: E731
+    beta = f"{spec.beta:g}" if spec.beta is not None else "none tuned (pass --beta, or --beta auto to calibrate)"
+    print(f"{args.model}: input {size}x{size}, normalisation mean {fmt(spec.mean)} std {fmt(spec.std)}, beta {beta}")
+    for i, (p, shape) in enumerate(zip(gated.gate_points, gated.example_shapes)):
+        print(f"{i:3d}  {p.name:44s} {p.channels:6d} {p.units:8s} {describe_layout(p, shape)} "
+              f"{tuple(shape)[1:]}, axis {p.channel_axis}")
+    print(f"{len(gated.gate_points)} gate points, {sum(gated.layer_sizes)} {args.units}")
 
 
 def _config_from_args(args):
@@ -78,17 +91,33 @@ def _load_tasks(path: str, classes: list[str]):
     return tasks
 
 
+def _gate_points_arg(args):
+    """--gate-points: comma-separated specs, 'auto', or a preset name (default: the model's)."""
+    gate_points = args.gate_points.split(",") if args.gate_points and "," in args.gate_points else (args.gate_points or args.model)
+    if isinstance(gate_points, str) and gate_points not in ("auto", args.model):
+        gate_points = [gate_points]
+    return gate_points
+
+
+def _beta(value: str):
+    """--beta: a positive number or 'auto'."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+
+
 def cmd_disentangle(args) -> None:
     from nad_ext.trainer import disentangle
 
     train, val = _load_data(args, "train"), _load_data(args, "val")
     model = _load_model(args, train, val)
-    gate_points = args.gate_points.split(",") if args.gate_points and "," in args.gate_points else (args.gate_points or args.model)
-    if isinstance(gate_points, str) and gate_points not in ("auto", args.model):
-        gate_points = [gate_points]
+    gate_points = _gate_points_arg(args)
     tasks = _load_tasks(args.tasks, train.classes) if args.tasks else None
     bank = disentangle(model, train, gate_points, model_id=args.model, config=_config_from_args(args), tasks=tasks,
-                       out_dir=args.out, resume=args.resume, overwrite=args.overwrite)
+                       out_dir=args.out, resume=args.resume, overwrite=args.overwrite, units=args.units)
     print(f"{len(bank.tasks)} tasks x {len(bank.gate_points)} gate points, epoch {bank.epoch}: "
           f"{Path(args.out) / 'masks.safetensors'}")
 
@@ -105,9 +134,28 @@ def cmd_analyze(args) -> None:
     train, val = _load_data(args, "train"), _load_data(args, "val")
     model = _load_model(args, train, val)
     size = args.image_size or bank.config.get("image_size") or models.get_spec(args.model).input_size
-    gated = build_gated_model(model, [p.name for p in bank.gate_points], len(bank.tasks), size, model_id=args.model)
+    gated = build_gated_model(model, bank.gate_points, len(bank.tasks), size, model_id=args.model)
     analysis.run_all(gated, bank, val, size, args.out, num_mosaics=args.mosaics, seed=args.seed)
     print(f"analyses written to {args.out}")
+
+
+def cmd_calibrate(args) -> None:
+    from nad_ext.calibration import CalibrationSettings
+    from nad_ext.maskbank import atomic_write
+    from nad_ext.trainer import calibrate_beta
+
+    train = _load_data(args, "train")
+    model = _load_model(args, train, _load_data(args, "val"))
+    tasks = _load_tasks(args.tasks, train.classes) if args.tasks else None
+    settings = CalibrationSettings(num_tasks=args.num_tasks, images_per_task=args.images_per_task,
+                                   epochs=args.epochs, runs=args.runs)
+    found = calibrate_beta(model, train, _gate_points_arg(args), model_id=args.model, tasks=tasks,
+                           target_open_ratio=args.target_open_ratio, config=_config_from_args(args),
+                           settings=settings, units=args.units)
+    if args.out:
+        payload = json.dumps(found, indent=1)
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(payload))
+        print(f"calibration: {args.out}")
 
 
 def cmd_report(args) -> None:
@@ -158,13 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--auto", action="store_true", help="propose gate points for an unknown network")
     p.add_argument("--image-size", type=int, default=None)
+    _add_units_arg(p)
     p.set_defaults(func=cmd_gate_points)
 
     p = sub.add_parser("disentangle", help="learn every task's gates; writes a mask bank")
     _add_model_args(p)
     p.add_argument("--out", required=True, help="output folder (mask bank, per-epoch copies, log.json)")
-    p.add_argument("--gate-points", help="comma-separated module names, 'auto', or a preset name (default: the model's preset)")
-    p.add_argument("--beta", type=float)
+    p.add_argument("--gate-points", help="comma-separated module names ('name:axis' for channels not on axis 1, "
+                                         "'name:heads' for attention heads), 'auto', or a preset name "
+                                         "(default: the model's preset)")
+    _add_units_arg(p)
+    p.add_argument("--beta", type=_beta, help="sparsity weight (default: the preset's), or 'auto' to calibrate it")
+    p.add_argument("--target-open-ratio", type=float, help="with --beta auto: the open ratio to aim for (default 0.3)")
     p.add_argument("--lr", type=float)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -182,6 +235,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the mask bank in --out")
     p.set_defaults(func=cmd_disentangle)
+
+    p = sub.add_parser("calibrate", help="find the beta that gives a target open ratio (short runs, log-space bisection)")
+    _add_model_args(p)
+    p.add_argument("--gate-points", help="as for disentangle (default: the model's preset)")
+    _add_units_arg(p)
+    p.add_argument("--target-open-ratio", type=float, default=None, help="default 0.3, the paper's typical ratio")
+    p.add_argument("--num-tasks", type=int, default=3, help="tasks the short runs train (default 3)")
+    p.add_argument("--images-per-task", type=int, default=None, help="training images per task (default all)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the paper's 21)")
+    p.add_argument("--runs", type=int, default=6, help="short runs at most (default 6)")
+    p.add_argument("--tasks", help='JSON file {"task": ["class", ...]}; default: one task per class')
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--out", help="write the calibration (beta, curve, settings) to this JSON file")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("analyze", help="run the paper's analyses on a mask bank")
     _add_model_args(p)

@@ -53,6 +53,18 @@ class ImageSet:
             return self._images[i]
         return read_image(self._paths[i])
 
+    def subset(self, indices) -> "ImageSet":
+        """The images at ``indices``, with the same classes, as a new set."""
+        indices = [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < len(self)]
+        if bad:
+            raise ValueError(f"indices {bad[:5]} out of range: {self.name} has {len(self)} images")
+        name = f"{self.name}[{len(indices)} of {len(self)}]"
+        labels = [self.labels[i] for i in indices]
+        if self._images is not None:
+            return ImageSet(self.classes, labels, name, images=self._images[indices])
+        return ImageSet(self.classes, labels, name, paths=[self._paths[i] for i in indices])
+
     def indices_of_class(self, c: int) -> list[int]:
         """Indices of the images labelled ``c``."""
         if not 0 <= c < len(self.classes):

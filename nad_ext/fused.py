@@ -171,19 +171,24 @@ def _fusable_conv(module: nn.Module) -> bool:
 
 
 def fuse_gated_convolutions(model: nn.Module, gate_points: Sequence[str],
-                            gate_source: Callable[[int], GateSource]) -> list[int]:
+                            gate_source: Callable[[int], GateSource],
+                            only: Optional[Sequence[int]] = None) -> list[int]:
     """Replaces ``Conv2d [Identity...] [ReLU] [pools...]`` chains that end at a gate point (all
     inside one ``nn.Sequential``, none of their modules shared or another gate point) by a
     :class:`GatedConv2d` carrying that gate point's gate; the chain's ReLU becomes Identity.
 
-    ``gate_source(i)`` gives gate point i's source of (logits, task_ids). Returns the indices of
-    the gate points now gated inside a convolution (their hooks must not gate again).
+    ``gate_source(i)`` gives gate point i's source of (logits, task_ids). ``only``: the indices
+    of the gate points that may fuse (default all; a gate point whose channels are not on axis
+    1, or that gates attention heads, is never a convolution's output channels). Returns the
+    indices of the gate points now gated inside a convolution (their hooks must not gate again).
     """
     modules = dict(model.named_modules())
     counts = _call_counts(model)
     point_names = set(gate_points)
     fused = []
     for index, name in enumerate(gate_points):
+        if only is not None and index not in only:
+            continue
         parent_name, _, key = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         if type(parent) is not nn.Sequential:

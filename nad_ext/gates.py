@@ -4,26 +4,74 @@ A :class:`GatedModel` wraps a frozen network and puts a gate on the output of ea
 point* (a named sub-module) through a forward hook. Every task t owns gate logits m_t^l of
 shape (C_l,) at gate point l; one forward pass can carry samples of many tasks, each routed
 through its own task's gates by ``nad::task_gate``.
+
+Channels need not be on axis 1: each :class:`GatePoint` records its channel axis, found when
+the network is probed (2 for (N, L, C) tokens, 3 for NHWC maps) or given. Attention modules can
+be gated per head (``"name:heads"``, :mod:`nad_ext.attention`).
 """
 from __future__ import annotations
 
 import copy
 import difflib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from nad_ext import attention
 from nad_ext.ops import _checks, task_gate
+
+
+UNITS = ("channels", "heads")
 
 
 @dataclass(frozen=True)
 class GatePoint:
-    """A gated module output: its module name and channel count."""
+    """A gated module output: its module name, how many gates it has and along which axis.
+
+    ``units="channels"``: one gate per channel of the module's output, the channels lying on
+    ``channel_axis`` (1 for (N, C, H, W) maps and (N, C) vectors, 2 for (N, L, C) tokens, 3 for
+    NHWC maps). ``units="heads"``: one gate per attention head of an attention module, on its
+    output before the output projection (see :mod:`nad_ext.attention`); the gated tensor is
+    (N, *positions, heads, head_dim) and ``channel_axis`` its head axis.
+    """
 
     name: str
     channels: int
+    channel_axis: int = 1
+    units: str = "channels"
+
+    @property
+    def spec(self) -> str:
+        """The gate point as a string that :func:`parse_gate_point` reads back: ``name``,
+        ``name:<axis>`` (channels not on axis 1) or ``name:heads``."""
+        if self.units == "heads":
+            return f"{self.name}:heads"
+        return self.name if self.channel_axis == 1 else f"{self.name}:{self.channel_axis}"
+
+
+def parse_gate_point(spec: str | GatePoint) -> tuple[str, int | None, str]:
+    """``(module name, channel axis or None to find it, units)`` of a gate-point spec.
+
+    A spec is a module name, optionally with a suffix: ``"name:2"`` (channels on axis 2;
+    negative axes count from the end), ``"name:heads"`` (a gate per attention head). A
+    :class:`GatePoint` gives its own axis and units.
+    """
+    if isinstance(spec, GatePoint):
+        return spec.name, spec.channel_axis, spec.units
+    if not isinstance(spec, str):
+        raise TypeError(f"a gate point is a module name (str) or a GatePoint; got {type(spec).__name__}")
+    name, sep, suffix = spec.rpartition(":")
+    if not sep:
+        return spec, None, "channels"
+    if suffix == "heads":
+        return name, None, "heads"
+    try:
+        return name, int(suffix), "channels"
+    except ValueError:
+        raise ValueError(f"gate point {spec!r}: the part after ':' must be a channel axis (an integer) or "
+                         f"'heads'; got {suffix!r}") from None
 
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish)
@@ -56,16 +104,64 @@ def resolve_modules(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     return found
 
 
-def _probe(model: nn.Module, example_input: torch.Tensor, names: Sequence[str]):
-    """Runs one forward; returns {name: [output, number of calls]} in the order of first call."""
-    modules = _named_modules(model)
-    seen: dict[str, list] = {}
-    handles = []
-    for name in names:
-        def hook(module, inputs, output, name=name):
-            seen.setdefault(name, [output, 0])[1] += 1
+# ----------------------------------------------------------------------------------------------
+# Probing: outputs, call counts and channel axes
 
-        handles.append(modules[name].register_forward_hook(hook))
+
+def _layer_width(module: nn.Module) -> tuple[int, int] | None:
+    """(width, the axis the layer writes it on: 1 or -1) of a layer whose output width is known."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, -1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels, 1
+    if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm, InstanceNorm
+        return module.num_features, 1
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels, 1
+    if isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        return int(module.normalized_shape[-1]), -1
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim, -1
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim, -1
+    if attention.is_attention(module):
+        return module.proj.out_features, -1
+    return None
+
+
+@dataclass
+class _Seen:
+    output: object
+    calls: int
+    layer: tuple[int, int] | None  # _layer_width of the last such layer run before the output
+
+
+def _probe(model: nn.Module, example_input: torch.Tensor, points: Sequence[tuple[str, str]]) -> dict[str, _Seen]:
+    """Runs one forward; returns {name: _Seen} for the ``(name, units)`` points, in the order
+    of their first call. Head points report the per-head tensor their gate would see."""
+    modules = _named_modules(model)
+    seen: dict[str, _Seen] = {}
+    last: list = [None]
+    handles = []
+    # Layer hooks first: on a module that is a layer and a gate point, its width is known first.
+    for module in modules.values():
+        width = _layer_width(module)
+        if width is not None:
+            handles.append(module.register_forward_hook(lambda m, i, o, width=width: last.__setitem__(0, width)))
+
+    def record(name, output):
+        entry = seen.setdefault(name, _Seen(output, 0, last[0]))
+        entry.calls += 1
+        return output
+
+    for name, units in points:
+        if units == "heads":
+            handles.append(attention.install_head_gate(modules[name], lambda t, name=name: record(name, t)))
+        else:
+            def hook(module, inputs, output, name=name):
+                record(name, output)
+
+            handles.append(modules[name].register_forward_hook(hook))
     try:
         with torch.no_grad():
             model(example_input)
@@ -75,12 +171,72 @@ def _probe(model: nn.Module, example_input: torch.Tensor, names: Sequence[str]):
     return seen
 
 
-def propose_gate_points(model: nn.Module, example_input: torch.Tensor) -> list[str]:
-    """The "auto" gate points of an unknown CNN, in forward order.
+def _ambiguous(name: str, shape, why: str) -> ValueError:
+    return ValueError(
+        f"cannot tell the channel axis of gate point {name!r}: its output has shape {tuple(shape)} and {why}. "
+        f"Name the axis: channel_axis={{{name!r}: k}} (or the gate point '{name}:k'), k in 1..{len(shape) - 1}"
+    )
 
-    Every *block* output (a module with its own forward that contains a convolution, like a
-    ResNet bottleneck or a dense block) and, outside blocks, every activation output, where the
-    output is a feature map (N, C, H, W) and the module runs once per forward.
+
+def infer_channel_axis(name: str, shape: Sequence[int], layer: tuple[int, int] | None,
+                       resized_shape: Sequence[int] | None = None) -> int:
+    """The channel axis of a gate point's output, from the last layer of known width that ran
+    before it (a convolution, linear layer or normalisation: ``layer`` = (width, its axis)).
+
+    (N, C) -> 1. Otherwise the one axis whose size is that width: 1 for conv maps, the last for
+    (N, L, C) tokens and NHWC maps, or the axis a permute moved it to (ConvNeXt's blocks end
+    NCHW after NHWC layers). When several axes have that size (16 channels on a 16 x 16 map) or
+    none has it (a concatenation, as in DenseNet), ``resized_shape`` (the same output for a
+    larger input) decides: the axes whose size changed are spatial and drop out. Without it, a
+    concatenation takes the layer's own axis if its size is a multiple of the width. Anything
+    else is ambiguous: ValueError asking for ``channel_axis``.
+    """
+    d = len(shape)
+    if d == 2:
+        return 1
+    if d < 2:
+        raise _ambiguous(name, shape, "it has no channel axis")
+    width, natural = layer if layer is not None else (None, 1)
+    natural %= d
+    matches = [a for a in range(1, d) if shape[a] == width]
+    if len(matches) != 1 and resized_shape is not None and len(resized_shape) == d:
+        fixed = [a for a in range(1, d) if resized_shape[a] == shape[a]]  # not spatial
+        matches = [a for a in matches if a in fixed] or fixed
+    elif not matches and width is not None and shape[natural] % width == 0:
+        return natural
+    if len(matches) == 1:
+        return matches[0]
+    if width is None:
+        raise _ambiguous(name, shape, "no layer of known width (convolution, linear, normalisation) runs before it")
+    where = f"axes {matches} all have" if matches else "no axis has"
+    raise _ambiguous(name, shape, f"{where} the size {width} of the last layer before it")
+
+
+def _resized(example_input: torch.Tensor) -> torch.Tensor | None:
+    """A larger input of the same kind (images: 1.5x the side), to tell spatial axes apart."""
+    if example_input.dim() != 4:
+        return None
+    h, w = example_input.shape[-2:]
+    return example_input.new_zeros(*example_input.shape[:2], h + max(h // 2, 8), w + max(w // 2, 8))
+
+
+def _outputs_at(model, x, names) -> dict[str, tuple]:
+    try:
+        seen = _probe(model, x, [(n, "channels") for n in names])
+    except Exception:  # noqa: BLE001 - a network with a fixed input size: no second opinion
+        return {}
+    return {n: tuple(s.output.shape) for n, s in seen.items() if isinstance(s.output, torch.Tensor)}
+
+
+def propose_gate_points(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """The "auto" gate points of an unknown network, in forward order.
+
+    Every *block* output and, outside blocks, every activation output, where the output is a
+    feature map (N, C, H, W) / (N, H, W, C) or tokens (N, L, C) and the module runs once per
+    forward. A block is a module with its own forward that contains a convolution or an
+    attention module (a ResNet bottleneck, a dense block, a ViT encoder block, a Swin block, a
+    ConvNeXt block); a block that holds a sequence of blocks (a ViT's ``Encoder``) is a stage,
+    and its blocks are proposed instead.
     """
     modules = _named_modules(model)
     blocks = {
@@ -89,8 +245,15 @@ def propose_gate_points(model: nn.Module, example_input: torch.Tensor) -> list[s
         if name
         and not _is_container(m)
         and not isinstance(m, nn.Conv2d)
-        and any(isinstance(c, nn.Conv2d) for c in m.modules())
+        and not attention.is_attention(m)
+        and any(isinstance(c, nn.Conv2d) or attention.is_attention(c) for c in m.modules())
     }
+
+    def is_stage(name: str) -> bool:
+        return any(_is_container(c) and sum(f"{n}.{k}" in blocks for k in c._modules) >= 2
+                   for n, c in modules.items() if n.startswith(name + "."))
+
+    blocks = {n for n in blocks if not is_stage(n)}
     outermost_blocks = {n for n in blocks if not any(n.startswith(b + ".") for b in blocks)}
     inside_block = lambda n: any(n.startswith(b + ".") for b in outermost_blocks)  # noqa: E731
     candidates = [
@@ -98,12 +261,51 @@ def propose_gate_points(model: nn.Module, example_input: torch.Tensor) -> list[s
         for n, m in modules.items()
         if n in outermost_blocks or (isinstance(m, _ACTIVATIONS) and not inside_block(n))
     ]
-    seen = _probe(model, example_input, candidates)
+    seen = _probe(model, example_input, [(n, "channels") for n in candidates])
     return [
         name
-        for name, (out, count) in seen.items()
-        if count == 1 and isinstance(out, torch.Tensor) and out.dim() == 4
+        for name, s in seen.items()
+        if s.calls == 1 and isinstance(s.output, torch.Tensor) and s.output.dim() in (3, 4)
     ]
+
+
+def describe_layout(point: GatePoint, shape: Sequence[int]) -> str:
+    """How a gate point's output is laid out, in words: "(N, C, H, W) map", "(N, L, C) tokens"..."""
+    d, axis = len(shape), point.channel_axis
+    if point.units == "heads":
+        return "(N, L, heads, head_dim) heads" if d == 4 else "(N, H, W, heads, head_dim) heads"
+    known = {(2, 1): "(N, C) vector", (3, 1): "(N, C, L) sequence", (3, 2): "(N, L, C) tokens",
+             (4, 1): "(N, C, H, W) map", (4, 3): "(N, H, W, C) map"}
+    return known.get((d, axis), f"{d}-d, channels on axis {axis}")
+
+
+def gate_tensor(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor, channel_axis: int) -> torch.Tensor:
+    """``nad::task_gate`` along ``channel_axis``: the op sees the (N, C, ...) view of ``x``
+    (channels-innermost strides for tokens and NHWC maps) and the result is moved back."""
+    if channel_axis == 1:
+        return task_gate(x, logits, task_ids)
+    return task_gate(x.movedim(channel_axis, 1), logits, task_ids).movedim(1, channel_axis)
+
+
+def _requested_axis(name: str, axis: int | None, units: str, channel_axis) -> int | None:
+    """The axis asked for: the spec's own, else ``channel_axis`` (one int, or a mapping by name)."""
+    if channel_axis is not None and not isinstance(channel_axis, (int, Mapping)) or isinstance(channel_axis, bool):
+        raise TypeError(f"channel_axis must be an int or a mapping {{gate point: int}}; got {channel_axis!r}")
+    if isinstance(channel_axis, Mapping):
+        unknown = [k for k in channel_axis if not isinstance(k, str)]
+        if unknown:
+            raise TypeError(f"channel_axis keys must be gate-point names; got {unknown}")
+        asked = channel_axis.get(name)
+    else:
+        asked = channel_axis
+    if units == "heads":
+        if isinstance(channel_axis, Mapping) and name in channel_axis:
+            raise ValueError(f"gate point {name!r} gates attention heads: its axis is the heads', not channel_axis")
+        return None
+    chosen = axis if axis is not None else asked
+    if chosen is not None and (not isinstance(chosen, int) or isinstance(chosen, bool)):
+        raise TypeError(f"channel_axis of gate point {name!r} must be an int; got {chosen!r}")
+    return chosen
 
 
 def _init_logits(num_tasks: int, channels: Sequence[int], seed: int, std: float) -> list[torch.Tensor]:
@@ -124,9 +326,15 @@ class GatedModel(nn.Module):
         model: any module mapping images to class logits. It is put in eval mode, its
             parameters are frozen (``requires_grad=False``) and left untouched; in-place
             activations are made out-of-place so recorded activations stay valid.
-        gate_points: module names, in forward order.
+        gate_points: in forward order; module names (``"layer1.0"``), with an optional
+            suffix (``"blocks.3:2"``: channels on axis 2; ``"blocks.3.attn:heads"``: a gate per
+            attention head), or :class:`GatePoint` objects (e.g. a mask bank's).
         num_tasks: number of tasks T; gate point l gets logits of shape (T, C_l).
-        example_input: one input batch, used once to find each gate point's channel count.
+        example_input: one input batch, used once to find each gate point's channel count and
+            channel axis (see :func:`infer_channel_axis`; when in doubt a second forward at
+            1.5x the image side tells spatial axes from channels).
+        channel_axis: overrides the axis found by probing: one int for all channel gate
+            points, or ``{name: axis}`` for some. A spec's own suffix wins.
         seed, init_std: the initialisation m ~ N(0, init_std^2) (per-task generators).
         model_id: identifies the network in mask banks (e.g. "vgg16").
         fuse: run a rewritten copy of the network (``model`` itself is left as it is):
@@ -140,10 +348,11 @@ class GatedModel(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        gate_points: Sequence[str],
+        gate_points: Sequence[str | GatePoint],
         num_tasks: int,
         example_input: torch.Tensor,
         *,
+        channel_axis: int | Mapping[str, int] | None = None,
         seed: int = 0,
         init_std: float = 1.0,
         model_id: str = "model",
@@ -156,38 +365,29 @@ class GatedModel(nn.Module):
             raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
         if not gate_points:
             raise ValueError("gate_points is empty: name at least one module to gate")
+        specs = [parse_gate_point(p) for p in gate_points]
+        names = [name for name, _, _ in specs]
+        specs = [(name, _requested_axis(name, axis, units, channel_axis), units) for name, axis, units in specs]
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         for m in model.modules():
             if hasattr(m, "inplace") and isinstance(m, _ACTIVATIONS + (nn.Hardtanh, nn.Dropout)):
                 m.inplace = False
-        resolve_modules(model, gate_points)
+        for (name, _, units), module in zip(specs, resolve_modules(model, names)):
+            if units == "heads" and not attention.is_attention(module):
+                raise ValueError(f"gate point {name!r}: units 'heads' needs an attention module "
+                                 f"({attention.SUPPORTED}); {name!r} is a {type(module).__name__}")
         if fuse:
             from nad_ext.fused import fold_batchnorm
 
             model = copy.deepcopy(model)
-            fold_batchnorm(model, example_input, watch=list(gate_points))
+            fold_batchnorm(model, example_input, watch=[n for n, _, units in specs if units == "channels"])
         self.model = model
         self.model_id = model_id
-        seen = _probe(model, example_input, list(gate_points))
-        points = []
-        for name in gate_points:
-            out, count = seen.get(name, (None, 0))
-            if count != 1:
-                raise ValueError(
-                    f"gate point {name!r} runs {count} times per forward; a gate point must run "
-                    "exactly once (shared modules, such as a reused ReLU, cannot be gated by name)"
-                )
-            if not isinstance(out, torch.Tensor) or out.dim() < 2:
-                raise ValueError(
-                    f"gate point {name!r} must output a tensor (N, C, ...); got "
-                    f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
-                )
-            points.append(GatePoint(name, int(out.shape[1])))
-        self.gate_points: list[GatePoint] = points
+        self.gate_points, self.example_shapes = self._find_gate_points(model, example_input, specs, gate_points)
         self.num_tasks = num_tasks
-        init = _init_logits(num_tasks, [p.channels for p in points], seed, init_std)
+        init = _init_logits(num_tasks, [p.channels for p in self.gate_points], seed, init_std)
         device = next((p.device for p in model.parameters()), example_input.device)
         self.logits = nn.ParameterList(nn.Parameter(m.to(device)) for m in init)
         self._task_ids: torch.Tensor | None = None
@@ -197,13 +397,67 @@ class GatedModel(nn.Module):
         if fuse:
             from nad_ext.fused import fuse_gated_convolutions
 
-            self.fused_points = fuse_gated_convolutions(model, list(gate_points), self._gate_source)
+            # Only conv chains with channels on axis 1 fuse; token / NHWC / head points stay hooks.
+            eligible = [i for i, p in enumerate(self.gate_points) if p.units == "channels" and p.channel_axis == 1]
+            self.fused_points = fuse_gated_convolutions(model, names, self._gate_source, only=eligible)
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.preserve_format
         if dtype is not None or channels_last:
             model.to(dtype=dtype, memory_format=self.memory_format)
-        modules = resolve_modules(model, gate_points)
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+        self._handles = []
+        for i, (point, module) in enumerate(zip(self.gate_points, resolve_modules(model, names))):
+            if point.units == "heads":
+                self._handles.append(attention.install_head_gate(module, self._gate_function(i)))
+            else:
+                self._handles.append(module.register_forward_hook(self._hook(i)))
+
+    @staticmethod
+    def _find_gate_points(model, example_input, specs, given) -> tuple[list[GatePoint], list[tuple]]:
+        """Probes the network once: every gate point's channel count and channel axis, and its
+        output shape for ``example_input``."""
+        seen = _probe(model, example_input, [(name, units) for name, _, units in specs])
+        resized = None
+        points, shapes = [], []
+        for (name, axis, units), original in zip(specs, given):
+            entry = seen.get(name)
+            count = entry.calls if entry is not None else 0
+            if count != 1:
+                raise ValueError(
+                    f"gate point {name!r} runs {count} times per forward; a gate point must run "
+                    "exactly once (shared modules, such as a reused ReLU, cannot be gated by name)"
+                )
+            out = entry.output
+            if not isinstance(out, torch.Tensor) or out.dim() < 2:
+                hint = (f" (an attention module: gate its heads with '{name}:heads')"
+                        if attention.is_attention(model.get_submodule(name)) else "")
+                raise ValueError(
+                    f"gate point {name!r} must output a tensor (N, C, ...); got "
+                    f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}{hint}"
+                )
+            if units == "heads":
+                axis = out.dim() - 2
+            elif axis is None:
+                shape = tuple(out.shape)
+                try:
+                    axis = infer_channel_axis(name, shape, entry.layer)
+                except ValueError:
+                    if resized is None:  # a second forward only when an axis is in doubt
+                        bigger = _resized(example_input)
+                        resized = {} if bigger is None else _outputs_at(
+                            model, bigger, [n for n, _, u in specs if u == "channels"])
+                    axis = infer_channel_axis(name, shape, entry.layer, resized.get(name))
+            else:
+                if not -out.dim() < axis < out.dim() or axis % out.dim() == 0:
+                    raise ValueError(f"channel_axis {axis} of gate point {name!r} is out of range: its output "
+                                     f"{tuple(out.shape)} has channel axes 1..{out.dim() - 1} (0 is the batch)")
+                axis %= out.dim()
+            point = GatePoint(name, int(out.shape[axis]), axis, units)
+            if isinstance(original, GatePoint) and original.channels != point.channels:
+                raise ValueError(f"gate point {name!r} has {point.channels} channels on axis {axis} in this "
+                                 f"network, but {original.channels} were expected")
+            points.append(point)
+            shapes.append(tuple(out.shape))
+        return points, shapes
 
     def _gate_logits(self, index: int) -> torch.Tensor:
         logits = self.logits[index]
@@ -215,17 +469,23 @@ class GatedModel(nn.Module):
         """For a fused convolution: its gate's (logits, task_ids) in masked passes, else None."""
         return lambda: None if self._task_ids is None else (self._gate_logits(index), self._task_ids)
 
-    def _hook(self, index: int):
+    def _gate_function(self, index: int):
+        """Gate point ``index``'s gate (in masked passes) and recording, as a function of its output."""
         gated_inside = index in self.fused_points
+        axis = self.gate_points[index].channel_axis
 
-        def hook(module, inputs, output):
+        def gate(output: torch.Tensor) -> torch.Tensor:
             if self._task_ids is not None and not gated_inside:
-                output = task_gate(output, self._gate_logits(index), self._task_ids)
+                output = gate_tensor(output, self._gate_logits(index), self._task_ids, axis)
             if self._record is not None:
                 self._record[index] = output
             return output
 
-        return hook
+        return gate
+
+    def _hook(self, index: int):
+        gate = self._gate_function(index)
+        return lambda module, inputs, output: gate(output)
 
     def _run(self, x, task_ids, binary, record):
         if self.dtype is not None or self.memory_format is torch.channels_last:

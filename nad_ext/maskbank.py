@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nad_ext.gates import GatedModel, GatePoint
+from nad_ext.gates import UNITS, GatedModel, GatePoint
 
 FORMAT = "nad-ext.maskbank/1"
 
@@ -58,6 +58,7 @@ class MaskBank:
     logits: list[torch.Tensor]
     config: dict = field(default_factory=dict)
     epoch: int = 0
+    calibration: dict | None = None  # how beta was found, when it was calibrated (beta="auto")
 
     def __post_init__(self):
         if len(self.logits) != len(self.gate_points):
@@ -70,7 +71,8 @@ class MaskBank:
                 )
 
     @classmethod
-    def from_gated(cls, gated: GatedModel, tasks: Sequence[Task], config: dict, epoch: int) -> "MaskBank":
+    def from_gated(cls, gated: GatedModel, tasks: Sequence[Task], config: dict, epoch: int,
+                   calibration: dict | None = None) -> "MaskBank":
         return cls(
             model_id=gated.model_id,
             gate_points=list(gated.gate_points),
@@ -78,6 +80,7 @@ class MaskBank:
             logits=[m.detach().float().cpu().clone() for m in gated.logits],
             config=dict(config),
             epoch=epoch,
+            calibration=calibration,
         )
 
     # --- views -------------------------------------------------------------------------
@@ -103,17 +106,23 @@ class MaskBank:
         problems = []
         if model_id is not None and model_id != self.model_id:
             problems.append(f"the bank is for model {self.model_id!r}, not {model_id!r}")
-        mine = {p.name: p.channels for p in self.gate_points}
-        theirs = {p.name: p.channels for p in gate_points}
+        mine = {p.name: p for p in self.gate_points}
+        theirs = {p.name: p for p in gate_points}
         for name in mine.keys() - theirs.keys():
             problems.append(f"gate point {name!r} is in the bank but not in the model")
         for name in theirs.keys() - mine.keys():
             problems.append(f"gate point {name!r} is in the model but not in the bank")
         for name in mine.keys() & theirs.keys():
-            if mine[name] != theirs[name]:
+            a, b = mine[name], theirs[name]
+            if a.units != b.units:
+                problems.append(f"gate point {name!r} gates {a.units} in the bank but {b.units} in the model")
+            elif a.channels != b.channels:
                 problems.append(
-                    f"gate point {name!r} has {mine[name]} channels in the bank but {theirs[name]} in the model"
+                    f"gate point {name!r} has {a.channels} {a.units} in the bank but {b.channels} in the model"
                 )
+            elif a.channel_axis != b.channel_axis:
+                problems.append(f"gate point {name!r} gates axis {a.channel_axis} in the bank but axis "
+                                f"{b.channel_axis} in the model")
         if not problems and [p.name for p in self.gate_points] != [p.name for p in gate_points]:
             problems.append("the gate points are in another order")
         return problems
@@ -139,11 +148,15 @@ class MaskBank:
             "model_id": self.model_id,
             "gate_points": json.dumps([p.name for p in self.gate_points]),
             "channels": json.dumps([p.channels for p in self.gate_points]),
+            "channel_axes": json.dumps([p.channel_axis for p in self.gate_points]),
+            "units": json.dumps([p.units for p in self.gate_points]),
             "tasks": json.dumps([t.name for t in self.tasks]),
             "task_classes": json.dumps([list(t.classes) for t in self.tasks]),
             "config": json.dumps(self.config, sort_keys=True),
             "epoch": str(self.epoch),
         }
+        if self.calibration is not None:
+            metadata["calibration"] = json.dumps(self.calibration, sort_keys=True)
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
@@ -169,14 +182,23 @@ class MaskBank:
             task_classes = json.loads(meta["task_classes"])
             config = json.loads(meta["config"])
             epoch = int(meta["epoch"])
+            # Banks written before channel axes and head units existed gate axis-1 channels.
+            axes = json.loads(meta.get("channel_axes", json.dumps([1] * len(names))))
+            units = json.loads(meta.get("units", json.dumps(["channels"] * len(names))))
+            bad = [u for u in units if u not in UNITS]
+            if bad:
+                raise ValueError(f"unknown gate units {bad}")
+            calibration = json.loads(meta["calibration"]) if "calibration" in meta else None
             logits = [tensors[f"logits.{i:03d}"] for i in range(len(names))]
             return cls(
                 model_id=meta["model_id"],
-                gate_points=[GatePoint(n, int(c)) for n, c in zip(names, channels, strict=True)],
+                gate_points=[GatePoint(n, int(c), int(a), u)
+                             for n, c, a, u in zip(names, channels, axes, units, strict=True)],
                 tasks=[Task(n, tuple(c)) for n, c in zip(task_names, task_classes, strict=True)],
                 logits=logits,
                 config=config,
                 epoch=epoch,
+                calibration=calibration,
             )
         except (KeyError, ValueError, TypeError) as err:
             raise ValueError(f"mask bank {path} is corrupted: {type(err).__name__}: {err}") from err

@@ -1,10 +1,12 @@
 """Model registry: the paper's networks with their gate-point presets, and the built-in zoo.
 
 A :class:`ModelSpec` is data: how to build the (untrained) network, which modules are its gate
-points, the paper's sparsity weight beta and the input size. :func:`load_model` builds a
-registry model and loads a weights file (torch state dict or safetensors). The zoo holds one
-small network per connection type (plain, residual, dense, NAS) for 64x64 generated images;
-:func:`load_zoo` trains them on first use and caches the weights as safetensors.
+points, the paper's sparsity weight beta, the input size and normalisation. Beside the paper's
+four networks the registry holds today's large backbones (``vit_b_16``, ``swin_t``,
+``convnext_tiny``: no tuned beta, calibrate it). :func:`load_model` builds a registry model and
+loads a weights file (torch state dict or safetensors). The zoo holds one small network per
+connection type (plain, residual, dense, NAS, and a vision transformer) for 64x64 generated
+images; :func:`load_zoo` trains them on first use and caches the weights as safetensors.
 """
 from __future__ import annotations
 
@@ -12,31 +14,50 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.convnext import CNBlock
 from torchvision.models.resnet import BasicBlock
+from torchvision.models.swin_transformer import SwinTransformerBlock
+from torchvision.models.vision_transformer import ConvStemConfig
 from tqdm.auto import tqdm
 
 from nad_ext import darts
-from nad_ext.data import ImageSet, eval_transform, train_transform
+from nad_ext.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, eval_transform, train_transform
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """A registry entry: ``build(num_classes)`` gives an untrained model, ``gate_points(model)``
-    its gate-point module names in forward order, ``beta`` the sparsity weight."""
+    its gate-point module names in forward order, ``beta`` the sparsity weight (None where no
+    tuned value is known: pass one, or ``beta="auto"`` to calibrate it), ``input_size`` and
+    the input normalisation (``mean``, ``std``) the network expects. ``units`` holds other
+    preset gate units than the channels of ``gate_points``: ``"mlp"`` (the MLP hidden units
+    of every transformer / ConvNeXt block), ``"heads"`` (every attention module's heads)."""
 
     name: str
-    connection: str  # "plain" | "residual" | "dense" | "nas"
+    connection: str  # "plain" | "residual" | "dense" | "nas" | "transformer" | "convnext"
     build: Callable[[int], nn.Module]
     gate_points: Callable[[nn.Module], list[str]]
-    beta: float
+    beta: float | None
     input_size: int
+    units: dict[str, Callable[[nn.Module], list[str]]] = field(default_factory=dict)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def points(self, model: nn.Module, units: str = "channels") -> list[str]:
+        """The preset's gate points for ``units`` ("channels": :attr:`gate_points`)."""
+        if units == "channels":
+            return self.gate_points(model)
+        if units not in self.units:
+            known = ", ".join(["channels", *self.units])
+            raise ValueError(f"model {self.name!r} has no {units!r} gate-point preset; its units: {known}")
+        return self.units[units](model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,6 +106,51 @@ def _plain_points(model: nn.Module) -> list[str]:
         elif isinstance(module, nn.MaxPool2d) and k + 1 < len(mods):
             points.append(f"features.{name}")
     return points + ["avgpool"]
+
+
+# Transformers and ConvNeXt (torchvision's module names). Gate points: every block's output;
+# "mlp": every block's MLP hidden units (after the GELU); "heads": every attention module.
+
+
+def _vit_blocks(model: nn.Module) -> list[str]:
+    """ViT: the output of every encoder block, (N, 1 + patches, hidden) tokens."""
+    return [f"encoder.layers.{name}" for name in model.encoder.layers._modules]
+
+
+def _vit_mlp(model: nn.Module) -> list[str]:
+    """ViT: the MLP hidden units of every encoder block (3,072 in ViT-B), (N, L, mlp_dim)."""
+    return [f"{block}.mlp.1" for block in _vit_blocks(model)]
+
+
+def _vit_heads(model: nn.Module) -> list[str]:
+    """ViT: a gate per head of every encoder block's self-attention."""
+    return [f"{block}.self_attention:heads" for block in _vit_blocks(model)]
+
+
+def _stage_blocks(model: nn.Module, block_type: type) -> list[str]:
+    """``features.<stage>.<block>`` for every block of type ``block_type`` (Swin, ConvNeXt)."""
+    return [f"features.{i}.{j}" for i, stage in model.features.named_children() if isinstance(stage, nn.Sequential)
+            for j, block in stage.named_children() if isinstance(block, block_type)]
+
+
+def _swin_blocks(model: nn.Module) -> list[str]:
+    """Swin: the output of every Swin block, NHWC maps (N, H, W, C)."""
+    return _stage_blocks(model, SwinTransformerBlock)
+
+
+def _convnext_blocks(model: nn.Module) -> list[str]:
+    """ConvNeXt: the output of every CNBlock, (N, C, H, W) maps."""
+    return _stage_blocks(model, CNBlock)
+
+
+_PRESET_UNITS = {
+    "vit": {"mlp": _vit_mlp, "heads": _vit_heads},
+    # Swin's MLP is torchvision's MLP (Linear, GELU, ...): the GELU's NHWC output.
+    "swin": {"mlp": lambda m: [f"{b}.mlp.1" for b in _swin_blocks(m)],
+             "heads": lambda m: [f"{b}.attn:heads" for b in _swin_blocks(m)]},
+    # A CNBlock's MLP runs NHWC between two Permutes: block.4 is its GELU.
+    "convnext": {"mlp": lambda m: [f"{b}.block.4" for b in _convnext_blocks(m)]},
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,6 +216,15 @@ class DenseNet(torchvision.models.DenseNet):
         return self.classifier(torch.flatten(out, 1))
 
 
+def _small_vit(num_classes: int) -> nn.Module:
+    """A small ViT with torchvision's modules and names: 64x64 images, a convolutional stem
+    to 8x8 patches (3 stride-2 convs: a ViT learns from a few thousand images with one), 4
+    encoder blocks, hidden size 64, 4 heads, MLP 128."""
+    stem = [ConvStemConfig(c, 3, 2) for c in (16, 32, 64)]
+    return torchvision.models.VisionTransformer(64, 8, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128,
+                                                num_classes=num_classes, conv_stem_configs=stem)
+
+
 def _densenet121(num_classes: int) -> nn.Module:
     """DenseNet121 with torchvision's configuration and parameter names."""
     return DenseNet(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=num_classes)
@@ -179,16 +254,25 @@ MODELS: dict[str, ModelSpec] = {
                   _densenet_points, 0.02, 224),
         ModelSpec("darts", "nas", lambda n: darts.NetworkImageNet(48, n, 14, darts.DARTS_V2),
                   _darts_points, 0.45, 224),
+        # Not in the paper: no tuned beta (calibrate it, beta="auto").
+        ModelSpec("vit_b_16", "transformer", lambda n: torchvision.models.vit_b_16(weights=None, num_classes=n),
+                  _vit_blocks, None, 224, _PRESET_UNITS["vit"]),
+        ModelSpec("swin_t", "transformer", lambda n: torchvision.models.swin_t(weights=None, num_classes=n),
+                  _swin_blocks, None, 224, _PRESET_UNITS["swin"]),
+        ModelSpec("convnext_tiny", "convnext",
+                  lambda n: torchvision.models.convnext_tiny(weights=None, num_classes=n),
+                  _convnext_blocks, None, 224, _PRESET_UNITS["convnext"]),
         # The zoo. Betas start from the paper's value for the corresponding ImageNet network.
         ModelSpec("zoo_plain", "plain", PlainNet, _plain_points, 4.5, 64),
         ModelSpec("zoo_residual", "residual", SmallResNet, _resnet_points, 0.02, 64),
         ModelSpec("zoo_dense", "dense", _small_densenet, _densenet_points, 0.02, 64),
         ModelSpec("zoo_nas", "nas", lambda n: darts.NetworkSmall(12, n, 5, darts.DARTS_V2),
                   _darts_points, 0.45, 64),
+        ModelSpec("zoo_vit", "transformer", _small_vit, _vit_blocks, None, 64, _PRESET_UNITS["vit"]),
     ]
 }
 ZOO = [name for name in MODELS if name.startswith("zoo_")]
-ZOO_EPOCHS = {"zoo_plain": 8, "zoo_residual": 8, "zoo_dense": 8, "zoo_nas": 8}
+ZOO_EPOCHS = {"zoo_plain": 8, "zoo_residual": 8, "zoo_dense": 8, "zoo_nas": 8, "zoo_vit": 8}
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -49,7 +49,8 @@ def nad_loss(
     correct: torch.Tensor,
     task_ids: torch.Tensor,
     gate_logits: Sequence[torch.Tensor],
-    beta: float,
+    beta: float | torch.Tensor,
+    channel_axes: Sequence[int] | None = None,
 ) -> NADLoss:
     """Computes the per-task NAD loss terms.
 
@@ -57,11 +58,14 @@ def nad_loss(
         masked_out: (N, classes) logits of the masked network.
         labels: (N,) class of each sample.
         masked_acts / original_acts: per gate point, the masked network's gated output and the
-            original network's output, (N, C_l, ...).
+            original network's output, (N, C_l, ...), or channels on another axis (see
+            ``channel_axes``); the MSE is the mean over all of a sample's elements either way.
         correct: (N,) bool, the original network classifies the sample correctly.
         task_ids: (N,) int64 task of each sample.
         gate_logits: per gate point, the (T, C_l) gate logits of all tasks.
-        beta: weight of the sparsity term.
+        beta: weight of the sparsity term; a (T,) tensor gives every task its own (beta
+            calibration runs several betas side by side this way).
+        channel_axes: per gate point, the channel axis of its activations (default 1 for all).
     """
     num_tasks = gate_logits[0].shape[0]
     num_points = len(gate_logits)
@@ -72,8 +76,11 @@ def nad_loss(
 
     ce = _per_task_mean(F.cross_entropy(masked_out.float(), labels, reduction="none"), task_ids, n_t, num_tasks)
     # nad::gate_mse: one pass per gate point, low-precision activations read without copies.
-    mse = sum(gate_mse(masked, original.detach(), correct, task_ids, num_tasks).float()
-              for masked, original in zip(masked_acts, original_acts, strict=True))
+    axes = [1] * num_points if channel_axes is None else list(channel_axes)
+    # Each point's (N, C, ...) view: tokens and NHWC maps reach the op with channels innermost.
+    mse = sum(gate_mse(masked.movedim(axis, 1), original.detach().movedim(axis, 1), correct, task_ids,
+                       num_tasks).float()
+              for masked, original, axis in zip(masked_acts, original_acts, axes, strict=True))
     act = (ce + mse) / num_points
     sparse = sum(torch.sigmoid(m).pow(2).mean(dim=1) for m in gate_logits) / num_points
     loss = act + beta * sparse

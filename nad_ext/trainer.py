@@ -26,8 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from nad_ext import attention
 from nad_ext import data as nad_data
-from nad_ext.gates import GatedModel, propose_gate_points
+from nad_ext.calibration import DEFAULT_TARGET, CalibrationSettings, check_target, search_beta
+from nad_ext.gates import GatedModel, GatePoint, propose_gate_points
 from nad_ext.maskbank import MaskBank, Task, atomic_write
 from nad_ext.objective import nad_loss
 from nad_ext.ops import _checks, normalized_gradient_step_
@@ -40,11 +42,13 @@ LOG_FILE = "log.json"
 class NADConfig:
     """Training settings; the defaults are the paper's (METHOD.md).
 
-    ``beta`` None takes the model preset's value; ``image_size`` None takes the preset's input
-    size (224 for the ImageNet networks).
+    ``beta`` None takes the model preset's value; ``"auto"`` calibrates it (see
+    :func:`calibrate_beta`) for a mean open ratio near ``target_open_ratio``; ``image_size``
+    None takes the preset's input size (224 for the ImageNet networks).
     """
 
-    beta: float | None = None
+    beta: float | str | None = None
+    target_open_ratio: float = DEFAULT_TARGET
     lr: float = 0.1
     batch_size: int = 16
     epochs: int = 21
@@ -62,7 +66,7 @@ class NADConfig:
     def validate(self) -> None:
         for name in ("beta", "lr", "init_std"):
             value = getattr(self, name)
-            if value is None and name == "beta":
+            if name == "beta" and (value is None or value == "auto"):
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -77,6 +81,7 @@ class NADConfig:
         for name in ("fuse", "cuda_graph"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
+        check_target(self.target_open_ratio)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
@@ -95,8 +100,9 @@ class NADConfig:
 
 PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # Settings that change how a run executes but not its result; a run may resume with others.
+# (target_open_ratio only matters before training, when it chooses beta.)
 EXECUTION_SETTINGS = ("epochs", "device", "mode", "tasks_per_step", "keep_every_epoch", "fuse", "precision",
-                      "cuda_graph")
+                      "cuda_graph", "target_open_ratio")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -161,40 +167,60 @@ class _TaskStream:
         return nad_data.load_batch(self.images, self.batches[j], self.size, generator=self.generator)
 
 
+def resolve_gate_points(model: nn.Module, gate_points: Sequence[str | GatePoint] | str, example: torch.Tensor,
+                        units: str = "channels") -> list[str | GatePoint]:
+    """Gate-point specs from a list (as it is), ``"auto"`` (proposals; with ``units="heads"``
+    every attention module's heads) or a preset name (its ``units`` preset)."""
+    from nad_ext import models
+
+    if not isinstance(gate_points, str):
+        return list(gate_points)
+    if gate_points != "auto":
+        return models.get_spec(gate_points).points(model, units)
+    if units == "heads":
+        heads = [f"{name}:heads" for name, m in model.named_modules() if attention.is_attention(m)]
+        if not heads:
+            raise ValueError(f"units 'heads': {type(model).__name__} has no attention module ({attention.SUPPORTED})")
+        return heads
+    if units != "channels":
+        raise ValueError(f"'auto' gate points gate channels or heads, not {units!r}")
+    return propose_gate_points(model, example)
+
+
 def build_gated_model(
     model: nn.Module,
-    gate_points: Sequence[str] | str,
+    gate_points: Sequence[str | GatePoint] | str,
     num_tasks: int,
     image_size: int,
     *,
     model_id: str,
+    units: str = "channels",
+    channel_axis: int | dict[str, int] | None = None,
     seed: int = 0,
     init_std: float = 1.0,
     device: torch.device | str = "cpu",
     fuse: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> GatedModel:
-    """Wraps ``model`` with gates at ``gate_points``: module names, ``"auto"``, or the name of
-    a model preset (see ``nad_ext.models.MODELS``). ``fuse`` and a low-precision ``dtype`` give
-    the fast path (see :class:`GatedModel`; reduced precision runs channels_last)."""
-    from nad_ext import models
-
+    """Wraps ``model`` with gates at ``gate_points``: gate-point specs (module names, with
+    ``:axis`` / ``:heads`` suffixes, or a mask bank's ``GatePoint`` list), ``"auto"``, or the
+    name of a model preset (see ``nad_ext.models.MODELS``; ``units`` picks its "channels",
+    "mlp" or "heads" preset). ``channel_axis`` overrides probed channel axes. ``fuse`` and a
+    low-precision ``dtype`` give the fast path (see :class:`GatedModel`; reduced precision runs
+    channels_last)."""
     model = model.to(device)
     example = torch.zeros(1, 3, image_size, image_size, device=device)
-    if isinstance(gate_points, str):
-        if gate_points == "auto":
-            gate_points = propose_gate_points(model, example)
-        else:
-            gate_points = models.get_spec(gate_points).gate_points(model)
+    gate_points = resolve_gate_points(model, gate_points, example, units)
     low_precision = dtype != torch.float32
-    return GatedModel(model, list(gate_points), num_tasks, example, seed=seed, init_std=init_std, model_id=model_id,
-                      fuse=fuse, dtype=dtype if low_precision else None, channels_last=low_precision)
+    return GatedModel(model, gate_points, num_tasks, example, channel_axis=channel_axis, seed=seed,
+                      init_std=init_std, model_id=model_id, fuse=fuse, dtype=dtype if low_precision else None,
+                      channels_last=low_precision)
 
 
 def disentangle(
     model: nn.Module,
     train: nad_data.ImageSet,
-    gate_points: Sequence[str] | str,
+    gate_points: Sequence[str | GatePoint] | str,
     *,
     model_id: str,
     tasks: Sequence[Task] | None = None,
@@ -203,13 +229,20 @@ def disentangle(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    units: str = "channels",
+    channel_axis: int | dict[str, int] | None = None,
+    beta: float | str | None = None,
+    target_open_ratio: float | None = None,
+    calibration: CalibrationSettings | None = None,
 ) -> MaskBank:
     """Learns the gates of every task on the frozen ``model``; returns the mask bank.
 
     Args:
         model: the pretrained network (its weights are not changed).
         train: the training images.
-        gate_points: module names, "auto", or a preset name (e.g. "vgg16").
+        gate_points: gate-point specs (module names, ``"name:axis"``, ``"name:heads"``),
+            "auto", or a preset name (e.g. "vgg16"; ``units`` picks its "channels", "mlp" or
+            "heads" preset).
         model_id: the network's identifier, stored in the bank (a preset name when it is one;
             its beta and input size are then the defaults).
         tasks: default one per class.
@@ -219,14 +252,26 @@ def disentangle(
         resume: continue from the bank in ``out_dir``.
         overwrite: replace an existing bank in ``out_dir`` instead of refusing to.
         progress: show a tqdm bar per epoch.
+        channel_axis: overrides probed channel axes (see :class:`GatedModel`).
+        beta, target_open_ratio: shorthands for the config's fields. ``beta="auto"`` first
+            runs :func:`calibrate_beta` (with ``calibration``'s settings); the bank then holds
+            the beta found and how (``bank.calibration``). A resumed run keeps its bank's beta.
     """
     from nad_ext import models
 
     config = NADConfig(**asdict(config)) if config is not None else NADConfig()
+    if beta is not None:
+        config.beta = beta
+    if target_open_ratio is not None:
+        config.target_open_ratio = target_open_ratio
     spec = models.MODELS.get(model_id)
     if config.beta is None:
         if spec is None:
-            raise ValueError(f"beta must be given for model {model_id!r}, which has no preset")
+            raise ValueError(f"beta must be given for model {model_id!r}, which has no preset: pass a number, "
+                             "or beta='auto' to calibrate it")
+        if spec.beta is None:
+            raise ValueError(f"model {model_id!r} has no tuned beta (the paper did not disentangle it): pass "
+                             "beta=<number> (--beta), or beta='auto' (--beta auto) to calibrate it")
         config.beta = spec.beta
     if config.image_size is None:
         config.image_size = spec.input_size if spec is not None else 224
@@ -240,11 +285,20 @@ def disentangle(
     bank_path = out_dir / BANK_FILE if out_dir is not None else None
     if bank_path is not None and bank_path.exists() and not (resume or overwrite):
         raise FileExistsError(f"{bank_path} exists: pass resume=True (--resume) to continue it or overwrite=True")
+    found = None  # how beta was calibrated
+    if config.beta == "auto":
+        if resume and bank_path is not None and bank_path.exists():
+            previous = MaskBank.load(bank_path)
+            config.beta, found = previous.config.get("beta"), previous.calibration
+        else:
+            found = calibrate_beta(model, train, gate_points, model_id=model_id, tasks=tasks, config=config,
+                                   settings=calibration, units=units, channel_axis=channel_axis, progress=progress)
+            config.beta = found["beta"]
 
     fuse, dtype, graph = config.execution(device)
     gated = build_gated_model(
-        model, gate_points, len(tasks), config.image_size, model_id=model_id,
-        seed=config.seed, init_std=config.init_std, device=device, fuse=fuse, dtype=dtype,
+        model, gate_points, len(tasks), config.image_size, model_id=model_id, units=units,
+        channel_axis=channel_axis, seed=config.seed, init_std=config.init_std, device=device, fuse=fuse, dtype=dtype,
     )
     if progress:
         path = ", ".join((["fused"] if fuse else []) + [str(dtype).replace("torch.", "")]
@@ -253,7 +307,9 @@ def disentangle(
               f"{len(tasks)} tasks ({config.mode} mode) on {device} ({path})")
         for i, point in enumerate(gated.gate_points):
             where = "  (in masked_conv2d)" if i in gated.fused_points else ""
-            print(f"  {point.name:36s} {point.channels:5d}{where}")
+            kind = "" if point.units == "channels" and point.channel_axis == 1 else \
+                f"  ({point.units} on axis {point.channel_axis})"
+            print(f"  {point.name:36s} {point.channels:5d}{kind}{where}")
     config_record = asdict(config)
     start_epoch, log = 0, []
     if resume and bank_path is not None and bank_path.exists():
@@ -269,7 +325,7 @@ def disentangle(
         if (out_dir / LOG_FILE).exists():
             log = json.loads((out_dir / LOG_FILE).read_text())["epochs"][:start_epoch]
 
-    bank = MaskBank.from_gated(gated, tasks, config_record, start_epoch)
+    bank = MaskBank.from_gated(gated, tasks, config_record, start_epoch, found)
     step = lambda *batch: train_step(gated, *batch, config)  # noqa: E731
     if graph:
         from nad_ext.step_graph import GraphedSteps
@@ -283,7 +339,7 @@ def disentangle(
         ]
         stats = _train_epoch(step, streams, config, group, epoch, progress, device)
         log.append(stats)
-        bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1)
+        bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1, found)
         if out_dir is not None:
             bank.save(bank_path)
             if config.keep_every_epoch:
@@ -291,6 +347,74 @@ def disentangle(
             payload = json.dumps({"model_id": model_id, "tasks": [t.name for t in tasks], "epochs": log}, indent=1)
             atomic_write(out_dir / LOG_FILE, lambda tmp: Path(tmp).write_text(payload))
     return bank
+
+
+def calibrate_beta(
+    model: nn.Module,
+    train: nad_data.ImageSet,
+    gate_points: Sequence[str | GatePoint] | str,
+    *,
+    model_id: str,
+    target_open_ratio: float | None = None,
+    tasks: Sequence[Task] | None = None,
+    config: NADConfig | None = None,
+    settings: CalibrationSettings | None = None,
+    units: str = "channels",
+    channel_axis: int | dict[str, int] | None = None,
+    progress: bool = True,
+) -> dict:
+    """The beta whose sub-architectures keep about ``target_open_ratio`` of the gates open.
+
+    Short NAD runs (``config``'s settings, ``settings.epochs`` epochs) on a few of the tasks
+    (``settings.num_tasks``, evenly spread over ``tasks``, default one per class) with at most
+    ``settings.images_per_task`` images each; the open ratio of a run is the fraction of all
+    their gates open at its end (logit > 0). :func:`nad_ext.calibration.search_beta` bisects
+    log(beta) over such runs. The ratio after a run depends on how many updates it made, so
+    runs shorter than the real one find a larger beta than it needs: match the epochs where
+    the budget allows.
+
+    Returns the search's record (beta, achieved open ratio, the curve, ...) plus the settings
+    used; :func:`disentangle` stores it in the bank (``MaskBank.calibration``).
+    """
+    config = NADConfig(**asdict(config)) if config is not None else NADConfig()
+    settings = settings or CalibrationSettings()
+    target = config.target_open_ratio if target_open_ratio is None else target_open_ratio
+    check_target(target)
+    if not isinstance(settings.num_tasks, int) or settings.num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive integer, got {settings.num_tasks!r}")
+    if settings.images_per_task is not None and (not isinstance(settings.images_per_task, int)
+                                                 or settings.images_per_task < 1):
+        raise ValueError(f"images_per_task must be None or a positive integer, got {settings.images_per_task!r}")
+    tasks = list(tasks) if tasks is not None else default_tasks(train)
+    count = min(settings.num_tasks, len(tasks))
+    picked = [tasks[round(i * (len(tasks) - 1) / max(count - 1, 1))] for i in range(count)]
+    images = train
+    if settings.images_per_task is not None:
+        gen = torch.Generator().manual_seed(config.seed)
+        keep = []
+        for idx in _task_indices(train, picked):
+            keep += [idx[i] for i in torch.randperm(len(idx), generator=gen)[: settings.images_per_task].tolist()]
+        images = train.subset(sorted(set(keep)))
+    config.epochs = settings.epochs or config.epochs
+    config.tasks_per_step, config.keep_every_epoch, config.mode = count, False, "batched"
+    if progress:
+        each = "all" if settings.images_per_task is None else f"<= {settings.images_per_task}"
+        print(f"calibrating beta for {model_id}: target open ratio {target:.2f}; runs of {config.epochs} "
+              f"epoch(s) on {count} task(s) ({', '.join(t.name for t in picked)}), {each} images each")
+
+    def open_ratio(beta: float) -> float:
+        config.beta = beta
+        bank = disentangle(model, images, gate_points, model_id=model_id, tasks=picked, config=config,
+                           progress=False, units=units, channel_axis=channel_axis)
+        return float(bank.binary().float().mean())
+
+    found = search_beta(open_ratio, target, bracket=settings.bracket, runs=settings.runs,
+                        tolerance=settings.tolerance, log=print if progress else None)
+    if progress:
+        print(f"beta = {found['beta']:.4g} (open ratio {found['open_ratio']:.3f}, target {target:.2f}"
+              f"{'' if found['converged'] else ', not within the tolerance: more runs or a wider bracket'})")
+    return {**found, "tasks": [t.name for t in picked], "epochs": config.epochs,
+            "images_per_task": settings.images_per_task, "bracket": list(settings.bracket)}
 
 
 def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progress: bool, device):
@@ -356,7 +480,8 @@ def train_step(gated: GatedModel, x, labels, task_ids, tasks, config: NADConfig)
     logits = list(gated.logits)
     with _checks.ids_checked():
         task_ids = task_ids.to(x.device, non_blocking=True)
-        terms = nad_loss(masked_out, labels, masked_acts, original_acts, correct, task_ids, logits, config.beta)
+        terms = nad_loss(masked_out, labels, masked_acts, original_acts, correct, task_ids, logits, config.beta,
+                         [p.channel_axis for p in gated.gate_points])
         grads = torch.autograd.grad(terms.total, logits)
         normalized_gradient_step_(logits, grads, tasks.to(x.device, non_blocking=True), config.lr)
     return terms

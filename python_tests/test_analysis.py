@@ -273,3 +273,56 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="k must be"):
         analysis.confusion_vs_similarity(gated, bank, val, SIZE, k=4)
     assert not list(tmp_path.iterdir())  # nothing written on bad input
+
+
+# ------------------------------------------------------------------------------------------
+# Other layouts: tokens (ViT-like, one input size), NHWC maps, attention heads
+
+
+def test_position_maps_of_tokens_nhwc_maps_and_heads():
+    tokens = torch.rand(2, 17, 5)
+    grid = analysis.position_map(tokens, GatePoint("t", 5, 2))
+    torch.testing.assert_close(grid, tokens[:, 1:].sum(2).reshape(2, 4, 4))  # class token dropped
+    torch.testing.assert_close(analysis.position_map(tokens[:, 1:], GatePoint("t", 5, 2)),
+                               tokens[:, 1:].sum(2).reshape(2, 4, 4))
+    assert analysis.position_map(torch.rand(2, 19, 5), GatePoint("t", 5, 2)) is None  # not a square grid
+    nhwc = torch.rand(2, 3, 4, 6)
+    torch.testing.assert_close(analysis.position_map(nhwc, GatePoint("m", 6, 3)), nhwc.sum(3))
+    heads = torch.rand(2, 17, 3, 8)  # (N, L, heads, head_dim)
+    torch.testing.assert_close(analysis.position_map(heads, GatePoint("a", 3, 2, "heads")),
+                               heads[:, 1:].sum((2, 3)).reshape(2, 4, 4))
+    swin_heads = torch.rand(2, 4, 5, 3, 8)
+    torch.testing.assert_close(analysis.position_map(swin_heads, GatePoint("a", 3, 3, "heads")),
+                               swin_heads.sum((3, 4)))
+    assert analysis.activation_maps(torch.rand(2, 1, 6), 8, GatePoint("v", 6, 2)) is None  # one token
+
+
+class ColourTokens(nn.Module):
+    """ColourNet's first layer as tokens: one token per pixel of a 16 x 16 image (and a class
+    token in front), channel c firing on class c's pixels. Like a ViT, one input size only."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = ColourNet().conv1
+        self.feat = nn.ReLU()
+        self.fc = nn.Linear(4, 4)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(4))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        torch._assert(x.shape[-1] == SIZE, "one input size")
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([tokens.new_zeros(tokens.shape[0], 1, 4), tokens], 1)
+        return self.fc(self.feat(tokens).mean(1))
+
+
+def test_hit_rate_on_tokens_of_a_fixed_size_network():
+    gated = GatedModel(ColourTokens(), ["feat"], 4, torch.zeros(1, 3, SIZE, SIZE), model_id="tokens")
+    assert gated.gate_points == [GatePoint("feat", 4, 2)]
+    logits = torch.full((4, 4), -5.0)
+    logits.fill_diagonal_(5.0)
+    bank = MaskBank("tokens", gated.gate_points, [Task(f"col{t}", (t,)) for t in range(4)], [logits])
+    res = analysis.hit_rate(gated, bank, colour_set(), SIZE, num_mosaics=4, seed=1, null_samples=0)
+    assert res["mosaic_size"] == SIZE  # the mosaic is shrunk to the network's one input size
+    assert res["spatial"] == [True] and res["mean"] == [1.0]

@@ -137,3 +137,41 @@ def test_analyze_then_report(tree, weights, tmp_path, capsys):
     assert "zoo_plain" in html and html.count('src="data:image/png;base64,') >= 3
     code, _, err = run(capsys, "report", tmp_path / "nothing-here", "--out", tmp_path / "r2.html")
     assert code == 2 and "results.json does not exist" in err
+
+
+def test_gate_points_of_a_transformer_preset(tree, capsys):
+    code, out, err = run(capsys, "gate-points", "--model", "swin_t", "--data", tree, "--image-size", 64,
+                         "--units", "heads")
+    assert code == 0, err
+    assert "swin_t: input 64x64, normalisation mean (0.485, 0.456, 0.406) std (0.229, 0.224, 0.225), " \
+           "beta none tuned" in out
+    assert "features.1.0.attn" in out and "(N, H, W, heads, head_dim) heads (16, 16, 3, 32), axis 3" in out
+    assert out.strip().endswith("12 gate points, 138 heads")
+    code, out, err = run(capsys, "gate-points", "--model", "convnext_tiny", "--data", tree, "--image-size", 64)
+    assert code == 0, err
+    assert "features.1.0" in out and "(N, C, H, W) map (96, 16, 16), axis 1" in out
+    code, out, err = run(capsys, "gate-points", "--model", "convnext_tiny", "--data", tree, "--units", "heads")
+    assert code == 2 and "no 'heads' gate-point preset" in err
+
+
+def test_calibrate_and_disentangle_with_beta_auto(tree, tmp_path, capsys):
+    torch.manual_seed(0)
+    weights = tmp_path / "vit.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in models.get_spec("zoo_vit").build(4).state_dict().items()}, str(weights))
+    common = ["--model", "zoo_vit", "--weights", weights, "--data", tree, "--image-size", 64]
+    code, out, err = run(capsys, "calibrate", *common, "--num-tasks", 2, "--epochs", 1, "--runs", 2,
+                         "--target-open-ratio", 0.4, "--out", tmp_path / "cal.json")
+    assert code == 0, err
+    assert "calibrating beta for zoo_vit: target open ratio 0.40" in out and "beta = " in out
+    found = json.loads((tmp_path / "cal.json").read_text())
+    assert found["runs"] == 2 and len(found["curve"]) == 2 and found["target_open_ratio"] == 0.4
+    code, out, err = run(capsys, "disentangle", *common, "--out", tmp_path / "run", "--epochs", 1, "--beta", "auto")
+    assert code == 0, err
+    bank = MaskBank.load(tmp_path / "run" / "masks.safetensors")
+    assert bank.calibration is not None and bank.config["beta"] == bank.calibration["beta"]
+    code, out, err = run(capsys, "disentangle", *common, "--out", tmp_path / "run2", "--epochs", 1)
+    assert code == 2 and "no tuned beta" in err and "--beta auto" in err
+    with pytest.raises(SystemExit):
+        cli.main(["disentangle", *map(str, common), "--out", str(tmp_path / "x"), "--beta", "fast"])

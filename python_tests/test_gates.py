@@ -87,3 +87,156 @@ def test_auto_gate_points_on_torchvision_networks():
     dense = propose_gate_points(torchvision.models.densenet121(), x)
     assert "features.denseblock1" in dense and "features.transition1.relu" in dense
     assert dense.index("features.denseblock1") < dense.index("features.transition1.relu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Channels on other axes: tokens, NHWC maps, attention heads
+
+
+def tiny_vit(image_size=32):
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(image_size, 8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=24,
+                                                num_classes=5).eval()
+
+
+def tiny_swin():
+    torch.manual_seed(0)
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=5).eval()
+
+
+def tiny_convnext():
+    torch.manual_seed(0)
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)], num_classes=5).eval()
+
+
+def test_channel_axes_are_found_for_tokens_nhwc_and_nchw_maps():
+    x = torch.zeros(1, 3, 32, 32)
+    vit = GatedModel(tiny_vit(), ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1.mlp.1",
+                                  "conv_proj", "encoder.layers.encoder_layer_1.self_attention:heads"], 2, x)
+    assert vit.gate_points == [GatePoint("encoder.layers.encoder_layer_0", 16, 2),
+                               GatePoint("encoder.layers.encoder_layer_1.mlp.1", 24, 2),
+                               GatePoint("conv_proj", 16, 1),
+                               GatePoint("encoder.layers.encoder_layer_1.self_attention", 2, 2, "heads")]
+    assert vit.example_shapes[0] == (1, 17, 16)
+    swin = GatedModel(tiny_swin(), ["features.1.0", "features.0", "features.3.1.mlp.1", "features.1.1.attn:heads"],
+                      2, x)
+    assert [(p.channels, p.channel_axis, p.units) for p in swin.gate_points] == [
+        (16, 3, "channels"), (16, 3, "channels"), (128, 3, "channels"), (2, 3, "heads")]
+    # ConvNeXt: NHWC inside a block (its MLP), NCHW at the block's end (after a Permute).
+    convnext = GatedModel(tiny_convnext(), ["features.1.0.block.4", "features.1.0", "features.3.1"], 2, x)
+    assert [(p.channels, p.channel_axis) for p in convnext.gate_points] == [(64, 3), (16, 1), (32, 1)]
+
+
+def test_coincident_sizes_are_told_apart_by_a_larger_input():
+    # 8 channels on an 8 x 8 map: the second probe (12 x 12) shows which axes are spatial.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 2))
+    gated = GatedModel(model, ["1"], 1, torch.zeros(1, 3, 8, 8))
+    assert gated.gate_points == [GatePoint("1", 8, 1)]
+
+
+class SquareTokens(nn.Module):
+    """32 x 32 images -> 16 patch tokens of width 16, with a fixed-size position embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 8, stride=8)
+        self.pos = nn.Parameter(torch.zeros(1, 16, 16))
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.proj(tokens).mean(1))
+
+
+def test_channel_axis_can_be_given_and_an_ambiguous_one_is_refused():
+    x = torch.zeros(1, 3, 32, 32)
+    model = nn.Sequential(nn.Identity(), nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    # The input itself: no layer before it, but the larger probe shows that axis 1 is fixed.
+    assert GatedModel(model, ["0"], 1, x).gate_points[0].channel_axis == 1
+    # 16 tokens of 16 channels in a network of one input size: no second opinion, ambiguous.
+    with pytest.raises(ValueError, match=r"channel axis of gate point 'proj'.*axes \[1, 2\].*channel_axis="):
+        GatedModel(SquareTokens(), ["proj"], 1, x)
+    assert GatedModel(SquareTokens(), ["proj:2"], 1, x).gate_points[0] == GatePoint("proj", 16, 2)
+    vit = tiny_vit()
+    assert GatedModel(vit, ["encoder.dropout:2"], 1, x).gate_points[0] == GatePoint("encoder.dropout", 16, 2)
+    assert GatedModel(vit, ["encoder.dropout"], 1, x, channel_axis={"encoder.dropout": -1}).gate_points[0] \
+        == GatePoint("encoder.dropout", 16, 2)
+    assert GatedModel(vit, ["encoder.dropout"], 1, x, channel_axis=1).gate_points[0] == \
+        GatePoint("encoder.dropout", 17, 1)
+    with pytest.raises(ValueError, match="channel_axis 3 of gate point 'encoder.dropout' is out of range"):
+        GatedModel(vit, ["encoder.dropout:3"], 1, x)
+    with pytest.raises(ValueError, match="after ':' must be a channel axis"):
+        GatedModel(vit, ["encoder.dropout:last"], 1, x)
+
+
+def test_heads_are_refused_on_a_module_that_is_not_attention():
+    with pytest.raises(ValueError, match=r"'encoder.layers.encoder_layer_0.mlp': units 'heads' needs an attention"):
+        GatedModel(tiny_vit(), ["encoder.layers.encoder_layer_0.mlp:heads"], 1, torch.zeros(1, 3, 32, 32))
+    # Gating the attention module's output by channel: it returns a tuple; the error says how.
+    with pytest.raises(ValueError, match=r"must output a tensor.*'encoder.layers.encoder_layer_0.self_attention:heads'"):
+        GatedModel(tiny_vit(), ["encoder.layers.encoder_layer_0.self_attention"], 1, torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_token_and_nhwc_gates_match_a_hand_written_reference(dtype):
+    """Tokens (N, L, C) and NHWC maps: the gate multiplies the last axis; gradients reach the
+    logits as in a plain PyTorch formula."""
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    ids = torch.tensor([0, 1, 2, 1])
+    for make, name in ((tiny_vit, "encoder.layers.encoder_layer_0"), (tiny_swin, "features.1.0")):
+        model = make().to(torch.float64)
+        gated = GatedModel(model, [name], 3, x[:1], dtype=None if dtype == torch.float64 else dtype)
+        logits = gated.logits[0]
+        _, acts = gated(x, ids, record=True)
+        _, originals = gated.original(x)
+        gate = torch.sigmoid(logits)[ids]
+        expected = originals[0] * gate.view(4, *([1] * (originals[0].dim() - 2)), -1).to(originals[0].dtype)
+        tol = {} if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(acts[0], expected, **tol)
+        (g,) = torch.autograd.grad(acts[0].float().square().sum(), logits)
+        (ref,) = torch.autograd.grad((originals[0].float() * torch.sigmoid(logits)[ids].view(
+            4, *([1] * (originals[0].dim() - 2)), -1)).square().sum(), logits)
+        torch.testing.assert_close(g, ref, **({} if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-2)))
+
+
+def test_head_gates_in_a_gated_vit():
+    x = torch.randn(3, 3, 32, 32)
+    name = "encoder.layers.encoder_layer_1.self_attention"
+    gated = GatedModel(tiny_vit(), [f"{name}:heads"], 2, x[:1])
+    with torch.no_grad():
+        gated.logits[0].copy_(torch.tensor([[5.0, -5.0], [-5.0, 5.0]]))
+    ids = torch.tensor([0, 1, 1])
+    out, acts = gated(x, ids, binary=True, record=True)
+    assert acts[0].shape == (3, 17, 2, 8)
+    assert acts[0][0, :, 1].abs().max() == 0 and acts[0][0, :, 0].abs().max() > 0
+    assert acts[0][1, :, 0].abs().max() == 0 and acts[0][1, :, 1].abs().max() > 0
+    # All heads open: the original network.
+    with torch.no_grad():
+        gated.logits[0].fill_(5.0)
+    torch.testing.assert_close(gated(x, ids, binary=True)[0], gated.original(x, record=False)[0])
+    model = gated.remove_gates()
+    assert "forward" not in vars(model.get_submodule(name))
+
+
+def test_fused_path_leaves_token_and_nhwc_points_unfused():
+    x = torch.zeros(1, 3, 32, 32)
+    gated = GatedModel(tiny_convnext(), ["features.1.0.block.4", "features.1.0"], 2, x, fuse=True)
+    assert gated.fused_points == []
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 2))
+    assert GatedModel(cnn, ["1", "3"], 2, x, fuse=True).fused_points == [0, 1]
+    # A point forced onto another axis is never fused into the convolution's channels.
+    assert GatedModel(cnn, ["1:2", "3"], 2, x, fuse=True).fused_points == [1]
+
+
+def test_auto_gate_points_on_transformers_and_convnext():
+    x = torch.zeros(1, 3, 32, 32)
+    assert propose_gate_points(tiny_vit(), x) == ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"]
+    assert propose_gate_points(tiny_swin(), x) == ["features.1.0", "features.1.1", "features.3.0", "features.3.1"]
+    assert propose_gate_points(tiny_convnext(), x) == ["features.1.0", "features.1.1", "features.3.0", "features.3.1"]

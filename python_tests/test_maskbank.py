@@ -104,3 +104,32 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         make_bank(epoch=2).save(path)
     assert MaskBank.load(path).epoch == 1  # the earlier bank is intact
     assert [p.name for p in tmp_path.iterdir()] == ["b.safetensors"]  # no temporary left
+
+
+def test_channel_axes_units_and_calibration_round_trip(tmp_path):
+    bank = make_bank()
+    bank.gate_points[1:] = [GatePoint("blocks.0", 1, 2), GatePoint("blocks.0.attn", 7, 3, "heads")]
+    bank.calibration = {"beta": 0.4, "curve": [[0.02, 0.6], [0.4, 0.31]], "method": "bisection in log(beta)"}
+    bank.save(tmp_path / "b.safetensors")
+    loaded = MaskBank.load(tmp_path / "b.safetensors")
+    assert loaded.gate_points == bank.gate_points and loaded.calibration == bank.calibration
+    problems = "; ".join(loaded.mismatch([GatePoint("features.1", 4), GatePoint("blocks.0", 1, 1),
+                                          GatePoint("blocks.0.attn", 7, 3)]))
+    assert "'blocks.0' gates axis 2 in the bank but axis 1 in the model" in problems
+    assert "'blocks.0.attn' gates heads in the bank but channels in the model" in problems
+
+
+def test_banks_without_channel_axes_read_as_axis_one(tmp_path):
+    """A bank written before channel axes existed (no channel_axes / units metadata)."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    make_bank().save(tmp_path / "b.safetensors")
+    with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:
+        meta = dict(f.metadata())
+    for key in ("channel_axes", "units"):
+        meta.pop(key)
+    save_file(load_file(str(tmp_path / "b.safetensors")), str(tmp_path / "old.safetensors"), metadata=meta)
+    loaded = MaskBank.load(tmp_path / "old.safetensors")
+    assert [(p.channel_axis, p.units) for p in loaded.gate_points] == [(1, "channels")] * 3
+    assert loaded.calibration is None

@@ -3,6 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 from nad_ext import darts, data, models
+from nad_ext.gates import GatedModel
 
 
 def _gate_channels(spec, model, size, device="cpu"):
@@ -58,9 +59,81 @@ def test_zoo_models_build_and_run(name):
     assert sum(p.numel() for p in model.parameters()) < 400_000
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
-    channels = _gate_channels(spec, model, 64)
-    assert len(channels) >= 5 and all(8 <= c <= 256 for c in channels)
-    assert {models.get_spec(n).connection for n in models.ZOO} == {"plain", "residual", "dense", "nas"}
+    gated = GatedModel(model, spec.gate_points(model), 1, torch.zeros(1, 3, 64, 64))
+    channels = gated.layer_sizes
+    assert len(channels) >= 4 and all(8 <= c <= 256 for c in channels)
+    assert {models.get_spec(n).connection for n in models.ZOO} == {"plain", "residual", "dense", "nas", "transformer"}
+
+
+def test_zoo_vit_gates_tokens_mlp_units_and_heads():
+    spec = models.get_spec("zoo_vit")
+    model = spec.build(10).eval()
+    x = torch.zeros(1, 3, 64, 64)
+    blocks = GatedModel(model, spec.points(model), 1, x).gate_points
+    assert [(p.channels, p.channel_axis) for p in blocks] == [(64, 2)] * 4
+    assert [p.channels for p in GatedModel(model, spec.points(model, "mlp"), 1, x).gate_points] == [128] * 4
+    heads = GatedModel(model, spec.points(model, "heads"), 1, x).gate_points
+    assert [(p.channels, p.units) for p in heads] == [(4, "heads")] * 4
+    with pytest.raises(ValueError, match="'zoo_plain' has no 'heads' gate-point preset"):
+        models.get_spec("zoo_plain").points(model, "heads")
+
+
+def _one_step(gated, x, num_tasks):
+    """One NAD step on ``x``; returns the loss terms (the gates must move)."""
+    from nad_ext.trainer import NADConfig, train_step
+
+    before = [m.detach().clone() for m in gated.logits]
+    with torch.no_grad():
+        labels = gated.original(x, record=False)[0].argmax(1)  # every sample "correct"
+    ids = torch.arange(len(x)) % num_tasks
+    terms = train_step(gated, x, labels, ids, torch.arange(num_tasks), NADConfig(beta=1.0))
+    assert all(not torch.equal(a, m.detach()) for a, m in zip(before, gated.logits))
+    return terms
+
+
+@pytest.mark.slow
+def test_vit_b_16_preset_builds_probes_and_steps():
+    """ViT-B/16 at 224 (its one input size) on random weights: 12 blocks of (N, 197, 768)
+    tokens, the 3,072 MLP units and 12 heads per block; one step with heads (a batch of 2)."""
+    spec = models.get_spec("vit_b_16")
+    assert (spec.input_size, spec.beta, spec.mean, spec.std) == (224, None, data.IMAGENET_MEAN, data.IMAGENET_STD)
+    model = models.load_model("vit_b_16", num_classes=10)
+    x = torch.zeros(1, 3, 224, 224)
+    blocks = GatedModel(model, spec.points(model), 1, x)
+    assert [(p.name, p.channels, p.channel_axis) for p in blocks.gate_points[:1]] == [
+        ("encoder.layers.encoder_layer_0", 768, 2)]
+    assert len(blocks.gate_points) == 12 and blocks.example_shapes[0] == (1, 197, 768)
+    mlp = spec.points(model, "mlp")
+    assert len(mlp) == 12 and mlp[0] == "encoder.layers.encoder_layer_0.mlp.1"
+    blocks.remove_gates()
+    gated = GatedModel(model, spec.points(model, "heads") + mlp[-1:], 2, x)
+    assert [p.channels for p in gated.gate_points] == [12] * 12 + [3072]
+    _one_step(gated, torch.randn(2, 3, 224, 224), 2)
+
+
+@pytest.mark.parametrize("name, blocks, widths, axis", [
+    ("swin_t", 12, [96] * 2 + [192] * 2 + [384] * 6 + [768] * 2, 3),
+    ("convnext_tiny", 18, [96] * 3 + [192] * 3 + [384] * 9 + [768] * 3, 1),
+])
+def test_swin_and_convnext_presets_build_probe_and_step(name, blocks, widths, axis):
+    """Random-weight torchvision models on a small input (both take any size): every block's
+    output, the MLP units (NHWC), Swin's heads; one NAD step."""
+    spec = models.get_spec(name)
+    assert spec.input_size == 224 and spec.beta is None
+    model = models.load_model(name, num_classes=5)
+    x = torch.zeros(1, 3, 64, 64)
+    gated = GatedModel(model, spec.points(model), 2, x)
+    assert [p.channels for p in gated.gate_points] == widths
+    assert {p.channel_axis for p in gated.gate_points} == {axis}
+    mlp = GatedModel(model, spec.points(model, "mlp")[:2], 1, x).gate_points
+    assert [(p.channels, p.channel_axis) for p in mlp] == [(4 * widths[0], 3)] * 2
+    if name == "swin_t":
+        heads = GatedModel(model, spec.points(model, "heads"), 1, x).gate_points
+        assert [p.channels for p in heads] == [3] * 2 + [6] * 2 + [12] * 6 + [24] * 2
+    else:
+        with pytest.raises(ValueError, match="no 'heads' gate-point preset"):
+            spec.points(model, "heads")
+    _one_step(gated, torch.randn(2, 3, 64, 64), 2)
 
 
 def test_get_spec_unknown_name():

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -77,3 +78,36 @@ def test_normalized_gradient_step_moves_each_task_and_point_by_lr():
     torch.testing.assert_close(logits[1].detach()[2], before[1][2])  # zero gradient: unchanged
     g = 14 * before[0][0]
     torch.testing.assert_close(logits[0].detach()[0], before[0][0] - 0.1 * g / g.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_layouts_with_channels_last_give_the_mse_over_all_elements(dtype):
+    """Tokens (N, L, C), NHWC maps and head outputs (N, L, heads, d): the MSE term is the mean
+    over all of a sample's elements, as in the paper's formula, whatever the channel axis."""
+    torch.manual_seed(2)
+    n, tasks = 10, 3
+    task_ids = torch.arange(n) % tasks
+    shapes_axes = [((n, 7, 5), 2), ((n, 3, 4, 6), 3), ((n, 7, 2, 4), 2), ((n, 6, 3, 3), 1)]
+    logits = [torch.randn(tasks, s[a], dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                          requires_grad=True) for s, a in shapes_axes]
+    masked = [torch.randn(s, dtype=torch.float64).to(dtype).requires_grad_() for s, _ in shapes_axes]
+    original = [torch.randn(s, dtype=torch.float64).to(dtype) for s, _ in shapes_axes]
+    out = torch.randn(n, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (n,))
+    correct = torch.rand(n) > 0.3
+    correct[:tasks] = True
+    terms = nad_loss(out, labels, masked, original, correct, task_ids, logits, 0.5,
+                     channel_axes=[a for _, a in shapes_axes])
+    grads = torch.autograd.grad(terms.total, masked)
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)  # bf16 inputs, float32 sums
+    for t in range(tasks):
+        sel = task_ids == t
+        keep = correct & sel
+        expected = sum(F.mse_loss(m[keep].double(), o[keep].double()) for m, o in zip(masked, original))
+        torch.testing.assert_close(terms.mse[t].double(), expected.detach(), **tol)
+    for g, m, o in zip(grads, masked, original):
+        k = torch.zeros(tasks).index_add_(0, task_ids, correct.float())[task_ids]
+        per = m[0].numel() * len(masked)  # L_act = (CE + sum of the MSEs) / L
+        ref = 2 * (m.double() - o.double()) * (correct.double() / (k.double() * per)).view(-1, *[1] * (m.dim() - 1))
+        torch.testing.assert_close(g.double(), ref.detach(), **({} if dtype == torch.float64 else
+                                                                dict(rtol=2e-2, atol=1e-4)))

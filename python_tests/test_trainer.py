@@ -51,6 +51,64 @@ class KnownChannels(nn.Module):
         return self.fc(self.pool(self.feat(self.conv(x))).flatten(1))
 
 
+class KnownTokens(nn.Module):
+    """The token-layout twin of KnownChannels: a 16 x 16 image becomes 16 patch tokens (4 x 4
+    pixels each, averaged) behind a class token, and a linear layer + ReLU gives every token 8
+    channels: 2c and 2c+1 respond to class c only, 6 and 7 never. The classifier reads class c
+    from the patch tokens' mean of its two channels. Gate point ``feat``: (N, 17, 8) tokens."""
+
+    def __init__(self):
+        super().__init__()
+        planted = KnownChannels()
+        self.patch = nn.Conv2d(3, 3, 4, stride=4, bias=False)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, 3))
+        self.embed = nn.Linear(3, 8)
+        self.feat = nn.ReLU()
+        self.fc = planted.fc
+        with torch.no_grad():
+            self.patch.weight.zero_()
+            for c in range(3):
+                self.patch.weight[c, c] = 1 / 16
+            self.embed.weight.copy_(planted.conv.weight.view(8, 3))
+            self.embed.bias.copy_(planted.conv.bias)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_token.expand(len(x), -1, -1), tokens], 1)
+        return self.fc(self.feat(self.embed(tokens))[:, 1:].mean(1))
+
+
+class KnownHeads(KnownTokens):
+    """KnownTokens' patch tokens (6 channels: 2c, 2c+1 for class c) through a 3-head
+    self-attention with uniform attention (zero queries and keys), identity values and output
+    projection: head c carries class c's channels. The classifier reads class c from them, so
+    task c needs head c and no other."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 6)
+        self.attn = nn.MultiheadAttention(6, 3, batch_first=True)
+        self.fc = nn.Linear(6, 3)
+        with torch.no_grad():
+            self.embed.weight.zero_()
+            self.embed.bias.zero_()
+            for c in range(3):
+                self.embed.weight[2 * c: 2 * c + 2, c] = 1.0
+            self.attn.in_proj_weight.zero_()
+            self.attn.in_proj_bias.zero_()
+            self.attn.in_proj_weight[12:].copy_(torch.eye(6))
+            self.attn.out_proj.weight.copy_(torch.eye(6))
+            self.attn.out_proj.bias.zero_()
+            self.fc.weight.zero_()
+            self.fc.bias.zero_()
+            for c in range(3):
+                self.fc.weight[c, 2 * c: 2 * c + 2] = 2.0
+
+    def forward(self, x):
+        tokens = self.feat(self.embed(self.patch(x).flatten(2).transpose(1, 2)))
+        return self.fc(self.attn(tokens, tokens, tokens, need_weights=False)[0].mean(1))
+
+
 def small_cnn():
     torch.manual_seed(3)
     return nn.Sequential(
@@ -84,6 +142,28 @@ def test_known_channels_are_recovered():
     open_channels = bank.binary()
     for c in range(3):
         assert open_channels[c].nonzero().flatten().tolist() == [2 * c, 2 * c + 1]
+
+
+def test_known_token_channels_are_recovered():
+    """The planted test in the token layout: channels on the last axis of (N, L, C)."""
+    images = colour_images(per_class=48)
+    bank = disentangle(KnownTokens(), images, ["feat"], model_id="known_tokens", progress=False,
+                       config=NADConfig(beta=1.0, epochs=21, image_size=16))
+    assert [(p.channels, p.channel_axis) for p in bank.gate_points] == [(8, 2)]
+    open_channels = bank.binary()
+    for c in range(3):
+        assert open_channels[c].nonzero().flatten().tolist() == [2 * c, 2 * c + 1]
+
+
+def test_known_heads_are_recovered():
+    """Head gates: each class's sub-architecture keeps exactly the head that carries it."""
+    images = colour_images(per_class=48)
+    bank = disentangle(KnownHeads(), images, ["attn:heads"], model_id="known_heads", progress=False,
+                       config=NADConfig(beta=1.0, epochs=21, image_size=16))
+    assert [(p.channels, p.units) for p in bank.gate_points] == [(3, "heads")]
+    open_heads = bank.binary()
+    for c in range(3):
+        assert open_heads[c].nonzero().flatten().tolist() == [c]
 
 
 def test_batched_mode_gives_the_gates_of_one_task_at_a_time():
