@@ -21,6 +21,7 @@ from torch import nn
 
 from nad_ext import attention
 from nad_ext.ops import _checks, task_gate
+from nad_ext.probe import infer_channel_axis, probe, resized_input, shapes_at
 
 
 UNITS = ("channels", "heads")
@@ -104,130 +105,6 @@ def resolve_modules(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     return found
 
 
-# ----------------------------------------------------------------------------------------------
-# Probing: outputs, call counts and channel axes
-
-
-def _layer_width(module: nn.Module) -> tuple[int, int] | None:
-    """(width, the axis the layer writes it on: 1 or -1) of a layer whose output width is known."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, -1
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels, 1
-    if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm, InstanceNorm
-        return module.num_features, 1
-    if isinstance(module, nn.GroupNorm):
-        return module.num_channels, 1
-    if isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
-        return int(module.normalized_shape[-1]), -1
-    if isinstance(module, nn.Embedding):
-        return module.embedding_dim, -1
-    if isinstance(module, nn.MultiheadAttention):
-        return module.embed_dim, -1
-    if attention.is_attention(module):
-        return module.proj.out_features, -1
-    return None
-
-
-@dataclass
-class _Seen:
-    output: object
-    calls: int
-    layer: tuple[int, int] | None  # _layer_width of the last such layer run before the output
-
-
-def _probe(model: nn.Module, example_input: torch.Tensor, points: Sequence[tuple[str, str]]) -> dict[str, _Seen]:
-    """Runs one forward; returns {name: _Seen} for the ``(name, units)`` points, in the order
-    of their first call. Head points report the per-head tensor their gate would see."""
-    modules = _named_modules(model)
-    seen: dict[str, _Seen] = {}
-    last: list = [None]
-    handles = []
-    # Layer hooks first: on a module that is a layer and a gate point, its width is known first.
-    for module in modules.values():
-        width = _layer_width(module)
-        if width is not None:
-            handles.append(module.register_forward_hook(lambda m, i, o, width=width: last.__setitem__(0, width)))
-
-    def record(name, output):
-        entry = seen.setdefault(name, _Seen(output, 0, last[0]))
-        entry.calls += 1
-        return output
-
-    for name, units in points:
-        if units == "heads":
-            handles.append(attention.install_head_gate(modules[name], lambda t, name=name: record(name, t)))
-        else:
-            def hook(module, inputs, output, name=name):
-                record(name, output)
-
-            handles.append(modules[name].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
-def _ambiguous(name: str, shape, why: str) -> ValueError:
-    return ValueError(
-        f"cannot tell the channel axis of gate point {name!r}: its output has shape {tuple(shape)} and {why}. "
-        f"Name the axis: channel_axis={{{name!r}: k}} (or the gate point '{name}:k'), k in 1..{len(shape) - 1}"
-    )
-
-
-def infer_channel_axis(name: str, shape: Sequence[int], layer: tuple[int, int] | None,
-                       resized_shape: Sequence[int] | None = None) -> int:
-    """The channel axis of a gate point's output, from the last layer of known width that ran
-    before it (a convolution, linear layer or normalisation: ``layer`` = (width, its axis)).
-
-    (N, C) -> 1. Otherwise the one axis whose size is that width: 1 for conv maps, the last for
-    (N, L, C) tokens and NHWC maps, or the axis a permute moved it to (ConvNeXt's blocks end
-    NCHW after NHWC layers). When several axes have that size (16 channels on a 16 x 16 map) or
-    none has it (a concatenation, as in DenseNet), ``resized_shape`` (the same output for a
-    larger input) decides: the axes whose size changed are spatial and drop out. Without it, a
-    concatenation takes the layer's own axis if its size is a multiple of the width. Anything
-    else is ambiguous: ValueError asking for ``channel_axis``.
-    """
-    d = len(shape)
-    if d == 2:
-        return 1
-    if d < 2:
-        raise _ambiguous(name, shape, "it has no channel axis")
-    width, natural = layer if layer is not None else (None, 1)
-    natural %= d
-    matches = [a for a in range(1, d) if shape[a] == width]
-    if len(matches) != 1 and resized_shape is not None and len(resized_shape) == d:
-        fixed = [a for a in range(1, d) if resized_shape[a] == shape[a]]  # not spatial
-        matches = [a for a in matches if a in fixed] or fixed
-    elif not matches and width is not None and shape[natural] % width == 0:
-        return natural
-    if len(matches) == 1:
-        return matches[0]
-    if width is None:
-        raise _ambiguous(name, shape, "no layer of known width (convolution, linear, normalisation) runs before it")
-    where = f"axes {matches} all have" if matches else "no axis has"
-    raise _ambiguous(name, shape, f"{where} the size {width} of the last layer before it")
-
-
-def _resized(example_input: torch.Tensor) -> torch.Tensor | None:
-    """A larger input of the same kind (images: 1.5x the side), to tell spatial axes apart."""
-    if example_input.dim() != 4:
-        return None
-    h, w = example_input.shape[-2:]
-    return example_input.new_zeros(*example_input.shape[:2], h + max(h // 2, 8), w + max(w // 2, 8))
-
-
-def _outputs_at(model, x, names) -> dict[str, tuple]:
-    try:
-        seen = _probe(model, x, [(n, "channels") for n in names])
-    except Exception:  # noqa: BLE001 - a network with a fixed input size: no second opinion
-        return {}
-    return {n: tuple(s.output.shape) for n, s in seen.items() if isinstance(s.output, torch.Tensor)}
-
-
 def propose_gate_points(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     """The "auto" gate points of an unknown network, in forward order.
 
@@ -261,7 +138,7 @@ def propose_gate_points(model: nn.Module, example_input: torch.Tensor) -> list[s
         for n, m in modules.items()
         if n in outermost_blocks or (isinstance(m, _ACTIVATIONS) and not inside_block(n))
     ]
-    seen = _probe(model, example_input, [(n, "channels") for n in candidates])
+    seen = probe(model, example_input, [(n, "channels") for n in candidates])
     return [
         name
         for name, s in seen.items()
@@ -415,7 +292,7 @@ class GatedModel(nn.Module):
     def _find_gate_points(model, example_input, specs, given) -> tuple[list[GatePoint], list[tuple]]:
         """Probes the network once: every gate point's channel count and channel axis, and its
         output shape for ``example_input``."""
-        seen = _probe(model, example_input, [(name, units) for name, _, units in specs])
+        seen = probe(model, example_input, [(name, units) for name, _, units in specs])
         resized = None
         points, shapes = [], []
         for (name, axis, units), original in zip(specs, given):
@@ -442,8 +319,8 @@ class GatedModel(nn.Module):
                     axis = infer_channel_axis(name, shape, entry.layer)
                 except ValueError:
                     if resized is None:  # a second forward only when an axis is in doubt
-                        bigger = _resized(example_input)
-                        resized = {} if bigger is None else _outputs_at(
+                        bigger = resized_input(example_input)
+                        resized = {} if bigger is None else shapes_at(
                             model, bigger, [n for n, _, u in specs if u == "channels"])
                     axis = infer_channel_axis(name, shape, entry.layer, resized.get(name))
             else:

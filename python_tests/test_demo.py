@@ -40,3 +40,17 @@ def test_demo_writes_banks_analyses_summary_and_report(tmp_path):
     assert len(s["masked_accuracy_per_task"]) == 10
     # The zoo is cached: a second run loads it instead of training again.
     assert (tmp_path / "cache" / "zoo_dense.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_demo_disentangles_the_transformer_with_a_calibrated_beta(tmp_path):
+    summary = run_demo(tmp_path / "out", cache_dir=tmp_path / "cache", epochs=1, num_mosaics=4,
+                       networks=["zoo_vit"], images_per_class=(16, 8), zoo_epochs=1, progress=False)
+    s = summary["zoo_vit"]
+    assert s["connection"] == "transformer" and len(s["gate_points"]) == 4
+    cal = s["beta_calibration"]
+    assert s["beta"] == cal["beta"] and 2 <= cal["runs"] <= 4 and len(cal["tasks"]) == 2
+    assert len(s["mean_hit_rate_per_gate_point"]) == 4  # tokens map to the patch grid
+    assert all(h is not None for h in s["mean_hit_rate_per_gate_point"])
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "zoo_vit" in html

@@ -38,3 +38,17 @@ def test_export_task_is_that_tasks_binary_sub_architecture(tmp_path):
 def test_export_task_refuses_a_task_the_model_does_not_have():
     with pytest.raises(ValueError, match=r"task must lie in \[0, 3\), got 3"):
         export_task(gated_cnn(), 3, torch.randn(1, 3, 8, 8))
+
+
+def test_export_a_vit_with_token_and_head_gates(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(32, 8, 2, 2, 16, 24, num_classes=5).eval()
+    gated = GatedModel(vit, ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1.self_attention:heads"],
+                       num_tasks=2, example_input=torch.randn(1, 3, 32, 32))
+    export_gated(gated, torch.randn(2, 3, 32, 32), tmp_path / "vit.pt")
+    loaded = torch.jit.load(str(tmp_path / "vit.pt"))
+    x, task_ids = torch.randn(3, 3, 32, 32), torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, task_ids), gated(x, task_ids)[0])
