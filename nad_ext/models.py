@@ -272,7 +272,7 @@ MODELS: dict[str, ModelSpec] = {
     ]
 }
 ZOO = [name for name in MODELS if name.startswith("zoo_")]
-ZOO_EPOCHS = {"zoo_plain": 8, "zoo_residual": 8, "zoo_dense": 8, "zoo_nas": 8, "zoo_vit": 8}
+ZOO_EPOCHS = {"zoo_plain": 8, "zoo_residual": 8, "zoo_dense": 8, "zoo_nas": 8, "zoo_vit": 6}
 
 
 def get_spec(name: str) -> ModelSpec:

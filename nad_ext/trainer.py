@@ -303,7 +303,8 @@ def disentangle(
     if progress:
         path = ", ".join((["fused"] if fuse else []) + [str(dtype).replace("torch.", "")]
                          + (["CUDA graphs"] if graph else []))
-        print(f"{model_id}: {len(gated.gate_points)} gate points, {sum(gated.layer_sizes)} channels, "
+        units_text = "channels" if all(p.units == "channels" for p in gated.gate_points) else "gates"
+        print(f"{model_id}: {len(gated.gate_points)} gate points, {sum(gated.layer_sizes)} {units_text}, "
               f"{len(tasks)} tasks ({config.mode} mode) on {device} ({path})")
         for i, point in enumerate(gated.gate_points):
             where = "  (in masked_conv2d)" if i in gated.fused_points else ""

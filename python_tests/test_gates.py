@@ -240,3 +240,15 @@ def test_auto_gate_points_on_transformers_and_convnext():
     assert propose_gate_points(tiny_vit(), x) == ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"]
     assert propose_gate_points(tiny_swin(), x) == ["features.1.0", "features.1.1", "features.3.0", "features.3.1"]
     assert propose_gate_points(tiny_convnext(), x) == ["features.1.0", "features.1.1", "features.3.0", "features.3.1"]
+
+
+def test_auto_heads_are_every_attention_module():
+    from nad_ext.trainer import resolve_gate_points
+
+    x = torch.zeros(1, 3, 32, 32)
+    assert resolve_gate_points(tiny_vit(), "auto", x, "heads") == [
+        "encoder.layers.encoder_layer_0.self_attention:heads", "encoder.layers.encoder_layer_1.self_attention:heads"]
+    with pytest.raises(ValueError, match="has no attention module"):
+        resolve_gate_points(small_cnn(), "auto", torch.zeros(1, 3, 8, 8), "heads")
+    with pytest.raises(ValueError, match="'auto' gate points gate channels or heads, not 'mlp'"):
+        resolve_gate_points(tiny_vit(), "auto", x, "mlp")
