@@ -252,3 +252,48 @@ def test_auto_heads_are_every_attention_module():
         resolve_gate_points(small_cnn(), "auto", torch.zeros(1, 3, 8, 8), "heads")
     with pytest.raises(ValueError, match="'auto' gate points gate channels or heads, not 'mlp'"):
         resolve_gate_points(tiny_vit(), "auto", x, "mlp")
+
+
+# Every layout a gate point can have, as the (N, ...) tensor and its channel axis: tokens, NHWC
+# maps, ViT head outputs (N, L, heads, d) as the attention leaves them (a transposed view), Swin
+# head outputs (N, H, W, heads, d) cropped from a padded map (a non-contiguous view).
+def _layouts(dtype):
+    torch.manual_seed(0)
+    return {
+        "tokens": (torch.randn(3, 5, 4, dtype=dtype), 2),
+        "nhwc": (torch.randn(3, 2, 3, 4, dtype=dtype), 3),
+        "vit_heads": (torch.randn(3, 4, 5, 2, dtype=dtype).transpose(1, 2), 2),
+        "swin_heads": (torch.randn(3, 4, 4, 4, 2, dtype=dtype)[:, :3, :3], 3),
+        "nchw": (torch.randn(3, 4, 2, 3, dtype=dtype), 1),
+    }
+
+
+def _gate_reference(x, logits, ids, axis):
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[axis] = x.shape[axis]
+    return x * torch.sigmoid(logits)[ids].reshape(shape).to(x.dtype)
+
+
+@pytest.mark.parametrize("layout", ["tokens", "nhwc", "vit_heads", "swin_heads", "nchw"])
+def test_gate_tensor_on_every_layout_against_the_reference(layout):
+    from nad_ext.gates import gate_tensor
+
+    x, axis = _layouts(torch.float64)[layout]
+    ids = torch.tensor([1, 0, 1])
+    logits = torch.randn(2, x.shape[axis], dtype=torch.float64)
+    y = gate_tensor(x, logits, ids, axis)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, _gate_reference(x, logits, ids, axis))
+    torch.autograd.gradcheck(lambda a, m: gate_tensor(a, m, ids, axis),
+                             (x.clone().requires_grad_(), logits.clone().requires_grad_()))
+    # bfloat16 activations, float32 logits: within bf16's precision of the float32 reference.
+    xb = x.to(torch.bfloat16).requires_grad_()
+    mb = logits.float().requires_grad_()
+    yb = gate_tensor(xb, mb, ids, axis)
+    assert yb.dtype == torch.bfloat16
+    ref = _gate_reference(xb.detach().float(), mb.detach(), ids, axis)
+    torch.testing.assert_close(yb.float(), ref, rtol=1e-2, atol=1e-2)
+    (g,) = torch.autograd.grad(yb.float().sum(), mb)
+    m32 = logits.float().requires_grad_()
+    (g_ref,) = torch.autograd.grad(_gate_reference(xb.detach().float(), m32, ids, axis).sum(), m32)
+    torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)

@@ -111,3 +111,24 @@ def test_layouts_with_channels_last_give_the_mse_over_all_elements(dtype):
         ref = 2 * (m.double() - o.double()) * (correct.double() / (k.double() * per)).view(-1, *[1] * (m.dim() - 1))
         torch.testing.assert_close(g.double(), ref.detach(), **({} if dtype == torch.float64 else
                                                                 dict(rtol=2e-2, atol=1e-4)))
+
+
+@pytest.mark.parametrize("shape, axis, crop", [((6, 5, 4), 2, False), ((6, 2, 3, 4), 3, False),
+                                              ((6, 4, 4, 3, 2), 3, True)])
+def test_gradcheck_of_the_mse_views_of_token_nhwc_and_strided_head_layouts(shape, axis, crop):
+    """The (N, C, ...) views nad_loss hands to nad::gate_mse (tokens, NHWC, cropped Swin heads):
+    float64 gradcheck and the pure-PyTorch reference. (The loss itself sums in float32, so
+    gradcheck runs on its MSE term.)"""
+    from nad_ext.ops import gate_mse, gate_mse_reference
+
+    torch.manual_seed(4)
+    task_ids = torch.arange(6) % 2
+    correct = torch.tensor([True, True, False, True, True, True])
+    masked = torch.randn(shape, dtype=torch.float64)
+    masked = masked[:, :3, :3] if crop else masked
+    original = torch.randn_like(masked)
+    term = lambda m: gate_mse(m.movedim(axis, 1), original.movedim(axis, 1), correct, task_ids, 2)  # noqa: E731
+    m = masked.clone().requires_grad_()
+    torch.autograd.gradcheck(term, (m,))
+    torch.testing.assert_close(term(m), gate_mse_reference(masked.movedim(axis, 1), original.movedim(axis, 1),
+                                                           correct, task_ids, 2))
