@@ -396,12 +396,19 @@ def calibrate_beta(
         for idx in _task_indices(train, picked):
             keep += [idx[i] for i in torch.randperm(len(idx), generator=gen)[: settings.images_per_task].tolist()]
         images = train.subset(sorted(set(keep)))
+    # Updates per task (each moves a gate point's logits by lr): the open ratio depends on them.
+    batches = lambda imgs: sum(-(-len(i) // config.batch_size) for i in _task_indices(imgs, picked)) / count  # noqa: E731
+    run_updates = config.epochs * batches(train)
     config.epochs = settings.epochs or config.epochs
+    updates = config.epochs * batches(images)
     config.tasks_per_step, config.keep_every_epoch, config.mode = count, False, "batched"
     if progress:
         each = "all" if settings.images_per_task is None else f"<= {settings.images_per_task}"
         print(f"calibrating beta for {model_id}: target open ratio {target:.2f}; runs of {config.epochs} "
               f"epoch(s) on {count} task(s) ({', '.join(t.name for t in picked)}), {each} images each")
+        if updates < 0.9 * run_updates:
+            print(f"  note: {updates:.0f} updates per task against {run_updates:.0f} in the full run; fewer updates "
+                  "move the gates less, so the beta found tends to be larger than the full run needs")
 
     def open_ratio(beta: float) -> float:
         config.beta = beta
@@ -415,7 +422,8 @@ def calibrate_beta(
         print(f"beta = {found['beta']:.4g} (open ratio {found['open_ratio']:.3f}, target {target:.2f}"
               f"{'' if found['converged'] else ', not within the tolerance: more runs or a wider bracket'})")
     return {**found, "tasks": [t.name for t in picked], "epochs": config.epochs,
-            "images_per_task": settings.images_per_task, "bracket": list(settings.bracket)}
+            "images_per_task": settings.images_per_task, "bracket": list(settings.bracket),
+            "updates_per_task": updates, "run_updates_per_task": run_updates}
 
 
 def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progress: bool, device):

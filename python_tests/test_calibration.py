@@ -74,6 +74,8 @@ def test_beta_auto_calibrates_and_the_bank_says_how(zoo_vit, tmp_path, capsys):
     assert "calibrating beta for zoo_vit" in printed and "open ratio" in printed
     cal = bank.calibration
     assert cal["tasks"] == [train.classes[0], train.classes[3]] and cal["epochs"] == 2
+    # 2 epochs of one batch of 16 images against the run's 1 epoch of two batches (24 images).
+    assert cal["updates_per_task"] == 2 and cal["run_updates_per_task"] == 2
     assert 2 <= cal["runs"] <= 3 and len(cal["curve"]) == cal["runs"]
     assert bank.config["beta"] == cal["beta"] and bank.config["target_open_ratio"] == 0.3
     assert [r for _, r in cal["curve"]][0] >= [r for _, r in cal["curve"]][-1]  # fewer open at larger beta

@@ -47,10 +47,10 @@ def test_demo_disentangles_the_transformer_with_a_calibrated_beta(tmp_path):
     summary = run_demo(tmp_path / "out", cache_dir=tmp_path / "cache", epochs=1, num_mosaics=4,
                        networks=["zoo_vit"], images_per_class=(16, 8), zoo_epochs=1, progress=False)
     s = summary["zoo_vit"]
-    assert s["connection"] == "transformer" and len(s["gate_points"]) == 4
+    assert s["connection"] == "transformer" and len(s["gate_points"]) == 3
     cal = s["beta_calibration"]
     assert s["beta"] == cal["beta"] and 2 <= cal["runs"] <= 4 and len(cal["tasks"]) == 2
-    assert len(s["mean_hit_rate_per_gate_point"]) == 4  # tokens map to the patch grid
+    assert len(s["mean_hit_rate_per_gate_point"]) == 3  # tokens map to the patch grid
     assert all(h is not None for h in s["mean_hit_rate_per_gate_point"])
     html = (tmp_path / "out" / "report.html").read_text()
     assert "zoo_vit" in html
