@@ -41,10 +41,6 @@ def is_attention(module: nn.Module) -> bool:
                                                           and isinstance(module, _SwinAttention))
 
 
-def num_heads(module: nn.Module) -> int:
-    return int(module.num_heads)
-
-
 class _Handle:
     def __init__(self, module: nn.Module):
         self.module = module
