@@ -1,0 +1,497 @@
+"""Input pipelines: (image indices, generator) requests in, ready batches on the step's device out.
+
+The trainer asks a :class:`BatchLoader` for one step's batch at a time (:meth:`BatchLoader.prefetch`
+loads the next steps in the background); analyses reach one through
+:func:`nad_ext.data.load_batch` (:func:`with_loader`). Two loaders, chosen by ``data_pipeline``:
+
+- ``exact``: the reference. Per image: PIL decode (:meth:`ImageSet.load`), then
+  :func:`nad_ext.data.train_transform` / :func:`~nad_ext.data.eval_transform`; tasks in parallel
+  on CPU threads.
+- ``fast``: file bytes are read in worker threads and decoded by libjpeg-turbo
+  (``torchvision.io.decode_jpeg``; on a GPU in batches by nvjpeg); crops, flips and the
+  normalisation run on the step's device: image by image with torchvision's uint8 kernel on the
+  CPU (the exact path's pixels, bit for bit), as two batched matrix products on a GPU
+  (:mod:`nad_ext.batch_transforms`; within two grey levels of the exact path). In-memory image
+  sets skip the decode; prepared caches (:mod:`nad_ext.datacache`) hand over stored pixels.
+
+``auto`` is ``fast`` on CUDA and for prepared caches, and ``exact`` on the CPU otherwise (see
+benchmarks/RESULTS.md for the CPU measurements behind that choice).
+
+Both loaders take every random draw from :func:`nad_ext.data.train_crop_params`, with the
+request's generator, image by image in the request's order, once the image has decoded: a task
+sees the same image regions in both, and an unreadable image consumes no draws. Unreadable
+images (truncated, corrupted, not an image) stop the run with the file's path
+(``on_bad_image="stop"``) or are skipped with a warning and counted (``"skip"``); PNG, CMYK or
+grayscale JPEG and other formats PIL reads are decoded, not skipped.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import threading
+import time
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from nad_ext import batch_transforms as bt
+from nad_ext import data
+
+PIPELINES = ("auto", "exact", "fast")
+BAD_IMAGE_POLICIES = ("skip", "stop")
+MAX_LISTED_BAD_FILES = 100
+
+
+
+def _image_ops():
+    """torchvision's codec operators (``torch.ops.image``: libjpeg-turbo, nvjpeg), called directly:
+    torchvision 0.29's Python wrappers warn on every call that they are deprecated in favour of
+    TorchCodec, which is not a dependency of this project. The operators are what they run."""
+    import torchvision.io  # noqa: F401  (loads the operators)
+
+    return torch.ops.image
+
+
+_RGB = 3  # torchvision.io.ImageReadMode.RGB
+
+
+class BadImageError(ValueError):
+    """An image that cannot be read; the message names the file."""
+
+
+@dataclass
+class Fetched:
+    """One image as a source hands it over: decoded ``pixels`` (uint8 (3, h, w), any strides) or
+    encoded ``jpeg`` bytes (uint8 (n,)). ``size`` is the (H, W) that crop boxes are drawn on, the
+    original image's (a prepared cache stores a resized copy: boxes are mapped onto it)."""
+
+    where: str
+    size: tuple[int, int] | None = None
+    pixels: torch.Tensor | None = None
+    jpeg: torch.Tensor | None = None
+
+
+@dataclass
+class Batch:
+    """One step's images: ``x`` float32 (N, 3, S, S), ``labels`` int64 (N,), ``counts[k]`` images
+    of request part k (fewer than asked where images were skipped)."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    counts: list[int]
+    ready: object = None  # a CUDA event the consumer's stream waits for
+
+
+class BadImages:
+    """Applies the ``on_bad_image`` policy and keeps count of the skipped images."""
+
+    def __init__(self, policy: str):
+        if policy not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {policy!r}")
+        self.policy = policy
+        self.count = 0
+        self.files: list[str] = []
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def report(self, err: Exception, policy: str | None = None) -> None:
+        """Raises ``err`` (as :class:`BadImageError`) under "stop", else counts it and warns once per file."""
+        message = str(err)
+        if (policy or self.policy) == "stop":
+            raise BadImageError(f"{message} (to skip unreadable images instead of stopping, pass "
+                                f"--on-bad-image skip / on_bad_image='skip')") from err
+        with self._lock:
+            self.count += 1
+            if len(self.files) < MAX_LISTED_BAD_FILES:
+                self.files.append(message)
+            if message not in self._warned:
+                self._warned.add(message)
+                warnings.warn(f"skipping an unreadable image: {message}", stacklevel=2)
+
+    def take(self) -> tuple[int, list[str]]:
+        """(count, messages) since the last call."""
+        with self._lock:
+            out = (self.count, self.files)
+            self.count, self.files = 0, []
+        return out
+
+
+def resolve(pipeline: str, images: data.ImageSet, device: torch.device | str) -> str:
+    """"exact" or "fast" for ``pipeline`` ("auto", "exact", "fast") on ``images`` and ``device``."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"data_pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
+    cached = hasattr(images, "fetch")
+    if pipeline == "exact" and cached:
+        raise ValueError(f"{images.name} is a prepared cache, which is read by the fast pipeline: pass "
+                         f"--data-pipeline fast (or auto), or the image folder itself for the exact pipeline")
+    if pipeline == "auto":
+        return "fast" if cached or torch.device(device).type == "cuda" else "exact"
+    return pipeline
+
+
+def make_loader(images: data.ImageSet, size: int, device: torch.device | str = "cpu", pipeline: str = "auto",
+                on_bad_image: str = "skip", workers: int | None = None) -> "BatchLoader":
+    """The loader of ``images`` at ``size`` x ``size`` for a step on ``device``. Close it (or use
+    it as a context manager) to end its worker threads."""
+    kind = resolve(pipeline, images, device)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    check = getattr(images, "check_image_size", None)
+    if check is not None:
+        check(size)
+    cls = FastLoader if kind == "fast" else ExactLoader
+    return cls(images, size, torch.device(device), on_bad_image, workers)
+
+
+def with_loader(images: data.ImageSet, loader: "BatchLoader") -> data.ImageSet:
+    """A shallow copy of ``images`` whose :func:`nad_ext.data.load_batch` goes through ``loader``
+    (the analyses load their batches that way). Evaluation batches stop at an unreadable image."""
+    out = copy.copy(images)
+
+    def load(_images, indices, size, generator=None):
+        if size != loader.size:
+            raise ValueError(f"this image set's loader makes {loader.size}-pixel batches, not {size}")
+        if generator is None:
+            return loader.eval_batch(list(indices))
+        batch = loader.train_batch([(list(indices), generator)])
+        return batch.x, batch.labels
+
+    out.batch_loader = load
+    return out
+
+
+class BatchLoader:
+    """Base of the loaders: worker threads, the bad-image policy, background prefetching."""
+
+    kind = ""
+
+    def __init__(self, images: data.ImageSet, size: int, device: torch.device, on_bad_image: str,
+                 workers: int | None):
+        self.images, self.size, self.device = images, size, device
+        self.bad = BadImages(on_bad_image)
+        self.workers = max(1, workers or min(os.cpu_count() or 1, 16))
+        self._pool = _single_threaded_pool(self.workers)
+        self.wait_s = 0.0  # time the consumer of prefetch() spent waiting for a batch
+
+    def train_batch(self, parts: Sequence[tuple[Sequence[int], torch.Generator]]) -> Batch:
+        """Training images of one step: ``parts`` are (image indices, generator) pairs (one per
+        task), each part's images augmented in order from its generator."""
+        raise NotImplementedError
+
+    def eval_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation images (Resize + CenterCrop): x on the loader's device, labels on the CPU.
+        An unreadable image raises :class:`BadImageError`."""
+        raise NotImplementedError
+
+    def prefetch(self, requests: Iterable[Sequence[tuple[Sequence[int], torch.Generator]]],
+                 depth: int = 2) -> Iterator[Batch]:
+        """Yields :meth:`train_batch` of each request in order, the next ``depth`` loading in a
+        background thread meanwhile; the time spent waiting for them adds to ``wait_s``. The
+        batches are ready for use on the current stream of the consuming thread."""
+        requests = iter(requests)
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        def produce(parts):
+            if stream is None:
+                return self.train_batch(parts)
+            with torch.cuda.stream(stream):
+                batch = self.train_batch(parts)
+                batch.ready = torch.cuda.Event()
+                batch.ready.record(stream)
+            return batch
+
+        with ThreadPoolExecutor(1, thread_name_prefix="nad-prefetch") as producer:
+            pending = deque()
+            for parts in requests:
+                pending.append(producer.submit(produce, parts))
+                if len(pending) >= depth:
+                    break
+            while pending:
+                start = time.perf_counter()
+                batch = pending.popleft().result()
+                self.wait_s += time.perf_counter() - start
+                nxt = next(requests, None)
+                if nxt is not None:
+                    pending.append(producer.submit(produce, nxt))
+                yield self._handoff(batch)
+
+    def _handoff(self, batch: Batch) -> Batch:
+        if batch.ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(batch.ready)
+            for t in (batch.x, batch.labels):
+                t.record_stream(current)
+        batch.x = batch.x.to(self.device, non_blocking=True)
+        batch.labels = batch.labels.to(self.device, non_blocking=True)
+        return batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _labels(self, indices) -> torch.Tensor:
+        return torch.tensor([self.images.labels[i] for i in indices], dtype=torch.int64)
+
+
+def _single_threaded_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads whose PyTorch kernels run single-threaded.
+
+    Each loader thread works on one image at a time. Were every small kernel (a 224-pixel resize)
+    to fork a team of intra-op threads, the loader threads and the training step would fight
+    over the same cores: on the 2-core machine a resize took 15-20 ms instead of 1.4 ms with two
+    threads of each (benchmarks/RESULTS.md). ``torch.set_num_threads`` in a thread sets that
+    thread's OpenMP team size and, as a side effect, PyTorch's default for threads started later;
+    that default is put back once all workers have started.
+    """
+    default = torch.get_num_threads()  # also fixes this thread's own setting first
+    started = threading.Barrier(workers + 1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="nad-data", initializer=torch.set_num_threads,
+                              initargs=(1,))
+    for _ in range(workers):  # one blocking job per worker: every thread starts now
+        pool.submit(started.wait)
+    started.wait()
+    torch.set_num_threads(default)
+    return pool
+
+
+def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    return torch.stack(images) if images else torch.empty(0, 3, size, size)
+
+
+class ExactLoader(BatchLoader):
+    """The reference pipeline: :meth:`ImageSet.load` and the per-image transforms of
+    :mod:`nad_ext.data`, one thread per task part. Batches are made on the CPU."""
+
+    kind = "exact"
+
+    def train_batch(self, parts):
+        def one(part):
+            indices, generator = part
+            xs, kept = [], []
+            for i in indices:
+                try:
+                    image = self.images.load(i)
+                except (ValueError, OSError) as err:
+                    self.bad.report(err)
+                    continue
+                xs.append(data.train_transform(image, self.size, generator))
+                kept.append(i)
+            return xs, kept
+
+        done = list(self._pool.map(one, parts))
+        xs = [x for part_xs, _ in done for x in part_xs]
+        kept = [i for _, part_kept in done for i in part_kept]
+        return Batch(_stack(xs, self.size), self._labels(kept), [len(k) for _, k in done])
+
+    def eval_batch(self, indices):
+        def one(i):
+            try:
+                return data.eval_transform(self.images.load(i), self.size)
+            except (ValueError, OSError) as err:
+                self.bad.report(err, policy="stop")
+
+        return _stack(list(self._pool.map(one, indices)), self.size).to(self.device), self._labels(indices)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast pipeline
+
+# What nvjpeg decodes: baseline, extended sequential and progressive Huffman frames of 8-bit
+# grayscale or YCbCr. Other JPEGs (CMYK, arithmetic coding, 12-bit) are decoded on the CPU.
+_NVJPEG_FRAMES = (0xC0, 0xC1, 0xC2)
+
+
+def jpeg_frame(encoded) -> tuple[int, int, int, int, int] | None:
+    """(frame marker, precision, height, width, components) from a JPEG's frame header, or None
+    when ``encoded`` (bytes-like) is not a JPEG or has no readable frame header.
+
+    A marker walk of a few microseconds instead of ``PIL.Image.open`` (about 40 us per image,
+    with the GIL held: measured in benchmarks/RESULTS.md), because on a GPU the per-image Python
+    work of the producer thread bounds the images per second. Pinned against PIL on baseline,
+    progressive, grayscale, CMYK and EXIF-carrying files (python_tests/test_pipeline.py).
+    """
+    buf = memoryview(encoded).cast("B")
+    n = len(buf)
+    if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
+        return None
+    pos = 2
+    while pos + 4 <= n:
+        if buf[pos] != 0xFF:
+            return None
+        marker = buf[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if pos + 10 > n:
+                return None
+            height = (buf[pos + 5] << 8) | buf[pos + 6]
+            width = (buf[pos + 7] << 8) | buf[pos + 8]
+            return marker, buf[pos + 4], height, width, buf[pos + 9]
+        pos += 2 + ((buf[pos + 2] << 8) | buf[pos + 3])
+    return None
+
+
+def decode_cpu(encoded: torch.Tensor, where: str) -> torch.Tensor:
+    """Bytes (uint8 (n,)) -> uint8 RGB (3, H, W) with channels-last strides, the pixels of
+    :func:`nad_ext.data.read_image`: JPEGs by torchvision's libjpeg-turbo (the same pixels as
+    PIL's, tested), anything else, or a JPEG it refuses, by PIL. :class:`BadImageError` naming
+    ``where`` if neither can."""
+    if len(encoded) >= 3 and bytes(encoded[:3].tolist()) == b"\xff\xd8\xff":
+        try:
+            return _image_ops().decode_jpeg(encoded, _RGB, False)
+        except RuntimeError:
+            pass  # truncated, or a variant libjpeg-turbo's torchvision build refuses: PIL decides
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(encoded.numpy().tobytes())) as image:
+            array = np.asarray(image.convert("RGB"))
+    except Exception as err:  # PIL raises several types for broken or foreign files
+        raise BadImageError(f"cannot read image file {where}: {err}") from err
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class FastLoader(BatchLoader):
+    """The fast pipeline (see the module docstring). ``batched``: resample with
+    :func:`~nad_ext.batch_transforms.resample_batched` (default: on CUDA) instead of image by image."""
+
+    kind = "fast"
+
+    def __init__(self, images, size, device, on_bad_image, workers, batched: bool | None = None):
+        super().__init__(images, size, device, on_bad_image, workers)
+        self._cuda = device.type == "cuda"
+        self._batched = self._cuda if batched is None else batched
+        fetch = getattr(images, "fetch", None)  # prepared caches hand over stored images
+        if fetch is not None:
+            self._fetch = fetch
+        elif images.tensor is not None:
+            # Channels-last: the layout torchvision's uint8 resize kernel works in on the CPU.
+            store = images.tensor.to(device) if self._cuda else images.tensor.contiguous(
+                memory_format=torch.channels_last)
+            self._fetch = lambda i: Fetched(f"{images.name}[{i}]", pixels=store[i])
+        else:
+            self._fetch = self._read_file
+
+    def _read_file(self, i: int) -> Fetched:
+        path = self.images.paths[i]
+        try:
+            encoded = path.read_bytes()
+        except OSError as err:
+            raise BadImageError(f"cannot read image file {path}: {err}") from err
+        return Fetched(str(path), jpeg=torch.frombuffer(bytearray(encoded), dtype=torch.uint8))
+
+    def _load(self, i: int):
+        """Image i fetched, and decoded unless nvjpeg will decode it; an exception if it can't be."""
+        try:
+            item = self._fetch(i)
+            if item.jpeg is not None and not (self._cuda and self._nvjpeg_can(item.jpeg)):
+                item.pixels, item.jpeg = decode_cpu(item.jpeg, item.where), None
+            return item
+        except (ValueError, OSError, RuntimeError) as err:
+            return err if isinstance(err, BadImageError) else BadImageError(f"cannot read image {i}: {err}")
+
+    @staticmethod
+    def _nvjpeg_can(encoded: torch.Tensor) -> bool:
+        frame = jpeg_frame(encoded.numpy())
+        return frame is not None and frame[0] in _NVJPEG_FRAMES and frame[1] == 8 and frame[4] in (1, 3)
+
+    def _load_all(self, indices: Sequence[int]) -> list:
+        items = list(self._pool.map(self._load, indices))
+        if self._cuda:
+            self._decode_on_device(items)
+        for item in items:
+            if isinstance(item, Fetched) and item.size is None:
+                item.size = tuple(item.pixels.shape[-2:])
+        return items
+
+    def _decode_on_device(self, items: list) -> None:
+        """Decodes the items that still hold JPEG bytes with nvjpeg, as one batch; an item nvjpeg
+        refuses is decoded on the CPU instead. Pixels already decoded are moved to the device."""
+        decode = _image_ops().decode_jpegs_cuda
+        todo = [k for k, item in enumerate(items) if isinstance(item, Fetched) and item.jpeg is not None]
+        if todo:
+            try:
+                decoded = decode([items[k].jpeg for k in todo], _RGB, self.device)
+            except RuntimeError:  # the batch fails as a whole: find the culprits one by one
+                decoded = []
+                for k in todo:
+                    try:
+                        decoded.append(decode([items[k].jpeg], _RGB, self.device)[0])
+                    except RuntimeError:
+                        try:
+                            decoded.append(decode_cpu(items[k].jpeg, items[k].where))
+                        except BadImageError as err:
+                            decoded.append(err)
+            for k, pixels in zip(todo, decoded):
+                if isinstance(pixels, Exception):
+                    items[k] = pixels
+                else:
+                    items[k].pixels, items[k].jpeg = pixels, None
+        for item in items:
+            if isinstance(item, Fetched) and item.pixels.device != self.device:
+                item.pixels = item.pixels.to(self.device, non_blocking=True)
+
+    def _resample(self, pixels: list[torch.Tensor], windows: list, flips: list[bool]) -> torch.Tensor:
+        if self._batched:
+            out = bt.resample_batched(pixels, torch.tensor(windows, dtype=torch.int64).to(self.device), self.size)
+            return bt.flip_and_normalise(out, flips)
+        out = torch.empty(len(pixels), 3, self.size, self.size)
+
+        def one(k):  # image by image in the worker threads, each single-threaded
+            out[k] = bt.flip_and_normalise(bt.resample_each(pixels[k], *windows[k], self.size)[None], flips[k:k + 1])[0]
+
+        list(self._pool.map(one, range(len(pixels))))
+        return out
+
+    def train_batch(self, parts):
+        items = self._load_all([i for indices, _ in parts for i in indices])
+        pixels, windows, flips, kept, counts = [], [], [], [], []
+        pos = 0
+        for indices, generator in parts:
+            count = 0
+            for i in indices:
+                item = items[pos]
+                pos += 1
+                if isinstance(item, Exception):
+                    self.bad.report(item)
+                    continue
+                top, left, h, w, flip = data.train_crop_params(*item.size, generator)
+                box = bt.map_box((top, left, h, w), item.size, tuple(item.pixels.shape[-2:]))
+                pixels.append(item.pixels)
+                windows.append(bt.train_windows(*box, self.size))
+                flips.append(flip)
+                kept.append(i)
+                count += 1
+            counts.append(count)
+        return Batch(self._resample(pixels, windows, flips), self._labels(kept), counts)
+
+    def eval_batch(self, indices):
+        indices = list(indices)
+        items = self._load_all(indices)
+        windows = []
+        for item in items:
+            if isinstance(item, Exception):
+                self.bad.report(item, policy="stop")
+            grid = tuple(item.pixels.shape[-2:])
+            y, x = bt.eval_windows(*item.size, self.size)
+            # On a prepared cache's copy the resize starts from the stored size.
+            windows.append(((0, grid[0]) + y[2:], (0, grid[1]) + x[2:]))
+        x = self._resample([item.pixels for item in items], windows, [False] * len(items))
+        return x, self._labels(indices)
