@@ -119,9 +119,10 @@ def _matrices(index: torch.Tensor, weight: torch.Tensor, region_start: torch.Ten
 
 def resample_batched(images: Sequence[torch.Tensor], windows: torch.Tensor, size: int,
                      max_elements: int = 1 << 27) -> torch.Tensor:
-    """Every image through its windows at once. ``images``: uint8 (3, H_i, W_i) on one device;
-    ``windows``: int64 (N, 2, 4) of (y, x) windows. Returns float32 (N, 3, size, size) holding
-    whole grey levels (0-255).
+    """Every image through its windows at once. ``images``: uint8 (3, H_i, W_i), all on one
+    device; ``windows``: int64 (N, 2, 4) of (y, x) windows (on the CPU: the geometry is worked out
+    there, so that nothing waits for the device). Returns float32 (N, 3, size, size) on the
+    images' device, holding whole grey levels (0-255).
 
     The source region each output reads is copied into a zero-padded (n, 3, h, w) float buffer
     (in chunks of at most ``max_elements``, images sorted by region so that padding stays small),
@@ -129,39 +130,36 @@ def resample_batched(images: Sequence[torch.Tensor], windows: torch.Tensor, size
     pass, as PyTorch's uint8 kernel does.
     """
     n = len(images)
-    device = windows.device
+    device = images[0].device if n else torch.device("cpu")
     out = torch.empty(n, 3, size, size, device=device)
     if n == 0:
         return out
-    w = windows.to(device=device, dtype=torch.int64)
+    w = windows.to(device="cpu", dtype=torch.int64)
     yi, yw = axis_taps(w[:, 0, 0], w[:, 0, 1], w[:, 0, 2], w[:, 0, 3], size)
     xi, xw = axis_taps(w[:, 1, 0], w[:, 1, 1], w[:, 1, 2], w[:, 1, 3], size)
-    # The rows/columns the filter reads.
-    y0, y1 = yi.amin((1, 2)), yi.amax((1, 2)) + 1
-    x0, x1 = xi.amin((1, 2)), xi.amax((1, 2)) + 1
-    spans = torch.stack([y0, y1, x0, x1], 1).tolist()
-    order = sorted(range(n), key=lambda i: ((spans[i][1] - spans[i][0]) * (spans[i][3] - spans[i][2]), i))
-    chunk: list[int] = []
-    for pos, i in enumerate(order + [None]):
-        if i is not None:
-            grown = chunk + [i]
-            hh = max(spans[k][1] - spans[k][0] for k in grown)
-            ww = max(spans[k][3] - spans[k][2] for k in grown)
-            if not chunk or len(grown) * 3 * hh * ww <= max_elements:
-                chunk = grown
-                continue
-        hh = max(spans[k][1] - spans[k][0] for k in chunk)
-        ww = max(spans[k][3] - spans[k][2] for k in chunk)
+    y0, x0 = yi.amin((1, 2)), xi.amin((1, 2))  # the rows/columns the filter reads
+    spans = torch.stack([y0, yi.amax((1, 2)) + 1, x0, xi.amax((1, 2)) + 1], 1).tolist()
+    heights = [b - a for a, b, _, _ in spans]
+    widths = [d - c for _, _, c, d in spans]
+    order = sorted(range(n), key=lambda i: (heights[i] * widths[i], i))
+    chunks, chunk, hh, ww = [], [], 0, 0
+    for i in order:
+        h2, w2 = max(hh, heights[i]), max(ww, widths[i])
+        if chunk and (len(chunk) + 1) * 3 * h2 * w2 > max_elements:
+            chunks.append((chunk, hh, ww))
+            chunk, h2, w2 = [], heights[i], widths[i]
+        chunk, hh, ww = chunk + [i], h2, w2
+    chunks.append((chunk, hh, ww))
+    for chunk, hh, ww in chunks:
         region = torch.zeros(len(chunk), 3, hh, ww, device=device)
         for slot, k in enumerate(chunk):
             a, b, c, d = spans[k]
             region[slot, :, : b - a, : d - c].copy_(images[k][:, a:b, c:d])
-        idx = torch.tensor(chunk, device=device)
-        mx = _matrices(xi[idx], xw[idx], x0[idx], ww)  # (n, size, ww)
-        my = _matrices(yi[idx], yw[idx], y0[idx], hh)  # (n, size, hh)
+        idx = torch.tensor(chunk)
+        mx = _matrices(xi[idx].to(device), xw[idx].to(device), x0[idx].to(device), ww)  # (n, size, ww)
+        my = _matrices(yi[idx].to(device), yw[idx].to(device), y0[idx].to(device), hh)  # (n, size, hh)
         horizontal = torch.matmul(region, mx.transpose(1, 2)[:, None]).round_().clamp_(0, 255)
-        out[idx] = torch.matmul(my[:, None], horizontal).round_().clamp_(0, 255)
-        chunk = [i] if i is not None else []
+        out[idx.to(device)] = torch.matmul(my[:, None], horizontal).round_().clamp_(0, 255)
     return out
 
 

@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 
 from nad_ext import data
 from nad_ext.batch_transforms import EVAL_RESIZE
-from nad_ext.pipeline import BAD_IMAGE_POLICIES, BadImageError, Fetched, _image_ops, decode_cpu
+from nad_ext.decode import BadImageError, decode_cpu, image_ops
+from nad_ext.pipeline import BAD_IMAGE_POLICIES, Fetched
 
 FORMAT = "nad-ext.datacache/1"
 INDEX_FILE = "index.safetensors"
@@ -84,7 +85,7 @@ def _prepare_one(path: Path, short: int, encoding: str, quality: int):
     if encoding == "raw":
         payload = pixels.permute(1, 2, 0).contiguous().numpy().tobytes()
     else:
-        payload = _image_ops().encode_jpeg(pixels.contiguous(), quality).numpy().tobytes()
+        payload = image_ops().encode_jpeg(pixels.contiguous(), quality).numpy().tobytes()
     return original, tuple(pixels.shape[-2:]), payload
 
 

@@ -9,7 +9,7 @@ loads the next steps in the background); analyses reach one through
   on CPU threads.
 - ``fast``: file bytes are read in worker threads and decoded by libjpeg-turbo
   (``torchvision.io.decode_jpeg``; on a GPU in batches by nvjpeg); crops, flips and the
-  normalisation run on the step's device: image by image with torchvision's uint8 kernel on the
+  normalisation run on the step's device (decoders: :mod:`nad_ext.decode`): image by image with torchvision's uint8 kernel on the
   CPU (the exact path's pixels, bit for bit), as two batched matrix products on a GPU
   (:mod:`nad_ext.batch_transforms`; within two grey levels of the exact path). In-memory image
   sets skip the decode; prepared caches (:mod:`nad_ext.datacache`) hand over stored pixels.
@@ -27,7 +27,6 @@ grayscale JPEG and other formats PIL reads are decoded, not skipped.
 from __future__ import annotations
 
 import copy
-import io
 import os
 import threading
 import time
@@ -37,32 +36,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from nad_ext import batch_transforms as bt
 from nad_ext import data
+from nad_ext.decode import BadImageError, decode_batch_cuda, decode_cpu, nvjpeg_can
 
 PIPELINES = ("auto", "exact", "fast")
 BAD_IMAGE_POLICIES = ("skip", "stop")
 MAX_LISTED_BAD_FILES = 100
 
-
-
-def _image_ops():
-    """torchvision's codec operators (``torch.ops.image``: libjpeg-turbo, nvjpeg), called directly:
-    torchvision 0.29's Python wrappers warn on every call that they are deprecated in favour of
-    TorchCodec, which is not a dependency of this project. The operators are what they run."""
-    import torchvision.io  # noqa: F401  (loads the operators)
-
-    return torch.ops.image
-
-
-_RGB = 3  # torchvision.io.ImageReadMode.RGB
-
-
-class BadImageError(ValueError):
-    """An image that cannot be read; the message names the file."""
 
 
 @dataclass
@@ -226,7 +209,8 @@ class BatchLoader:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(batch.ready)
             for t in (batch.x, batch.labels):
-                t.record_stream(current)
+                if t.is_cuda:  # made on the loader's stream, used on this one
+                    t.record_stream(current)
         batch.x = batch.x.to(self.device, non_blocking=True)
         batch.labels = batch.labels.to(self.device, non_blocking=True)
         return batch
@@ -307,67 +291,6 @@ class ExactLoader(BatchLoader):
 # ----------------------------------------------------------------------------------------------
 # The fast pipeline
 
-# What nvjpeg decodes: baseline, extended sequential and progressive Huffman frames of 8-bit
-# grayscale or YCbCr. Other JPEGs (CMYK, arithmetic coding, 12-bit) are decoded on the CPU.
-_NVJPEG_FRAMES = (0xC0, 0xC1, 0xC2)
-
-
-def jpeg_frame(encoded) -> tuple[int, int, int, int, int] | None:
-    """(frame marker, precision, height, width, components) from a JPEG's frame header, or None
-    when ``encoded`` (bytes-like) is not a JPEG or has no readable frame header.
-
-    A marker walk of a few microseconds instead of ``PIL.Image.open`` (about 40 us per image,
-    with the GIL held: measured in benchmarks/RESULTS.md), because on a GPU the per-image Python
-    work of the producer thread bounds the images per second. Pinned against PIL on baseline,
-    progressive, grayscale, CMYK and EXIF-carrying files (python_tests/test_pipeline.py).
-    """
-    buf = memoryview(encoded).cast("B")
-    n = len(buf)
-    if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
-        return None
-    pos = 2
-    while pos + 4 <= n:
-        if buf[pos] != 0xFF:
-            return None
-        marker = buf[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
-            return None
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if pos + 10 > n:
-                return None
-            height = (buf[pos + 5] << 8) | buf[pos + 6]
-            width = (buf[pos + 7] << 8) | buf[pos + 8]
-            return marker, buf[pos + 4], height, width, buf[pos + 9]
-        pos += 2 + ((buf[pos + 2] << 8) | buf[pos + 3])
-    return None
-
-
-def decode_cpu(encoded: torch.Tensor, where: str) -> torch.Tensor:
-    """Bytes (uint8 (n,)) -> uint8 RGB (3, H, W) with channels-last strides, the pixels of
-    :func:`nad_ext.data.read_image`: JPEGs by torchvision's libjpeg-turbo (the same pixels as
-    PIL's, tested), anything else, or a JPEG it refuses, by PIL. :class:`BadImageError` naming
-    ``where`` if neither can."""
-    if len(encoded) >= 3 and bytes(encoded[:3].tolist()) == b"\xff\xd8\xff":
-        try:
-            return _image_ops().decode_jpeg(encoded, _RGB, False)
-        except RuntimeError:
-            pass  # truncated, or a variant libjpeg-turbo's torchvision build refuses: PIL decides
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(encoded.numpy().tobytes())) as image:
-            array = np.asarray(image.convert("RGB"))
-    except Exception as err:  # PIL raises several types for broken or foreign files
-        raise BadImageError(f"cannot read image file {where}: {err}") from err
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
 class FastLoader(BatchLoader):
     """The fast pipeline (see the module docstring). ``batched``: resample with
     :func:`~nad_ext.batch_transforms.resample_batched` (default: on CUDA) instead of image by image."""
@@ -383,8 +306,10 @@ class FastLoader(BatchLoader):
             self._fetch = fetch
         elif images.tensor is not None:
             # Channels-last: the layout torchvision's uint8 resize kernel works in on the CPU.
-            store = images.tensor.to(device) if self._cuda else images.tensor.contiguous(
-                memory_format=torch.channels_last)
+            store = images.tensor.contiguous(memory_format=torch.channels_last)
+            if self._cuda:  # uploaded once; the loader's own stream reads it later
+                store = store.to(device)
+                torch.cuda.current_stream(device).synchronize()
             self._fetch = lambda i: Fetched(f"{images.name}[{i}]", pixels=store[i])
         else:
             self._fetch = self._read_file
@@ -401,16 +326,11 @@ class FastLoader(BatchLoader):
         """Image i fetched, and decoded unless nvjpeg will decode it; an exception if it can't be."""
         try:
             item = self._fetch(i)
-            if item.jpeg is not None and not (self._cuda and self._nvjpeg_can(item.jpeg)):
+            if item.jpeg is not None and not (self._cuda and nvjpeg_can(item.jpeg)):
                 item.pixels, item.jpeg = decode_cpu(item.jpeg, item.where), None
             return item
         except (ValueError, OSError, RuntimeError) as err:
             return err if isinstance(err, BadImageError) else BadImageError(f"cannot read image {i}: {err}")
-
-    @staticmethod
-    def _nvjpeg_can(encoded: torch.Tensor) -> bool:
-        frame = jpeg_frame(encoded.numpy())
-        return frame is not None and frame[0] in _NVJPEG_FRAMES and frame[1] == 8 and frame[4] in (1, 3)
 
     def _load_all(self, indices: Sequence[int]) -> list:
         items = list(self._pool.map(self._load, indices))
@@ -422,35 +342,22 @@ class FastLoader(BatchLoader):
         return items
 
     def _decode_on_device(self, items: list) -> None:
-        """Decodes the items that still hold JPEG bytes with nvjpeg, as one batch; an item nvjpeg
-        refuses is decoded on the CPU instead. Pixels already decoded are moved to the device."""
-        decode = _image_ops().decode_jpegs_cuda
+        """Decodes the items that still hold JPEG bytes as one nvjpeg batch (those it refuses on the
+        CPU); moves pixels decoded on the CPU to the device."""
         todo = [k for k, item in enumerate(items) if isinstance(item, Fetched) and item.jpeg is not None]
-        if todo:
-            try:
-                decoded = decode([items[k].jpeg for k in todo], _RGB, self.device)
-            except RuntimeError:  # the batch fails as a whole: find the culprits one by one
-                decoded = []
-                for k in todo:
-                    try:
-                        decoded.append(decode([items[k].jpeg], _RGB, self.device)[0])
-                    except RuntimeError:
-                        try:
-                            decoded.append(decode_cpu(items[k].jpeg, items[k].where))
-                        except BadImageError as err:
-                            decoded.append(err)
-            for k, pixels in zip(todo, decoded):
-                if isinstance(pixels, Exception):
-                    items[k] = pixels
-                else:
-                    items[k].pixels, items[k].jpeg = pixels, None
+        for k, pixels in zip(todo, decode_batch_cuda([items[k].jpeg for k in todo], [items[k].where for k in todo],
+                                                     self.device)):
+            if isinstance(pixels, Exception):
+                items[k] = pixels
+            else:
+                items[k].pixels, items[k].jpeg = pixels, None
         for item in items:
             if isinstance(item, Fetched) and item.pixels.device != self.device:
                 item.pixels = item.pixels.to(self.device, non_blocking=True)
 
     def _resample(self, pixels: list[torch.Tensor], windows: list, flips: list[bool]) -> torch.Tensor:
         if self._batched:
-            out = bt.resample_batched(pixels, torch.tensor(windows, dtype=torch.int64).to(self.device), self.size)
+            out = bt.resample_batched(pixels, torch.tensor(windows, dtype=torch.int64), self.size)
             return bt.flip_and_normalise(out, flips)
         out = torch.empty(len(pixels), 3, self.size, self.size)
 

@@ -60,7 +60,7 @@ def test_resample_batched_within_two_grey_levels_of_torchvision(device):
             expected.append(TF.resized_crop(image, top, left, bh, bw, [size, size], antialias=True))
         windows.append([y, x])
     windows = torch.tensor(windows)
-    out = bt.resample_batched([im.to(device) for im in images], windows.to(device), size)
+    out = bt.resample_batched([im.to(device) for im in images], windows, size)
     assert out.shape == (12, 3, size, size) and out.dtype == torch.float32 and out.device.type == device
     diff = (out.cpu() - torch.stack(expected).float()).abs()
     # The uint8 kernel rounds fixed-point weights; a pass's rounding difference can carry into the
@@ -68,7 +68,7 @@ def test_resample_batched_within_two_grey_levels_of_torchvision(device):
     assert diff.max() <= 2 and diff.mean() < 0.1
     assert torch.equal(out, out.round())
     # Chunking (a small padding budget) changes nothing but float summation order.
-    small = bt.resample_batched([im.to(device) for im in images], windows.to(device), size, max_elements=3 * 40 * 40)
+    small = bt.resample_batched([im.to(device) for im in images], windows, size, max_elements=3 * 40 * 40)
     assert (small - out).abs().max() <= 2
     for image, (y, x), exact in zip(images, windows.tolist(), expected):
         assert torch.equal(bt.resample_each(image, y, x, size), exact)
