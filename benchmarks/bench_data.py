@@ -169,7 +169,8 @@ def main() -> None:
             continue
         out = folder / f"cache_{encoding}_{args.size}"
         start = time.perf_counter()
-        datacache.prepare(folder, out, args.size, encoding=encoding, overwrite=True, progress=False, workers=args.workers)
+        datacache.prepare(folder, out, args.size, encoding=encoding, overwrite=True, progress=False,
+                          workers=args.workers)
         size_mb = (out / datacache.IMAGES_FILE).stat().st_size / 1e6
         print(f"cache-{encoding}: prepared in {time.perf_counter() - start:.1f} s, {size_mb:.0f} MB")
         sets[f"cache-{encoding}"] = datacache.open_split(out, "train")

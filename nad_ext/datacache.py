@@ -76,6 +76,10 @@ def _digest(payload) -> bytes:
     return hashlib.blake2b(payload, digest_size=16).digest()
 
 
+def _bytes_tensor(payload: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+
+
 def _prepare_one(path: Path, short: int, encoding: str, quality: int):
     """(original (H, W), stored (h, w), payload bytes) of one image file."""
     pixels = decode_cpu(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), str(path))
@@ -152,7 +156,8 @@ def prepare(data_root: str | Path, out: str | Path, image_size: int = 224, *, sh
                             bar.update(1)
                             continue
                         blob.write(payload)
-                        rows.append((offset, len(payload), *stored, *original, images.labels[i], _digest(payload), name))
+                        rows.append((offset, len(payload), *stored, *original, images.labels[i], _digest(payload),
+                                     name))
                         offset += len(payload)
                         bar.update(1)
                 bar.close()
@@ -164,8 +169,8 @@ def prepare(data_root: str | Path, out: str | Path, image_size: int = 224, *, sh
                 tensors[f"{split}.stored_hw"] = torch.tensor(list(zip(cols[2], cols[3])), dtype=torch.int32)
                 tensors[f"{split}.original_hw"] = torch.tensor(list(zip(cols[4], cols[5])), dtype=torch.int32)
                 tensors[f"{split}.label"] = torch.tensor(cols[6], dtype=torch.int64)
-                tensors[f"{split}.checksum"] = torch.from_numpy(np.frombuffer(b"".join(cols[7]), dtype=np.uint8).reshape(-1, 16).copy())
-                tensors[f"{split}.names"] = torch.from_numpy(np.frombuffer("\n".join(cols[8]).encode(), dtype=np.uint8).copy())
+                tensors[f"{split}.checksum"] = _bytes_tensor(b"".join(cols[7])).view(-1, 16)
+                tensors[f"{split}.names"] = _bytes_tensor("\n".join(cols[8]).encode())
                 splits_meta[split] = {"classes": images.classes, "count": len(rows), "skipped": skipped,
                                       "source": str(split_dir.resolve())}
             blob.flush()

@@ -7,12 +7,12 @@ loads the next steps in the background); analyses reach one through
 - ``exact``: the reference. Per image: PIL decode (:meth:`ImageSet.load`), then
   :func:`nad_ext.data.train_transform` / :func:`~nad_ext.data.eval_transform`; tasks in parallel
   on CPU threads.
-- ``fast``: file bytes are read in worker threads and decoded by libjpeg-turbo
-  (``torchvision.io.decode_jpeg``; on a GPU in batches by nvjpeg); crops, flips and the
-  normalisation run on the step's device (decoders: :mod:`nad_ext.decode`): image by image with torchvision's uint8 kernel on the
-  CPU (the exact path's pixels, bit for bit), as two batched matrix products on a GPU
-  (:mod:`nad_ext.batch_transforms`; within two grey levels of the exact path). In-memory image
-  sets skip the decode; prepared caches (:mod:`nad_ext.datacache`) hand over stored pixels.
+- ``fast``: file bytes are read in worker threads and decoded by libjpeg-turbo, on a GPU in
+  batches by nvjpeg (:mod:`nad_ext.decode`); crops, flips and the normalisation run on the
+  step's device: image by image with torchvision's uint8 kernel on the CPU (the exact path's
+  pixels, bit for bit), as two batched matrix products on a GPU (:mod:`nad_ext.batch_transforms`;
+  within two grey levels of the exact path). In-memory image sets skip the decode; prepared
+  caches (:mod:`nad_ext.datacache`) hand over stored pixels.
 
 ``auto`` is ``fast`` on CUDA and for prepared caches, and ``exact`` on the CPU otherwise (see
 benchmarks/RESULTS.md for the CPU measurements behind that choice).
@@ -45,7 +45,6 @@ from nad_ext.decode import BadImageError, decode_batch_cuda, decode_cpu, nvjpeg_
 PIPELINES = ("auto", "exact", "fast")
 BAD_IMAGE_POLICIES = ("skip", "stop")
 MAX_LISTED_BAD_FILES = 100
-
 
 
 @dataclass
@@ -291,6 +290,7 @@ class ExactLoader(BatchLoader):
 # ----------------------------------------------------------------------------------------------
 # The fast pipeline
 
+
 class FastLoader(BatchLoader):
     """The fast pipeline (see the module docstring). ``batched``: resample with
     :func:`~nad_ext.batch_transforms.resample_batched` (default: on CUDA) instead of image by image."""
@@ -330,7 +330,10 @@ class FastLoader(BatchLoader):
                 item.pixels, item.jpeg = decode_cpu(item.jpeg, item.where), None
             return item
         except (ValueError, OSError, RuntimeError) as err:
-            return err if isinstance(err, BadImageError) else BadImageError(f"cannot read image {i}: {err}")
+            if isinstance(err, BadImageError):
+                return err
+            where = self.images.paths[i] if self.images.paths is not None else f"{self.images.name}[{i}]"
+            return BadImageError(f"cannot read image {where}: {err}")
 
     def _load_all(self, indices: Sequence[int]) -> list:
         items = list(self._pool.map(self._load, indices))
@@ -362,7 +365,8 @@ class FastLoader(BatchLoader):
         out = torch.empty(len(pixels), 3, self.size, self.size)
 
         def one(k):  # image by image in the worker threads, each single-threaded
-            out[k] = bt.flip_and_normalise(bt.resample_each(pixels[k], *windows[k], self.size)[None], flips[k:k + 1])[0]
+            image = bt.resample_each(pixels[k], *windows[k], self.size)
+            out[k] = bt.flip_and_normalise(image[None], flips[k: k + 1])[0]
 
         list(self._pool.map(one, range(len(pixels))))
         return out

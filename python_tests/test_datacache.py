@@ -65,7 +65,8 @@ def test_a_cache_that_stores_full_size_images_trains_exactly(tree, tmp_path):
     model = models.get_spec("zoo_plain").build(4)
     config = dict(epochs=1, image_size=SIZE, beta=1.0, batch_size=4)
     banks = [disentangle(model, images, "zoo_plain", model_id="zoo_plain", progress=False,
-                         config=NADConfig(data_pipeline=kind, **config)) for images, kind in ((folder, "exact"), (big, "auto"))]
+                         config=NADConfig(data_pipeline=kind, **config))
+             for images, kind in ((folder, "exact"), (big, "auto"))]
     assert all(torch.equal(x, y) for x, y in zip(banks[0].logits, banks[1].logits))
 
 
