@@ -93,8 +93,10 @@ def one_pass(loader, n: int, args, seed: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def resample_table(folder: Path, size: int, device: torch.device, repeats: int) -> list[tuple[str, float]]:
-    """ms per image for the crop + resize of 64 decoded images, three ways."""
+def resample_table(folder: Path, size: int, device: torch.device, repeats: int, workers: int | None):
+    """ms per image for the crop + resize of 64 decoded images, three ways, as the pipeline would
+    run them: image by image on the loader's single-threaded worker threads, the batched ways on
+    the device (on the CPU with all intra-op threads)."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.ops import roi_align
 
@@ -106,8 +108,12 @@ def resample_table(folder: Path, size: int, device: torch.device, repeats: int) 
     windows = torch.tensor([bt.train_windows(*b, size) for b in boxes])
     on_device = [im.to(device) for im in images]
 
+    pool = pipeline._single_threaded_pool(workers or min(torch.get_num_threads(), 16))
+    listed = windows.tolist()
+
     def each():
-        return torch.stack([bt.resample_each(im, *w.tolist(), size) for im, w in zip(images, windows)]).to(device)
+        out = list(pool.map(lambda k: bt.resample_each(images[k], *listed[k], size), range(len(images))))
+        return torch.stack(out).to(device)
 
     def batched():
         return bt.resample_batched(on_device, windows, size)
@@ -138,6 +144,7 @@ def resample_table(folder: Path, size: int, device: torch.device, repeats: int) 
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         rows.append((name, statistics.median(times) / len(images) * 1e3, diff))
+    pool.shutdown()
     return rows
 
 
@@ -201,7 +208,7 @@ def main() -> None:
     print(f"\ncrop + resize of 64 decoded 500x375 images to {args.size} on {device}:")
     print("| method | ms per image | mean abs. difference to the exact pixels (grey levels) |")
     print("|---|---|---|")
-    for name, ms, diff in resample_table(folder, args.size, device, max(args.repeats, 3)):
+    for name, ms, diff in resample_table(folder, args.size, device, max(args.repeats, 3), args.workers):
         print(f"| {name} | {ms:.3f} | {diff:.3f} |")
 
 

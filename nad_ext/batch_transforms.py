@@ -163,12 +163,21 @@ def resample_batched(images: Sequence[torch.Tensor], windows: torch.Tensor, size
     return out
 
 
+_MEAN = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8-valued (..., 3, S, S) -> float32 ``(x / 255 - mean) / std`` per channel: the same
+    float operations as the exact path (:func:`nad_ext.data.train_transform`)."""
+    mean, std = _MEAN.to(images.device, non_blocking=True), _STD.to(images.device, non_blocking=True)
+    return (images.float() / 255.0 - mean) / std
+
+
 def flip_and_normalise(batch: torch.Tensor, flips: Sequence[bool] | torch.Tensor | None = None) -> torch.Tensor:
-    """uint8-valued (N, 3, S, S) -> float32, the images with ``flips[i]`` mirrored left-right, then
-    ``(x / 255 - mean) / std`` per channel, the same float operations as the exact path."""
+    """uint8-valued (N, 3, S, S) -> float32: the images with ``flips[i]`` mirrored left-right,
+    then :func:`normalise`."""
     if flips is not None and len(batch):
         flips = torch.as_tensor(flips, dtype=torch.bool).to(batch.device, non_blocking=True)
         batch = torch.where(flips.view(-1, 1, 1, 1), batch.flip(-1), batch)
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, -1, 1, 1)
-    return (batch.float() / 255.0 - mean) / std
+    return normalise(batch)

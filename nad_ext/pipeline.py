@@ -226,6 +226,13 @@ class BatchLoader:
     def _labels(self, indices) -> torch.Tensor:
         return torch.tensor([self.images.labels[i] for i in indices], dtype=torch.int64)
 
+    def _map(self, fn, items: Sequence) -> list:
+        """``[fn(x) for x in items]`` on the worker threads, in a few contiguous chunks per thread
+        (one job per image costs more than a small image's work)."""
+        step = max(1, -(-len(items) // (2 * self.workers)))
+        chunks = [items[i: i + step] for i in range(0, len(items), step)]
+        return [y for chunk in self._pool.map(lambda c: [fn(x) for x in c], chunks) for y in chunk]
+
 
 def _single_threaded_pool(workers: int) -> ThreadPoolExecutor:
     """A pool of ``workers`` threads whose PyTorch kernels run single-threaded.
@@ -336,7 +343,7 @@ class FastLoader(BatchLoader):
             return BadImageError(f"cannot read image {where}: {err}")
 
     def _load_all(self, indices: Sequence[int]) -> list:
-        items = list(self._pool.map(self._load, indices))
+        items = self._map(self._load, list(indices))
         if self._cuda:
             self._decode_on_device(items)
         for item in items:
@@ -366,9 +373,9 @@ class FastLoader(BatchLoader):
 
         def one(k):  # image by image in the worker threads, each single-threaded
             image = bt.resample_each(pixels[k], *windows[k], self.size)
-            out[k] = bt.flip_and_normalise(image[None], flips[k: k + 1])[0]
+            out[k] = bt.normalise(image.flip(-1) if flips[k] else image)
 
-        list(self._pool.map(one, range(len(pixels))))
+        self._map(one, range(len(pixels)))
         return out
 
     def train_batch(self, parts):
