@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -49,7 +50,7 @@ from tqdm.auto import tqdm
 from nad_ext import data
 from nad_ext.batch_transforms import EVAL_RESIZE
 from nad_ext.decode import BadImageError, decode_cpu, image_ops
-from nad_ext.pipeline import BAD_IMAGE_POLICIES, Fetched
+from nad_ext.pipeline import BAD_IMAGE_POLICIES, Fetched, _single_threaded_pool
 
 FORMAT = "nad-ext.datacache/1"
 INDEX_FILE = "index.safetensors"
@@ -135,7 +136,7 @@ def prepare(data_root: str | Path, out: str | Path, image_size: int = 224, *, sh
     workers = max(1, workers or min(os.cpu_count() or 1, 16))
     tensors, splits_meta, offset = {}, {}, 0
     try:
-        with open(tmp / IMAGES_FILE, "wb") as blob, ThreadPoolExecutor(workers) as pool:
+        with open(tmp / IMAGES_FILE, "wb") as blob, _single_threaded_pool(workers) as pool:
             for split, images in sets.items():
                 split_dir = root / split
                 rows, skipped = [], []
@@ -239,8 +240,13 @@ class DataCache:
         if actual != expected:
             raise CacheError(f"{images} has {max(actual, 0)} bytes where its index expects {expected}: the cache "
                              f"is truncated or incomplete; prepare it again")
-        # Copy-on-write mapping: writable for torch.from_numpy, never written back.
-        self._blob = torch.from_numpy(np.memmap(images, dtype=np.uint8, mode="c")) if expected else None
+        self._blob = None
+        if expected:
+            # A read-only mapping (a private writable one of a file larger than the memory can be
+            # refused by the kernel); nothing ever writes to it.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                self._blob = torch.from_numpy(np.memmap(images, dtype=np.uint8, mode="r"))
 
     @property
     def image_size(self) -> int:
