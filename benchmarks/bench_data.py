@@ -3,8 +3,8 @@ the step's device, for the exact pipeline, the fast pipeline and the prepared ca
 side by side in one run (timings on shared machines drift, ratios hold).
 
 The data: an ImageNet-like folder generated here (no downloads): ``--count`` JPEGs of 500 x 375
-at quality 90 (multi-scale noise with the spectrum of natural images, ~80 KB each, about the
-size of an ImageNet training JPEG), in 10 class folders; kept in ``--dir`` between runs. Each
+at quality 90 (crops of multi-scale noise with the spectrum of natural images, ~80 KB each,
+about the size of an ImageNet training JPEG), in 10 class folders; kept in ``--dir`` between runs. Each
 measured pass loads every image once as the trainer does: steps of ``--tasks`` task batches of
 ``--batch`` images, every batch augmented from its own generator, the next steps loading in the
 background (``BatchLoader.prefetch``), the batch ready on the device (CUDA synchronised).
@@ -39,35 +39,37 @@ from nad_ext import data, datacache, pipeline
 
 
 def make_folder(root: Path, count: int, classes: int = 10, seed: int = 0) -> None:
-    """``count`` JPEGs (500 x 375, quality 90) of multi-scale noise under root/train/<class>/."""
+    """``count`` JPEGs (500 x 375, quality 90) under root/train/<class>/: crops of a few large
+    canvases of multi-scale noise (the spectrum of natural images), each with its own fine noise."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
 
     marker = root / "settings.json"
-    settings = {"count": count, "classes": classes, "seed": seed, "version": 1}
+    settings = {"count": count, "classes": classes, "seed": seed, "version": 2}
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return
     shutil.rmtree(root, ignore_errors=True)
     for c in range(classes):
         (root / "train" / f"class{c:02d}").mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
-    h, w, block = 375, 500, 64
+    h, w, ch, cw = 375, 500, 750, 1000
+    canvases = torch.zeros(max(1, count // 50), 3, ch, cw)
+    for cells, amp in ((8, 0.5), (32, 0.25), (128, 0.12), (256, 0.2), (500, 0.5)):
+        small = torch.randn(len(canvases), 3, cells * ch // cw, cells, generator=gen)
+        canvases += amp * F.interpolate(small, size=(ch, cw), mode="bicubic", align_corners=False)
+    corners = torch.randint(0, ch - h, (count,), generator=gen).tolist(), torch.randint(0, cw - w, (count,),
+                                                                                          generator=gen).tolist()
 
-    def save(k, array):
-        Image.fromarray(array).save(root / "train" / f"class{k % classes:02d}" / f"{k:05d}.jpg", quality=90)
+    def save(k):
+        image = canvases[k % len(canvases), :, corners[0][k]: corners[0][k] + h, corners[1][k]: corners[1][k] + w]
+        image = image + torch.randn(3, h, w, generator=torch.Generator().manual_seed(seed * 100_003 + k)) * 0.12
+        image = ((image - image.min()) / (image.max() - image.min()) * 255).to(torch.uint8)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(
+            root / "train" / f"class{k % classes:02d}" / f"{k:05d}.jpg", quality=90)
 
     with ThreadPoolExecutor(torch.get_num_threads()) as pool:
-        for lo in range(0, count, block):
-            n = min(block, count - lo)
-            image = torch.zeros(n, 3, h, w)
-            for cells, amp in ((4, 0.5), (16, 0.25), (64, 0.12), (128, 0.2), (250, 0.5)):
-                small = torch.randn(n, 3, max(2, cells * h // w), cells, generator=gen)
-                image += amp * F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)
-            image += torch.randn(n, 3, h, w, generator=gen) * 0.12
-            lo_v, hi_v = image.amin((1, 2, 3), keepdim=True), image.amax((1, 2, 3), keepdim=True)
-            arrays = ((image - lo_v) / (hi_v - lo_v) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-            list(pool.map(save, range(lo, lo + n), arrays))
+        list(pool.map(save, range(count)))
     marker.write_text(json.dumps(settings))
 
 
@@ -159,6 +161,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, <= 16)")
     parser.add_argument("--paths", nargs="+", default=["exact", "fast", "cache-raw", "cache-jpeg"])
     parser.add_argument("--dir", default=".nad_cache/bench_data")
+    parser.add_argument("--disentangle", metavar="MODEL",
+                        help="also run `disentangle` end to end on the folder (fast pipeline, random weights, "
+                             "3 epochs) and report the last epoch's images/s and data wait; compare with "
+                             "bench_step.py's img/s for MODEL")
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     folder = Path(args.dir)
@@ -193,6 +199,20 @@ def main() -> None:
     for r in range(args.repeats):  # interleaved, so that drifts of a shared machine hit every path alike
         for name, loader in loaders.items():
             results[name].append(one_pass(loader, len(files), args, r))
+    # Pixel agreement with the exact pipeline on the same draws (one step's batch; eval batch).
+    levels = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) * 255  # normalised units -> grey levels
+    agreement = {}
+    if "exact" in loaders:
+        parts = requests(len(files), args.tasks, args.batch, 12345)[0]
+        sample = [i for indices, _ in parts for i in indices][: 4 * args.batch]
+        reference = loaders["exact"].train_batch(parts).x
+        reference_eval = loaders["exact"].eval_batch(sample)[0]
+        for name, loader in loaders.items():
+            train_diff = (loader.train_batch(requests(len(files), args.tasks, args.batch, 12345)[0]).x.cpu()
+                          - reference).abs() * levels
+            eval_diff = (loader.eval_batch(sample)[0].cpu() - reference_eval).abs() * levels
+            agreement[name] = (train_diff.mean().item(), train_diff.max().item(), eval_diff.mean().item(),
+                               eval_diff.max().item())
     for loader in loaders.values():
         loader.close()
 
@@ -205,11 +225,41 @@ def main() -> None:
         print(f"| {name} | {statistics.median(values):,.0f} | {', '.join(f'{v:.0f}' for v in values)}{note} "
               f"| {ratio:.2f} |")
 
+    if agreement:
+        print("\npixels against the exact pipeline, same draws (grey levels):")
+        print("| path | training batch: mean abs. diff. | max | evaluation batch: mean | max |")
+        print("|---|---|---|---|---|")
+        for name, (tm, tx, em, ex) in agreement.items():
+            print(f"| {name} | {tm:.3f} | {tx:.0f} | {em:.3f} | {ex:.0f} |")
+
     print(f"\ncrop + resize of 64 decoded 500x375 images to {args.size} on {device}:")
     print("| method | ms per image | mean abs. difference to the exact pixels (grey levels) |")
     print("|---|---|---|")
     for name, ms, diff in resample_table(folder, args.size, device, max(args.repeats, 3), args.workers):
         print(f"| {name} | {ms:.3f} | {diff:.3f} |")
+
+    if args.disentangle:
+        end_to_end(args.disentangle, train, device, args)
+
+
+def end_to_end(name: str, train, device: torch.device, args) -> None:
+    """``disentangle`` on the folder through the fast pipeline: the last of 3 epochs."""
+    import tempfile
+
+    from nad_ext import models
+    from nad_ext.trainer import NADConfig, disentangle
+
+    torch.manual_seed(0)
+    model = models.load_model(name, num_classes=len(train.classes))
+    config = NADConfig(epochs=3, image_size=args.size, tasks_per_step=args.tasks, device=str(device),
+                       data_pipeline="fast", keep_every_epoch=False)
+    with tempfile.TemporaryDirectory() as out:
+        disentangle(model, train, name, model_id=name, config=config, out_dir=out, progress=False)
+        last = json.loads((Path(out) / "log.json").read_text())["epochs"][-1]
+    total = last["data_wait_s"] + last["step_s"]
+    print(f"\ndisentangle {name} on {device} (fast pipeline, last of 3 epochs): "
+          f"{last['images_per_second']:,.0f} images/s, data wait {last['data_wait_s']:.2f} s of {total:.2f} s "
+          f"({last['data_wait_s'] / total:.0%})")
 
 
 if __name__ == "__main__":

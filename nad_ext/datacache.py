@@ -9,13 +9,17 @@ are (never enlarged). Each image's original size is kept:
 - evaluation (Resize(R) + CenterCrop(S)) from the cache gives the exact path's pixels bit for
   bit: the stored image *is* the exact path's intermediate;
 - training draws its RandomResizedCrop box and flip on the original size, from the same
-  generator in the same order as the exact path (the scale range keeps its meaning: a fraction
-  of the original image's area), and moves the box onto the stored copy, each edge rounded to
-  the nearest stored pixel. The deviation from the exact path: the box edges move by at most half
-  a stored pixel, and a box whose stored copy is smaller than S pixels is enlarged from the
-  R-pixel copy rather than from the original (softer than the exact path's crop of the
-  full-resolution image). Boxes that cover at least (S / R)^2 of the short side's square,
-  i.e. most of the default scale range (0.08-1.25) on ImageNet-sized images, are shrunk in both.
+  generator in the same order as the exact path (so the scale range keeps its meaning: a
+  fraction of the original image's area, and a task sees the same regions), and moves the box
+  onto the stored copy, each edge rounded to the nearest stored pixel (at most half a stored
+  pixel). The deviation is resolution: a box is resampled from a copy with R / short of the
+  original's pixels per side. The exact path shrinks boxes wider than S original pixels, the
+  cache only those wider than S * short / R (on a 500 x 375 image at S = 224: 328 instead of
+  224 pixels); boxes in between are enlarged slightly from the copy instead of shrunk from the
+  original, smaller ones are enlarged from fewer pixels: softer images, on average a few grey
+  levels from the exact path's (benchmarks/RESULTS.md). A larger ``short_side`` trades disk
+  space for detail; with a short side at least the originals' the cache trains exactly as the
+  exact path (tested).
 
 Layout: a folder with ``index.safetensors`` (per split: byte offsets and lengths, stored and
 original sizes, labels, a BLAKE2b-128 checksum per image, the file names; metadata: the format,

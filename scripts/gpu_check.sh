@@ -38,7 +38,8 @@ for stage in $stages; do
     ops) run ops $py -m pytest benchmarks/bench_fused_ops.py benchmarks/bench_overlap.py -k cuda -q \
            -p no:cacheprovider --benchmark-columns=min,median,max,rounds ;;
     # The input pipeline: JPEG files -> ready batches on the GPU (exact, fast, caches), ~1-2 min.
-    data) run data $py benchmarks/bench_data.py --count 2000 --repeats 3 --dir "${TMPDIR:-/tmp}/nad_bench_data" ;;
+    data) run data $py benchmarks/bench_data.py --count 2000 --repeats 3 --dir "${TMPDIR:-/tmp}/nad_bench_data" \
+            --disentangle vgg16 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
