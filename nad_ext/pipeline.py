@@ -234,6 +234,13 @@ class BatchLoader:
         return [y for chunk in self._pool.map(lambda c: [fn(x) for x in c], chunks) for y in chunk]
 
 
+def _one_thread() -> None:
+    # PyTorch sets a thread's team size from its default on the thread's first parallel call:
+    # make that call first, so that the setting below stays.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 def _single_threaded_pool(workers: int) -> ThreadPoolExecutor:
     """A pool of ``workers`` threads whose PyTorch kernels run single-threaded.
 
@@ -246,8 +253,7 @@ def _single_threaded_pool(workers: int) -> ThreadPoolExecutor:
     """
     default = torch.get_num_threads()  # also fixes this thread's own setting first
     started = threading.Barrier(workers + 1)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="nad-data", initializer=torch.set_num_threads,
-                              initargs=(1,))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="nad-data", initializer=_one_thread)
     for _ in range(workers):  # one blocking job per worker: every thread starts now
         pool.submit(started.wait)
     started.wait()

@@ -170,6 +170,20 @@ def test_prefetch_keeps_order_counts_waiting_and_reports_errors(tree):
             list(loader.prefetch([[([0], torch.Generator())], [([10_000], torch.Generator())]]))
 
 
+def test_loader_threads_run_single_threaded_kernels(tree):
+    import threading
+
+    before = torch.get_num_threads()
+    with pipeline.make_loader(data.image_folder(tree, "val"), SIZE, "cpu", "fast", workers=2) as loader:
+        assert {loader._pool.submit(torch.get_num_threads).result() for _ in range(8)} == {1}
+        assert torch.get_num_threads() == before
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert seen == [before]  # threads started later keep PyTorch's default
+
+
 def test_load_batch_goes_through_an_attached_loader(tree):
     images = data.image_folder(tree, "val")
     with pipeline.make_loader(images, SIZE, "cpu", "fast") as loader:
