@@ -261,10 +261,6 @@ def _single_threaded_pool(workers: int) -> ThreadPoolExecutor:
     return pool
 
 
-def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
-    return torch.stack(images) if images else torch.empty(0, 3, size, size)
-
-
 class ExactLoader(BatchLoader):
     """The reference pipeline: :meth:`ImageSet.load` and the per-image transforms of
     :mod:`nad_ext.data`, one thread per task part. Batches are made on the CPU."""
@@ -272,32 +268,41 @@ class ExactLoader(BatchLoader):
     kind = "exact"
 
     def train_batch(self, parts):
-        def one(part):
-            indices, generator = part
-            xs, kept = [], []
+        starts = [0]
+        for indices, _ in parts:
+            starts.append(starts[-1] + len(indices))
+        out = torch.empty(starts[-1], 3, self.size, self.size)  # each thread fills its parts' rows
+
+        def one(k):
+            indices, generator = parts[k]
+            kept = []
             for i in indices:
                 try:
                     image = self.images.load(i)
                 except (ValueError, OSError) as err:
                     self.bad.report(err)
                     continue
-                xs.append(data.train_transform(image, self.size, generator))
+                out[starts[k] + len(kept)] = data.train_transform(image, self.size, generator)
                 kept.append(i)
-            return xs, kept
+            return kept
 
-        done = list(self._pool.map(one, parts))
-        xs = [x for part_xs, _ in done for x in part_xs]
-        kept = [i for _, part_kept in done for i in part_kept]
-        return Batch(_stack(xs, self.size), self._labels(kept), [len(k) for _, k in done])
+        kept = list(self._pool.map(one, range(len(parts))))
+        if sum(map(len, kept)) < len(out):  # images were skipped: close the gaps
+            out = torch.cat([out[starts[k]: starts[k] + len(kept[k])] for k in range(len(parts))])
+        return Batch(out, self._labels([i for part in kept for i in part]), [len(part) for part in kept])
 
     def eval_batch(self, indices):
-        def one(i):
+        indices = list(indices)
+        out = torch.empty(len(indices), 3, self.size, self.size)
+
+        def one(k):
             try:
-                return data.eval_transform(self.images.load(i), self.size)
+                out[k] = data.eval_transform(self.images.load(indices[k]), self.size)
             except (ValueError, OSError) as err:
                 self.bad.report(err, policy="stop")
 
-        return _stack(list(self._pool.map(one, indices)), self.size).to(self.device), self._labels(indices)
+        self._map(one, range(len(indices)))
+        return out.to(self.device), self._labels(indices)
 
 
 # ----------------------------------------------------------------------------------------------
