@@ -114,8 +114,13 @@ def resample_table(folder: Path, size: int, device: torch.device, repeats: int, 
     listed = windows.tolist()
 
     def each():
-        out = list(pool.map(lambda k: bt.resample_each(images[k], *listed[k], size), range(len(images))))
-        return torch.stack(out).to(device)
+        out = torch.empty(len(images), 3, size, size, dtype=torch.uint8)
+
+        def one(k):
+            out[k] = bt.resample_each(images[k], *listed[k], size)
+
+        list(pool.map(one, range(len(images))))
+        return out.to(device)
 
     def batched():
         return bt.resample_batched(on_device, windows, size)

@@ -33,8 +33,9 @@ def _load_data(args, split: str):
 
 def _add_pipeline_args(p: argparse.ArgumentParser, bad_images: bool) -> None:
     p.add_argument("--data-pipeline", choices=["auto", "exact", "fast"],
-                   help="image loading: exact (PIL + per-image transforms), fast (batched decode and crops on the "
-                        "step's device); default auto: fast on CUDA and for prepared caches")
+                   help="image loading: exact (PIL + per-image transforms, the reference), fast (libjpeg-turbo or "
+                        "batched nvjpeg decode, crops on the step's device; on the CPU the same pixels); "
+                        "default auto: fast")
     if bad_images:
         p.add_argument("--on-bad-image", choices=["skip", "stop"],
                        help="an unreadable image file is skipped with a warning and listed in log.json (skip, "
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="take the input size of this model preset")
     p.add_argument("--short-side", type=int, help="stored short side (default: the evaluation resize, 256 for 224)")
     p.add_argument("--format", choices=["raw", "jpeg"], default="raw",
-                   help="raw uint8 pixels (default, fastest) or re-encoded JPEG (about 6x smaller)")
+                   help="raw uint8 pixels (default, fastest) or re-encoded JPEG (about 7x smaller)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality for --format jpeg")
     p.add_argument("--on-bad-image", choices=["skip", "stop"], default="skip")
     p.add_argument("--workers", type=int, help="decoding threads (default: one per CPU core)")

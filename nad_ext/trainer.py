@@ -41,7 +41,7 @@ class NADConfig:
 
     ``beta`` None takes the model preset's value; ``image_size`` None takes the preset's input
     size (224 for the ImageNet networks). ``data_pipeline`` and ``on_bad_image``: see
-    :mod:`nad_ext.pipeline` ("auto": the fast pipeline on CUDA and for prepared caches).
+    :mod:`nad_ext.pipeline` ("auto": the fast pipeline).
     """
 
     beta: float | None = None

@@ -147,8 +147,8 @@ def test_bad_images_skipped_with_a_warning_or_stop_the_run(tmp_path, kind):
 
 def test_resolve_and_settings_errors(tree):
     images = data.image_folder(tree, "train")
-    assert pipeline.resolve("auto", images, "cpu") == "exact"
-    assert pipeline.resolve("auto", images, "cuda") == "fast"
+    assert pipeline.resolve("auto", images, "cpu") == pipeline.resolve("auto", images, "cuda") == "fast"
+    assert pipeline.resolve("exact", images, "cpu") == "exact"
     assert pipeline.resolve("fast", images, "cpu") == "fast"
     with pytest.raises(ValueError, match="data_pipeline must be one of auto, exact, fast"):
         pipeline.resolve("quick", images, "cpu")
@@ -168,6 +168,18 @@ def test_prefetch_keeps_order_counts_waiting_and_reports_errors(tree):
         assert loader.wait_s > 0
         with pytest.raises(IndexError):
             list(loader.prefetch([[([0], torch.Generator())], [([10_000], torch.Generator())]]))
+
+
+def test_an_image_set_that_reads_its_own_way_is_read_through_load(tree):
+    class Mirrored(data.ImageSet):
+        def load(self, i):
+            return super().load(i).flip(-1)
+
+    folder = data.image_folder(tree, "val")
+    mirrored = Mirrored(folder.classes, folder.labels, "mirrored", paths=folder.paths)
+    with pipeline.make_loader(mirrored, SIZE, "cpu", "exact") as exact, pipeline.make_loader(mirrored, SIZE) as fast:
+        assert torch.equal(exact.eval_batch(range(4))[0], fast.eval_batch(range(4))[0])
+        assert not torch.equal(fast.eval_batch(range(4))[0], data.load_batch(folder, list(range(4)), SIZE)[0])
 
 
 def test_loader_threads_run_single_threaded_kernels(tree):
