@@ -339,7 +339,7 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
     s = image_size
     # Tiles (M, 2 rows, 2 columns, 3, s, s) -> mosaics (M, 3, 2s, 2s).
     tiles = load_batch(val_images, image_idx.reshape(-1).tolist(), s)[0].cpu()
-    mosaics = tiles.view(num_mosaics, 2, 2, 3, s, s).permute(0, 3, 1, 4, 2, 5).reshape(num_mosaics, 3, 2 * s, 2 * s)
+    mosaics = tiles.view(num_mosaics, 2, 2, 3, s, s).permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, 2 * s, 2 * s)
     tasks = torch.tensor([[usable[int(c)] for c in row] for row in picked], dtype=torch.int64)
     keep = min(num_examples, num_mosaics)
     try:
