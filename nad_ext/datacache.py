@@ -25,7 +25,7 @@ Layout: a folder with ``index.safetensors`` (per split: byte offsets and lengths
 original sizes, labels, a BLAKE2b-128 checksum per image, the file names; metadata: the format,
 the settings, the classes, a checksum of the index itself) and ``images.bin`` (the images back to
 back: raw uint8 height x width x RGB, or JPEG). ``encoding="raw"`` is the default, by
-measurement (benchmarks/RESULTS.md): on 2 CPU cores it reads 1.6x faster than the JPEG cache (no
+measurement (benchmarks/RESULTS.md): on 2 CPU cores it reads 1.4-1.6x faster than the JPEG cache (no
 decode) and keeps the evaluation pixels exact, where a second JPEG generation costs a few grey
 levels; JPEG is 7.6x smaller on disk: the choice for data sets that would not fit otherwise.
 

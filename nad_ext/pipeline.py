@@ -16,7 +16,7 @@ loads the next steps in the background); analyses reach one through
 
 ``auto`` (the default) is ``fast``, on the CPU too: there it gives the exact pipeline's pixels
 (where PIL and torchvision decode JPEG with the same libjpeg-turbo, as here; tested) and was
-measured 1.9x faster on ImageNet-sized JPEGs and 1.2x on the in-memory shapes
+measured 1.8-1.9x faster on ImageNet-sized JPEGs and 1.2x on the in-memory shapes
 (benchmarks/RESULTS.md). ``exact`` stays the reference.
 
 Both loaders take every random draw from :func:`nad_ext.data.train_crop_params`, with the
