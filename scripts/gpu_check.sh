@@ -4,7 +4,7 @@
 # fast step, and the input pipeline's (issue 11). Logs go to $OUT (default gpu_logs/); a failing
 # stage is reported and the rest run.
 #
-#   bash scripts/gpu_check.sh            # everything (about 10 minutes on an H100)
+#   bash scripts/gpu_check.sh            # everything (about 10 minutes on an H100, +2 for data)
 #   STAGES="build tests" bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
