@@ -337,10 +337,9 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
     usable = _mosaic_classes(bank, val_images)
     picked, image_idx = _draw_mosaics(val_images, list(usable), num_mosaics, seed)
     s = image_size
-    mosaics = torch.empty(num_mosaics, 3, 2 * s, 2 * s)
-    for m in range(num_mosaics):
-        tiles = [eval_transform(val_images.load(int(i)), s) for i in image_idx[m]]
-        mosaics[m] = torch.cat([torch.cat(tiles[:2], 2), torch.cat(tiles[2:], 2)], 1)
+    # Tiles (M, 2 rows, 2 columns, 3, s, s) -> mosaics (M, 3, 2s, 2s).
+    tiles = load_batch(val_images, image_idx.reshape(-1).tolist(), s)[0].cpu()
+    mosaics = tiles.view(num_mosaics, 2, 2, 3, s, s).permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, 2 * s, 2 * s)
     tasks = torch.tensor([[usable[int(c)] for c in row] for row in picked], dtype=torch.int64)
     keep = min(num_examples, num_mosaics)
     try:

@@ -15,15 +15,31 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="registry name (vgg16, resnet50, densenet121, darts, zoo_plain, ...)")
     p.add_argument("--weights", help="weights file (.pt/.pth state dict or .safetensors); zoo models default to the cached zoo")
     p.add_argument("--data", default=BUILTIN,
-                   help="an ImageFolder tree with train/ and val/, or 'builtin' for the generated shapes (default)")
+                   help="an ImageFolder tree with train/ and val/, a cache made by `nad prepare-data`, or 'builtin' "
+                        "for the generated shapes (default)")
     p.add_argument("--cache", default=".nad_cache", help="where the built-in zoo's weights are cached")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
 def _load_data(args, split: str):
-    from nad_ext import data
+    from nad_ext import data, datacache
 
-    return data.generated_shapes(split) if args.data == BUILTIN else data.image_folder(args.data, split)
+    if args.data == BUILTIN:
+        return data.generated_shapes(split)
+    if datacache.is_cache(args.data):
+        return datacache.open_split(args.data, split)
+    return data.image_folder(args.data, split)
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser, bad_images: bool) -> None:
+    p.add_argument("--data-pipeline", choices=["auto", "exact", "fast"],
+                   help="image loading: exact (PIL + per-image transforms, the reference), fast (libjpeg-turbo or "
+                        "batched nvjpeg decode, crops on the step's device; on the CPU the same pixels); "
+                        "default auto: fast")
+    if bad_images:
+        p.add_argument("--on-bad-image", choices=["skip", "stop"],
+                       help="an unreadable image file is skipped with a warning and listed in log.json (skip, "
+                            "default) or stops the run with its path (stop)")
 
 
 def _load_model(args, train, val):
@@ -94,7 +110,7 @@ def cmd_disentangle(args) -> None:
 
 
 def cmd_analyze(args) -> None:
-    from nad_ext import analysis, models
+    from nad_ext import analysis, models, pipeline
     from nad_ext.maskbank import MaskBank
     from nad_ext.trainer import build_gated_model
 
@@ -106,8 +122,34 @@ def cmd_analyze(args) -> None:
     model = _load_model(args, train, val)
     size = args.image_size or bank.config.get("image_size") or models.get_spec(args.model).input_size
     gated = build_gated_model(model, [p.name for p in bank.gate_points], len(bank.tasks), size, model_id=args.model)
-    analysis.run_all(gated, bank, val, size, args.out, num_mosaics=args.mosaics, seed=args.seed)
+    # The analyses run on the CPU (run_all's default device); their batches come from this loader.
+    with pipeline.make_loader(val, size, "cpu", args.data_pipeline or "auto") as loader:
+        analysis.run_all(gated, bank, pipeline.with_loader(val, loader), size, args.out, num_mosaics=args.mosaics,
+                         seed=args.seed)
     print(f"analyses written to {args.out}")
+
+
+def cmd_prepare_data(args) -> None:
+    from nad_ext import datacache, models
+
+    if args.verify:
+        bad = datacache.verify(args.verify)
+        for line in bad:
+            print(line, file=sys.stderr)
+        if bad:
+            raise ValueError(f"{args.verify}: {len(bad)} damaged images; prepare the cache again")
+        print(f"{args.verify}: every image matches its checksum")
+        return
+    if not args.data or not args.out:
+        raise SystemExit("error: prepare-data needs --data DIR and --out CACHE (or --verify CACHE)")
+    size = args.image_size or (models.get_spec(args.model).input_size if args.model else 224)
+    out = datacache.prepare(args.data, args.out, size, short_side=args.short_side, encoding=args.format,
+                            quality=args.quality, overwrite=args.overwrite, on_bad_image=args.on_bad_image,
+                            workers=args.workers)
+    cache = datacache.DataCache(out)
+    counts = ", ".join(f"{s}: {m['count']} images" + (f" ({len(m['skipped'])} skipped)" if m["skipped"] else "")
+                       for s, m in cache.splits.items())
+    print(f"cache for image size {size} (short side {cache.settings['short_side']}, {args.format}): {out} ({counts})")
 
 
 def cmd_report(args) -> None:
@@ -178,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network precision; gate logits stay float32 (default auto: bfloat16 on the fused CUDA path)")
     p.add_argument("--cuda-graph", choices=["auto", "on", "off"],
                    help="replay the step from CUDA graphs (default auto: on with the fused CUDA path)")
+    _add_pipeline_args(p, bad_images=True)
     p.add_argument("--tasks", help='JSON file {"task": ["class", ...]}; default: one task per class')
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the mask bank in --out")
@@ -190,7 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mosaics", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=None)
+    _add_pipeline_args(p, bad_images=False)
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("prepare-data", help="decode and resize an ImageFolder tree once into a cache that --data reads")
+    p.add_argument("--data", help="the ImageFolder tree (train/ and val/)")
+    p.add_argument("--out", help="the cache folder to write")
+    p.add_argument("--image-size", type=int, help="the input size it is for (default: --model's, else 224)")
+    p.add_argument("--model", help="take the input size of this model preset")
+    p.add_argument("--short-side", type=int, help="stored short side (default: the evaluation resize, 256 for 224)")
+    p.add_argument("--format", choices=["raw", "jpeg"], default="raw",
+                   help="raw uint8 pixels (default, fastest) or re-encoded JPEG (about 7x smaller)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality for --format jpeg")
+    p.add_argument("--on-bad-image", choices=["skip", "stop"], default="skip")
+    p.add_argument("--workers", type=int, help="decoding threads (default: one per CPU core)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
+    p.add_argument("--verify", metavar="CACHE", help="check every image of CACHE against its checksum instead")
+    p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("report", help="write the HTML report of one or more analysis folders")
     p.add_argument("results", nargs="+", help="folders written by `nad analyze` (one per network)")

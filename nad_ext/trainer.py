@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nad_ext import data as nad_data
+from nad_ext import pipeline as nad_pipeline
 from nad_ext.gates import GatedModel, propose_gate_points
 from nad_ext.maskbank import MaskBank, Task, atomic_write
 from nad_ext.objective import nad_loss
@@ -41,7 +40,8 @@ class NADConfig:
     """Training settings; the defaults are the paper's (METHOD.md).
 
     ``beta`` None takes the model preset's value; ``image_size`` None takes the preset's input
-    size (224 for the ImageNet networks).
+    size (224 for the ImageNet networks). ``data_pipeline`` and ``on_bad_image``: see
+    :mod:`nad_ext.pipeline` ("auto": the fast pipeline).
     """
 
     beta: float | None = None
@@ -58,6 +58,8 @@ class NADConfig:
     fuse: str = "auto"
     precision: str = "auto"
     cuda_graph: str = "auto"
+    data_pipeline: str = "auto"
+    on_bad_image: str = "skip"
 
     def validate(self) -> None:
         for name in ("beta", "lr", "init_std"):
@@ -77,6 +79,12 @@ class NADConfig:
         for name in ("fuse", "cuda_graph"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
+        if self.data_pipeline not in nad_pipeline.PIPELINES:
+            raise ValueError(f"data_pipeline must be one of {', '.join(nad_pipeline.PIPELINES)}, "
+                             f"got {self.data_pipeline!r}")
+        if self.on_bad_image not in nad_pipeline.BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {', '.join(nad_pipeline.BAD_IMAGE_POLICIES)}, "
+                             f"got {self.on_bad_image!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
@@ -96,7 +104,7 @@ class NADConfig:
 PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # Settings that change how a run executes but not its result; a run may resume with others.
 EXECUTION_SETTINGS = ("epochs", "device", "mode", "tasks_per_step", "keep_every_epoch", "fuse", "precision",
-                      "cuda_graph")
+                      "cuda_graph", "data_pipeline", "on_bad_image")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,11 +135,11 @@ def _epoch_generator(seed: int, epoch: int, task: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + task)
 
 
-def _prefetched_steps(streams, group: int):
-    """Yields ``(first task of a new group or None, active tasks, their loaded batches)`` per
-    step, the next step's batches loading in worker threads while the current step runs.
+def _prefetched_steps(streams, group: int, loader: nad_pipeline.BatchLoader):
+    """Yields ``(first task of a new group or None, active tasks, their batch)`` per step, the
+    next steps' batches made by ``loader`` in the background while the current step runs.
 
-    Step by step, each task's batches are loaded in order by one thread at a time, so its
+    The loader takes each task's batches in order, augmented from the task's generator, so the
     generator gives the same images and augmentations as a sequential loop would.
     """
     plan = []
@@ -139,26 +147,19 @@ def _prefetched_steps(streams, group: int):
         members = range(first, min(first + group, len(streams)))
         for j in range(max(len(streams[t].batches) for t in members)):
             plan.append((first if j == 0 else None, [t for t in members if j < len(streams[t].batches)], j))
-    workers = max(1, min(group, os.cpu_count() or 1, 8))
-    with ThreadPoolExecutor(workers, thread_name_prefix="nad-data") as pool:
-        submit = lambda k: [pool.submit(streams[t].load, plan[k][2]) for t in plan[k][1]]  # noqa: E731
-        pending = submit(0) if plan else []
-        for k, (first, active, _) in enumerate(plan):
-            loaded = [f.result() for f in pending]
-            pending = submit(k + 1) if k + 1 < len(plan) else []
-            yield first, active, loaded
+    requests = ([(streams[t].batches[j], streams[t].generator) for t in active] for _, active, j in plan)
+    for (first, active, _), batch in zip(plan, loader.prefetch(requests)):
+        yield first, active, batch
 
 
 class _TaskStream:
-    """Task t's batches in one epoch: a seeded permutation, augmentation from the same generator."""
+    """Task t's batches in one epoch: a seeded permutation; the loader augments them from the
+    same generator."""
 
-    def __init__(self, images, indices, batch_size, size, generator):
+    def __init__(self, indices, batch_size, generator):
         order = torch.randperm(len(indices), generator=generator).tolist()
         self.batches = [[indices[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
-        self.images, self.size, self.generator = images, size, generator
-
-    def load(self, j):
-        return nad_data.load_batch(self.images, self.batches[j], self.size, generator=self.generator)
+        self.generator = generator
 
 
 def build_gated_model(
@@ -242,6 +243,7 @@ def disentangle(
         raise FileExistsError(f"{bank_path} exists: pass resume=True (--resume) to continue it or overwrite=True")
 
     fuse, dtype, graph = config.execution(device)
+    loader = nad_pipeline.make_loader(train, config.image_size, device, config.data_pipeline, config.on_bad_image)
     gated = build_gated_model(
         model, gate_points, len(tasks), config.image_size, model_id=model_id,
         seed=config.seed, init_std=config.init_std, device=device, fuse=fuse, dtype=dtype,
@@ -250,7 +252,7 @@ def disentangle(
         path = ", ".join((["fused"] if fuse else []) + [str(dtype).replace("torch.", "")]
                          + (["CUDA graphs"] if graph else []))
         print(f"{model_id}: {len(gated.gate_points)} gate points, {sum(gated.layer_sizes)} channels, "
-              f"{len(tasks)} tasks ({config.mode} mode) on {device} ({path})")
+              f"{len(tasks)} tasks ({config.mode} mode) on {device} ({path}; {loader.kind} data pipeline)")
         for i, point in enumerate(gated.gate_points):
             where = "  (in masked_conv2d)" if i in gated.fused_points else ""
             print(f"  {point.name:36s} {point.channels:5d}{where}")
@@ -277,11 +279,9 @@ def disentangle(
         step = GraphedSteps(gated, lambda g, *batch: train_step(g, *batch, config))
     group = 1 if config.mode == "paper" else config.tasks_per_step
     for epoch in range(start_epoch, config.epochs):
-        streams = [
-            _TaskStream(train, idx, config.batch_size, config.image_size, _epoch_generator(config.seed, epoch, t))
-            for t, idx in enumerate(indices)
-        ]
-        stats = _train_epoch(step, streams, config, group, epoch, progress, device)
+        streams = [_TaskStream(idx, config.batch_size, _epoch_generator(config.seed, epoch, t))
+                   for t, idx in enumerate(indices)]
+        stats = _train_epoch(step, streams, loader, config, group, epoch, progress, device)
         log.append(stats)
         bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1)
         if out_dir is not None:
@@ -290,12 +290,14 @@ def disentangle(
                 bank.save(out_dir / f"masks_epoch{epoch + 1:02d}.safetensors")
             payload = json.dumps({"model_id": model_id, "tasks": [t.name for t in tasks], "epochs": log}, indent=1)
             atomic_write(out_dir / LOG_FILE, lambda tmp: Path(tmp).write_text(payload))
+    loader.close()
     return bank
 
 
-def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progress: bool, device):
+def _train_epoch(step, streams, loader, config: NADConfig, group: int, epoch: int, progress: bool, device):
     """One epoch over every task's batches (``step(x, labels, task_ids, tasks)`` per batch);
-    returns the epoch's per-task mean loss terms.
+    returns the epoch's per-task mean loss terms, where the time went (waiting for data or in
+    the step) and the images skipped as unreadable.
 
     The running sums stay on the device; the progress bar reads them about once a second, so
     that steps are not serialised by device syncs.
@@ -307,13 +309,15 @@ def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progr
     total_batches = sum(len(s.batches) for s in streams)
     bar = tqdm(total=total_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                disable=not progress, leave=False)
-    images_seen, start, tasks_done, shown = 0, time.perf_counter(), 0, 0.0
-    for first, active, loaded in _prefetched_steps(streams, group):
+    images_seen, start, tasks_done, shown, wait0 = 0, time.perf_counter(), 0, 0.0, loader.wait_s
+    for first, active, batch in _prefetched_steps(streams, group, loader):
         if first is not None:
             tasks_done = first
-        x = torch.cat([b[0] for b in loaded]).to(device, non_blocking=True)
-        labels = torch.cat([b[1] for b in loaded]).to(device, non_blocking=True)
-        task_ids = torch.cat([torch.full((len(b[1]),), t, dtype=torch.int64) for t, b in zip(active, loaded)])
+        x, labels = batch.x, batch.labels
+        task_ids = torch.repeat_interleave(torch.tensor(active), torch.tensor(batch.counts))
+        if not len(labels):  # every image of this step was unreadable and skipped
+            bar.update(len(active))
+            continue
         terms = step(x, labels, task_ids, torch.tensor(active))
         for k in sums:
             sums[k] += torch.where(terms.counted, getattr(terms, k).detach(), 0.0)
@@ -328,15 +332,26 @@ def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progr
             shown = elapsed
             n = steps.clamp(min=1)
             bar.set_postfix(tasks=f"{tasks_done}/{num_tasks}", img_s=f"{images_seen / elapsed:.0f}",
+                            data_wait=f"{(loader.wait_s - wait0) / elapsed:.0%}",
                             ce=f"{(sums['ce'] / n).mean():.3f}", mse=f"{(sums['mse'] / n).mean():.3f}",
                             sparse=f"{(sums['sparse'] / n).mean():.3f}")
     bar.close()
     n = steps.clamp(min=1)
     means = {k: (v / n).tolist() for k, v in sums.items()}  # waits for the device's last step
+    elapsed, wait = max(time.perf_counter() - start, 1e-9), loader.wait_s - wait0
+    bad_images, bad_files = loader.bad.take()
+    if bad_images and progress:
+        print(f"epoch {epoch + 1}: skipped {bad_images} unreadable images (listed in log.json)")
     return {
         "epoch": epoch + 1,
-        "images_per_second": images_seen / max(time.perf_counter() - start, 1e-9),
+        "images_per_second": images_seen / elapsed,
         "skipped_batches": skipped.tolist(),
+        # Where the time went: waiting for the loader, and everything else (the steps).
+        "data_pipeline": loader.kind,
+        "data_wait_s": wait,
+        "step_s": elapsed - wait,
+        "bad_images": bad_images,
+        "bad_image_files": bad_files,
         **means,
     }
 
