@@ -3,8 +3,10 @@ printing. ``nad <verb> --help`` lists a verb's options."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -87,8 +89,9 @@ def cmd_disentangle(args) -> None:
     if isinstance(gate_points, str) and gate_points not in ("auto", args.model):
         gate_points = [gate_points]
     tasks = _load_tasks(args.tasks, train.classes) if args.tasks else None
+    resume = "strict" if args.strict_resume else args.resume
     bank = disentangle(model, train, gate_points, model_id=args.model, config=_config_from_args(args), tasks=tasks,
-                       out_dir=args.out, resume=args.resume, overwrite=args.overwrite)
+                       out_dir=args.out, resume=resume, overwrite=args.overwrite)
     print(f"{len(bank.tasks)} tasks x {len(bank.gate_points)} gate points, epoch {bank.epoch}: "
           f"{Path(args.out) / 'masks.safetensors'}")
 
@@ -179,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", choices=["auto", "on", "off"],
                    help="replay the step from CUDA graphs (default auto: on with the fused CUDA path)")
     p.add_argument("--tasks", help='JSON file {"task": ["class", ...]}; default: one task per class')
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last committed epoch (starts a new run, with a note, "
+                        "when --out has no mask bank)")
+    p.add_argument("--strict-resume", action="store_true", help="like --resume, but refuse when --out has no mask bank")
     p.add_argument("--overwrite", action="store_true", help="replace the mask bank in --out")
     p.set_defaults(func=cmd_disentangle)
 
@@ -205,13 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _note(show, message, category, filename, lineno, file=None, line=None) -> None:
+    """nad-ext's warnings (a bank without checksums, ...) as one line; others by ``show``."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        print(f"note: {message}", file=sys.stderr)
+    else:
+        show(message, category, filename, lineno, file, line)
+
+
 def main(argv=None) -> int:
+    from nad_ext.rundir import RunLockedError
+    from nad_ext.storage import WriteError
+
     args = build_parser().parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = functools.partial(_note, shown)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, WriteError, RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
     return 0
 
 

@@ -10,10 +10,10 @@ Two modes give the same gates (tested):
 Data order and augmentation of task t in epoch e come from a generator seeded by (seed, e, t),
 and task t's initial gates from one seeded by (seed, t): the results depend neither on the
 mode nor on how many tasks share a step, and a resumed run continues exactly where it stopped.
+The run folder's epoch commits and repair are :mod:`nad_ext.rundir`'s.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -27,13 +27,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nad_ext import data as nad_data
+from nad_ext import faults
 from nad_ext.gates import GatedModel, propose_gate_points
-from nad_ext.maskbank import MaskBank, Task, atomic_write
+from nad_ext.maskbank import MaskBank, Task
 from nad_ext.objective import nad_loss
 from nad_ext.ops import _checks, normalized_gradient_step_
-
-BANK_FILE = "masks.safetensors"
-LOG_FILE = "log.json"
+from nad_ext.rundir import BANK_FILE, LOG_FILE, RunDir  # noqa: F401  (the run folder's file names)
 
 
 @dataclass
@@ -214,10 +213,12 @@ def disentangle(
             its beta and input size are then the defaults).
         tasks: default one per class.
         config: :class:`NADConfig`, default the paper's settings.
-        out_dir: where ``masks.safetensors`` (after every epoch, atomically), per-epoch copies
-            and ``log.json`` (loss curves) go. None keeps everything in memory.
-        resume: continue from the bank in ``out_dir``.
-        overwrite: replace an existing bank in ``out_dir`` instead of refusing to.
+        out_dir: the run folder (:mod:`nad_ext.rundir`): ``masks.safetensors`` committed after
+            every epoch, per-epoch copies and ``log.json`` (loss curves). None keeps everything in
+            memory. Locked while the run writes it.
+        resume: continue the run in ``out_dir`` from its last committed epoch (a folder without
+            a bank starts a new run, with a note; ``"strict"`` refuses to).
+        overwrite: replace an existing run in ``out_dir`` instead of refusing to.
         progress: show a tqdm bar per epoch.
     """
     from nad_ext import models
@@ -236,11 +237,14 @@ def disentangle(
         raise ValueError("tasks is empty")
     indices = _task_indices(train, tasks)
     device = resolve_device(config.device)
-    out_dir = Path(out_dir) if out_dir is not None else None
-    bank_path = out_dir / BANK_FILE if out_dir is not None else None
-    if bank_path is not None and bank_path.exists() and not (resume or overwrite):
-        raise FileExistsError(f"{bank_path} exists: pass resume=True (--resume) to continue it or overwrite=True")
+    run = RunDir.open(out_dir, resume=resume, overwrite=overwrite, keep_every_epoch=config.keep_every_epoch)
+    try:
+        return _disentangle(model, train, gate_points, model_id, tasks, indices, config, device, run, progress)
+    finally:
+        run.close()
 
+
+def _disentangle(model, train, gate_points, model_id, tasks, indices, config, device, run, progress) -> MaskBank:
     fuse, dtype, graph = config.execution(device)
     gated = build_gated_model(
         model, gate_points, len(tasks), config.image_size, model_id=model_id,
@@ -255,21 +259,18 @@ def disentangle(
             where = "  (in masked_conv2d)" if i in gated.fused_points else ""
             print(f"  {point.name:36s} {point.channels:5d}{where}")
     config_record = asdict(config)
-    start_epoch, log = 0, []
-    if resume and bank_path is not None and bank_path.exists():
-        bank = MaskBank.load(bank_path)
+    start_epoch = 0
+    if run.bank is not None:
+        bank, where = run.bank, run.file(BANK_FILE)
         bank.apply_to(gated)
         if [t.name for t in bank.tasks] != [t.name for t in tasks]:
-            raise ValueError(f"{bank_path} was trained for other tasks; cannot resume it")
+            raise ValueError(f"{where} was trained for other tasks; cannot resume it")
         changed = {k: (bank.config.get(k), v) for k, v in config_record.items()
                    if k not in EXECUTION_SETTINGS and bank.config.get(k) != v}
         if changed:
-            raise ValueError(f"{bank_path} was trained with other settings {changed}; cannot resume it")
+            raise ValueError(f"{where} was trained with other settings {changed}; cannot resume it")
         start_epoch = bank.epoch
-        if (out_dir / LOG_FILE).exists():
-            log = json.loads((out_dir / LOG_FILE).read_text())["epochs"][:start_epoch]
 
-    bank = MaskBank.from_gated(gated, tasks, config_record, start_epoch)
     step = lambda *batch: train_step(gated, *batch, config)  # noqa: E731
     if graph:
         from nad_ext.step_graph import GraphedSteps
@@ -282,15 +283,8 @@ def disentangle(
             for t, idx in enumerate(indices)
         ]
         stats = _train_epoch(step, streams, config, group, epoch, progress, device)
-        log.append(stats)
-        bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1)
-        if out_dir is not None:
-            bank.save(bank_path)
-            if config.keep_every_epoch:
-                bank.save(out_dir / f"masks_epoch{epoch + 1:02d}.safetensors")
-            payload = json.dumps({"model_id": model_id, "tasks": [t.name for t in tasks], "epochs": log}, indent=1)
-            atomic_write(out_dir / LOG_FILE, lambda tmp: Path(tmp).write_text(payload))
-    return bank
+        run.commit(MaskBank.from_gated(gated, tasks, config_record, epoch + 1), stats, config.keep_every_epoch)
+    return run.bank or MaskBank.from_gated(gated, tasks, config_record, start_epoch)
 
 
 def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progress: bool, device):
@@ -308,7 +302,8 @@ def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progr
     bar = tqdm(total=total_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                disable=not progress, leave=False)
     images_seen, start, tasks_done, shown = 0, time.perf_counter(), 0, 0.0
-    for first, active, loaded in _prefetched_steps(streams, group):
+    for k, (first, active, loaded) in enumerate(_prefetched_steps(streams, group)):
+        faults.step_event(epoch + 1, k + 1)
         if first is not None:
             tasks_done = first
         x = torch.cat([b[0] for b in loaded]).to(device, non_blocking=True)
@@ -333,11 +328,14 @@ def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progr
     bar.close()
     n = steps.clamp(min=1)
     means = {k: (v / n).tolist() for k, v in sums.items()}  # waits for the device's last step
+    seconds = time.perf_counter() - start
     return {
         "epoch": epoch + 1,
-        "images_per_second": images_seen / max(time.perf_counter() - start, 1e-9),
+        "images_per_second": images_seen / max(seconds, 1e-9),
         "skipped_batches": skipped.tolist(),
         **means,
+        "images": images_seen,
+        "seconds": seconds,
     }
 
 
