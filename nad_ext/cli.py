@@ -1,5 +1,7 @@
 """The ``nad`` command line: each verb is one call of the Python API plus argument parsing and
-printing. ``nad <verb> --help`` lists a verb's options."""
+printing. ``nad <verb> --help`` lists a verb's options. ``python -m nad_ext`` is the same
+command; under torchrun (``torchrun --nproc-per-node=N -m nad_ext disentangle ...``)
+``disentangle`` and ``analyze`` share their work among the processes (nad_ext.distributed)."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +21,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=BUILTIN,
                    help="an ImageFolder tree with train/ and val/, or 'builtin' for the generated shapes (default)")
     p.add_argument("--cache", default=".nad_cache", help="where the built-in zoo's weights are cached")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1 ... (default: cuda when available; under torchrun cuda means cuda:LOCAL_RANK)")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for the other processes (default 1800)")
+
+
+def _setup(args):
+    """This process's place in a torchrun world (a world of one without torchrun)."""
+    from nad_ext import distributed
+
+    return distributed.setup(args.device, args.dist_timeout)
 
 
 def _load_data(args, split: str):
@@ -89,11 +101,13 @@ def cmd_disentangle(args) -> None:
     if isinstance(gate_points, str) and gate_points not in ("auto", args.model):
         gate_points = [gate_points]
     tasks = _load_tasks(args.tasks, train.classes) if args.tasks else None
+    ctx = _setup(args)
     resume = "strict" if args.strict_resume else args.resume
     bank = disentangle(model, train, gate_points, model_id=args.model, config=_config_from_args(args), tasks=tasks,
                        out_dir=args.out, resume=resume, overwrite=args.overwrite)
-    print(f"{len(bank.tasks)} tasks x {len(bank.gate_points)} gate points, epoch {bank.epoch}: "
-          f"{Path(args.out) / 'masks.safetensors'}")
+    if ctx.rank == 0:
+        print(f"{len(bank.tasks)} tasks x {len(bank.gate_points)} gate points, epoch {bank.epoch}: "
+              f"{Path(args.out) / 'masks.safetensors'}")
 
 
 def cmd_analyze(args) -> None:
@@ -108,9 +122,13 @@ def cmd_analyze(args) -> None:
     train, val = _load_data(args, "train"), _load_data(args, "val")
     model = _load_model(args, train, val)
     size = args.image_size or bank.config.get("image_size") or models.get_spec(args.model).input_size
-    gated = build_gated_model(model, [p.name for p in bank.gate_points], len(bank.tasks), size, model_id=args.model)
-    analysis.run_all(gated, bank, val, size, args.out, num_mosaics=args.mosaics, seed=args.seed)
-    print(f"analyses written to {args.out}")
+    ctx = _setup(args)
+    gated = build_gated_model(model, [p.name for p in bank.gate_points], len(bank.tasks), size, model_id=args.model,
+                              device=ctx.device)
+    analysis.run_all(gated, bank, val, size, args.out, num_mosaics=args.mosaics, seed=args.seed,
+                     device=str(ctx.device), map_units=ctx.map_units, write=ctx.rank == 0)
+    if ctx.rank == 0:
+        print(f"analyses written to {args.out}")
 
 
 def cmd_report(args) -> None:
@@ -220,6 +238,7 @@ def _note(show, message, category, filename, lineno, file=None, line=None) -> No
 
 
 def main(argv=None) -> int:
+    from nad_ext import distributed
     from nad_ext.rundir import RunLockedError
     from nad_ext.storage import WriteError
 
@@ -228,11 +247,13 @@ def main(argv=None) -> int:
     warnings.showwarning = functools.partial(_note, shown)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, WriteError, RunLockedError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, WriteError, RunLockedError, distributed.PeerError) as err:
         print(f"error: {err}", file=sys.stderr)
+        distributed.record_error(err)
         return 2
     finally:
         warnings.showwarning = shown
+        distributed.shutdown()
     return 0
 
 

@@ -10,7 +10,8 @@ Two modes give the same gates (tested):
 Data order and augmentation of task t in epoch e come from a generator seeded by (seed, e, t),
 and task t's initial gates from one seeded by (seed, t): the results depend neither on the
 mode nor on how many tasks share a step, and a resumed run continues exactly where it stopped.
-The run folder's epoch commits and repair are :mod:`nad_ext.rundir`'s.
+The run folder's epoch commits and repair are :mod:`nad_ext.rundir`'s; under torchrun the
+tasks are shared out by :mod:`nad_ext.distributed`.
 """
 from __future__ import annotations
 
@@ -27,12 +28,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nad_ext import data as nad_data
-from nad_ext import faults
+from nad_ext import distributed, faults
 from nad_ext.gates import GatedModel, propose_gate_points
 from nad_ext.maskbank import MaskBank, Task
 from nad_ext.objective import nad_loss
 from nad_ext.ops import _checks, normalized_gradient_step_
-from nad_ext.rundir import BANK_FILE, LOG_FILE, RunDir  # noqa: F401  (the run folder's file names)
+from nad_ext.rundir import BANK_FILE, LOG_FILE  # noqa: F401  (the run folder's file names)
 
 
 @dataclass
@@ -99,9 +100,8 @@ EXECUTION_SETTINGS = ("epochs", "device", "mode", "tasks_per_step", "keep_every_
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device of this process: ``name``, "auto" resolved; under torchrun, cuda:LOCAL_RANK."""
+    return distributed.setup(name).device
 
 
 def default_tasks(images: nad_data.ImageSet) -> list[Task]:
@@ -219,7 +219,10 @@ def disentangle(
         resume: continue the run in ``out_dir`` from its last committed epoch (a folder without
             a bank starts a new run, with a note; ``"strict"`` refuses to).
         overwrite: replace an existing run in ``out_dir`` instead of refusing to.
-        progress: show a tqdm bar per epoch.
+        progress: show a tqdm bar per epoch (rank 0 only under torchrun).
+
+    Under torchrun the tasks are shared out among the processes (:mod:`nad_ext.distributed`);
+    every process returns the same bank, bit-identical to a single-process run's.
     """
     from nad_ext import models
 
@@ -236,15 +239,19 @@ def disentangle(
     if not tasks:
         raise ValueError("tasks is empty")
     indices = _task_indices(train, tasks)
-    device = resolve_device(config.device)
-    run = RunDir.open(out_dir, resume=resume, overwrite=overwrite, keep_every_epoch=config.keep_every_epoch)
+    ctx = distributed.setup(config.device)
+    device = ctx.device
+    progress = progress and ctx.rank == 0
+    run = distributed.open_run(ctx, out_dir, resume=resume, overwrite=overwrite,
+                               keep_every_epoch=config.keep_every_epoch)
     try:
-        return _disentangle(model, train, gate_points, model_id, tasks, indices, config, device, run, progress)
+        return _disentangle(model, train, gate_points, model_id, tasks, indices, config, ctx, run, progress)
     finally:
-        run.close()
+        distributed.close_run(ctx, run)
 
 
-def _disentangle(model, train, gate_points, model_id, tasks, indices, config, device, run, progress) -> MaskBank:
+def _disentangle(model, train, gate_points, model_id, tasks, indices, config, ctx, run, progress) -> MaskBank:
+    device = ctx.device
     fuse, dtype, graph = config.execution(device)
     gated = build_gated_model(
         model, gate_points, len(tasks), config.image_size, model_id=model_id,
@@ -277,24 +284,28 @@ def _disentangle(model, train, gate_points, model_id, tasks, indices, config, de
 
         step = GraphedSteps(gated, lambda g, *batch: train_step(g, *batch, config))
     group = 1 if config.mode == "paper" else config.tasks_per_step
+    mine = ctx.my_tasks([len(i) for i in indices], group)  # every task, unless under torchrun
     for epoch in range(start_epoch, config.epochs):
         streams = [
-            _TaskStream(train, idx, config.batch_size, config.image_size, _epoch_generator(config.seed, epoch, t))
-            for t, idx in enumerate(indices)
+            _TaskStream(train, indices[t], config.batch_size, config.image_size,
+                        _epoch_generator(config.seed, epoch, t))
+            for t in mine
         ]
-        stats = _train_epoch(step, streams, config, group, epoch, progress, device)
-        run.commit(MaskBank.from_gated(gated, tasks, config_record, epoch + 1), stats, config.keep_every_epoch)
-    return run.bank or MaskBank.from_gated(gated, tasks, config_record, start_epoch)
+        stats = _train_epoch(step, streams, mine, len(tasks), config, group, epoch, progress, device)
+        bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1)
+        distributed.commit_epoch(ctx, run, bank, stats, mine, config.keep_every_epoch)
+    return distributed.finish(ctx, run) or MaskBank.from_gated(gated, tasks, config_record, start_epoch)
 
 
-def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progress: bool, device):
-    """One epoch over every task's batches (``step(x, labels, task_ids, tasks)`` per batch);
-    returns the epoch's per-task mean loss terms.
+def _train_epoch(step, streams, task_of, num_tasks, config: NADConfig, group: int, epoch: int, progress: bool,
+                 device):
+    """One epoch over the batches of tasks ``task_of`` (``streams[i]`` is task ``task_of[i]``'s;
+    ``step(x, labels, task_ids, tasks)`` per batch); returns the epoch's per-task mean loss terms
+    (lists over all ``num_tasks`` tasks; zeros for tasks not in ``task_of``).
 
     The running sums stay on the device; the progress bar reads them about once a second, so
     that steps are not serialised by device syncs.
     """
-    num_tasks = len(streams)
     sums = {k: torch.zeros(num_tasks, device=device) for k in ("ce", "mse", "sparse", "loss")}
     steps = torch.zeros(num_tasks, device=device)
     skipped = torch.zeros(num_tasks, device=device)
@@ -306,6 +317,7 @@ def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progr
         faults.step_event(epoch + 1, k + 1)
         if first is not None:
             tasks_done = first
+        active = [task_of[i] for i in active]
         x = torch.cat([b[0] for b in loaded]).to(device, non_blocking=True)
         labels = torch.cat([b[1] for b in loaded]).to(device, non_blocking=True)
         task_ids = torch.cat([torch.full((len(b[1]),), t, dtype=torch.int64) for t, b in zip(active, loaded)])
@@ -322,7 +334,7 @@ def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progr
         if progress and elapsed - shown >= 1.0:
             shown = elapsed
             n = steps.clamp(min=1)
-            bar.set_postfix(tasks=f"{tasks_done}/{num_tasks}", img_s=f"{images_seen / elapsed:.0f}",
+            bar.set_postfix(tasks=f"{tasks_done}/{len(task_of)}", img_s=f"{images_seen / elapsed:.0f}",
                             ce=f"{(sums['ce'] / n).mean():.3f}", mse=f"{(sums['mse'] / n).mean():.3f}",
                             sparse=f"{(sums['sparse'] / n).mean():.3f}")
     bar.close()

@@ -202,3 +202,16 @@ def test_damaged_and_old_banks(tree, weights, tmp_path, capsys):
     code, _, err = run(capsys, "similarity", "--bank", bank)
     last = f"logits.{len(tensors) - 1:03d}"
     assert code == 2 and f"tensor '{last}' (gate point '" in err and "fails its CRC-32 check" in err
+
+
+def test_python_m_nad_ext_is_the_nad_command(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "nad_ext", "similarity", "--bank", str(tmp_path / "none.safetensors")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("error: mask bank") and "does not exist" in result.stderr
