@@ -101,6 +101,7 @@ void maskbank_load(const Args& args) {
   REQUIRE((bank.task_classes() == std::vector<std::vector<int64_t>>{{0}, {1}, {2, 3}, {4}}),
         "task classes");
   REQUIRE(bank.epoch() == 7, bank.epoch());
+  REQUIRE(bank.verified(), "the bank's checksums were not verified");
   REQUIRE(bank.config_json().find("caf\\u00e9") != std::string::npos, bank.config_json());
   REQUIRE(bank.logits().size() == 3 && bank.logits()[1].sizes() == at::IntArrayRef({4, 6}),
         "logits shapes");
@@ -126,7 +127,23 @@ void maskbank_corrupt_files_refused(const Args& args) {
   expect_error(load("offsets_out_of_range"), {"logits.002", "out of range"}, "offsets");
   expect_error(load("wrong_format"), {"unsupported mask bank format", "maskbank/99"}, "format");
   expect_error(load("channels_mismatch"), {"logits.002", "shape (4, 5)"}, "channels");
+  expect_error(load("flipped_bytes"), {"bad_flipped_bytes", "\"logits.001\"", "fails its CRC-32 check"},
+               "flipped bytes");
+  expect_error(load("checksum_missing"), {"\"logits.002\"", "has no checksum"}, "checksum missing");
   expect_error(load("missing"), {"cannot open"}, "missing file");
+}
+
+// CRC-32 as zlib computes it (its check value), and a bank written before checksums existed.
+void maskbank_checksums(const Args& args) {
+  REQUIRE(nad::crc32("123456789", 9) == 0xCBF43926u, std::hex << nad::crc32("123456789", 9));
+  REQUIRE(nad::crc32("6789", 4, nad::crc32("12345", 5)) == 0xCBF43926u, "crc32 continuation");
+  const std::string odd = "12345678901234567";  // the 8-byte steps and the byte-wise tail
+  REQUIRE(nad::crc32(odd.data(), odd.size()) == 0x3FA43360u, std::hex << nad::crc32(odd.data(), odd.size()));
+  const auto old = nad::MaskBank::load(args[0] + "/old_bank.safetensors");
+  REQUIRE(!old.verified(), "a bank without checksums claims to be verified");
+  const auto bank = nad::MaskBank::load(args[0] + "/bank.safetensors");
+  for (size_t l = 0; l < bank.logits().size(); ++l)
+    REQUIRE(at::equal(old.logits()[l], bank.logits()[l]), "gate point " << l);
 }
 
 void maskbank_check_matches(const Args& args) {
@@ -225,6 +242,7 @@ const std::map<std::string, void (*)(const Args&)> kCases = {
     {"maskbank_load", maskbank_load},
     {"maskbank_corrupt_files_refused", maskbank_corrupt_files_refused},
     {"maskbank_check_matches", maskbank_check_matches},
+    {"maskbank_checksums", maskbank_checksums},
     {"mask_overlap_vs_numpy", mask_overlap_vs_numpy},
     {"similarity_program_vs_python", similarity_program_vs_python},
     {"torchscript_gated_model", torchscript_gated_model},

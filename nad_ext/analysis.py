@@ -8,6 +8,10 @@ a folder (``results.json``, the similarity matrices as CSV, the hit-rate example
 
 Sub-architectures are always the *binary* ones: channel c of gate point l is open for task t
 when its logit is > 0, and the masked network multiplies closed channels by exactly 0.
+
+The analyses that run the network take ``map_units(fn, n) -> [fn(0), ..., fn(n - 1)]``: the
+units are the batches a single process runs, so a mapper that computes them on several
+processes (``nad_ext.distributed.Context.map_units``, under torchrun) gives the same results.
 """
 from __future__ import annotations
 
@@ -27,6 +31,10 @@ from nad_ext.maskbank import MaskBank, atomic_write
 from nad_ext.ops.mask_overlap import mask_overlap
 
 CHANCE_HIT = 0.25
+
+
+def _sequential(fn, n: int) -> list:
+    return [fn(u) for u in range(n)]
 NON_SPATIAL_NOTE = ("gate point output is not spatial (no H x W, or 1 x 1 after a global pool): "
                     "its activation map carries no location, so it has no hit rate")
 
@@ -218,7 +226,8 @@ def _to_display(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def masked_accuracy(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size: int,
-                    batch_size: int = 64, device: str = "cpu", rejection_per_class: int | None = None) -> dict:
+                    batch_size: int = 64, device: str = "cpu", rejection_per_class: int | None = None,
+                    map_units=_sequential) -> dict:
     """Each task's binary sub-architecture against the original network, on validation images.
 
     Predictions are the top-1 over all of the network's classes. For task t:
@@ -244,23 +253,26 @@ def masked_accuracy(gated: GatedModel, bank: MaskBank, val_images: ImageSet, ima
         for c in range(len(val_images.classes)):
             sampled[val_images.indices_of_class(c)[:rejection_per_class]] = True
     run = in_task | (~in_task & sampled)  # (task, image) pairs to evaluate
+    def unit(b):  # a batch of images: the original network, then each (task, image) pair of the batch
+        idx = torch.arange(b * batch_size, min((b + 1) * batch_size, N))
+        x = load_batch(val_images, idx.tolist(), image_size)[0].to(device)
+        logits = gated.original(x, record=False)[0]
+        tasks, local = run[:, idx].nonzero(as_tuple=True)
+        preds = [gated(x[local[lo: lo + batch_size].to(device)], tasks[lo: lo + batch_size].to(device),
+                       binary=True)[0].argmax(1).cpu() for lo in range(0, len(tasks), batch_size)]
+        return idx, logits.argmax(1).cpu(), logits.shape[1], tasks, idx[local], preds
+
     is_task_class = None  # (T, number of outputs): output o is a class of task t
     hit = torch.zeros(T, N, dtype=torch.bool)  # masked net of t predicts a class of t
     orig_pred = torch.empty(N, dtype=torch.int64)
-    for start in range(0, N, batch_size):
-        idx = torch.arange(start, min(start + batch_size, N))
-        x = load_batch(val_images, idx.tolist(), image_size)[0].to(device)
-        logits = gated.original(x, record=False)[0]
-        orig_pred[idx] = logits.argmax(1).cpu()
+    for idx, pred, outputs, tasks, images, preds in map_units(unit, -(-N // batch_size)):
+        orig_pred[idx] = pred
         if is_task_class is None:
-            is_task_class = torch.zeros(T, logits.shape[1], dtype=torch.bool)
+            is_task_class = torch.zeros(T, outputs, dtype=torch.bool)
             for t, task in enumerate(bank.tasks):
-                is_task_class[t, [c for c in task.classes if c < logits.shape[1]]] = True
-        tasks, local = run[:, idx].nonzero(as_tuple=True)
-        for lo in range(0, len(tasks), batch_size):
-            t, j = tasks[lo: lo + batch_size], local[lo: lo + batch_size]
-            pred = gated(x[j.to(device)], t.to(device), binary=True)[0].argmax(1).cpu()
-            hit[t, idx[j]] = is_task_class[t, pred]
+                is_task_class[t, [c for c in task.classes if c < outputs]] = True
+        if preds:
+            hit[tasks, images] = is_task_class[tasks, torch.cat(preds)]
     orig_hit = is_task_class[:, orig_pred]
     rows = []
     for t, task in enumerate(bank.tasks):
@@ -287,35 +299,40 @@ def _draw_mosaics(val_images: ImageSet, classes: list[int], num_mosaics: int, se
     return picked, images
 
 
-def _mosaic_hits(gated, mosaics, tasks, top_fraction, device, batch_size, keep_examples=0):
-    """Runs each mosaic with its four classes' tasks; returns hits (L, M, 4) (NaN where not
-    spatial) and the maps of the first ``keep_examples`` mosaics ({m: (4, L) list of maps})."""
-    M, L = mosaics.shape[0], len(gated.gate_points)
-    hits = torch.full((L, M, 4), float("nan"), dtype=torch.float64)
-    kept = {}
+def _mosaic_hits(gated, mosaic, tasks, top_fraction, device, batch_size, keep_examples=0, map_units=_sequential):
+    """Runs each mosaic (``mosaic(m)``: mosaic m, (3, S, S)) with its four classes' tasks
+    (``tasks``: (M, 4)); returns hits (L, M, 4) (NaN where not spatial) and the maps of the first
+    ``keep_examples`` mosaics ({m: {layer: (4, S, S) maps}})."""
+    M, L = tasks.shape[0], len(gated.gate_points)
     per_batch = max(1, batch_size // 4)
     quadrants = torch.arange(4).repeat(per_batch)
-    for start in range(0, M, per_batch):
-        stop = min(start + per_batch, M)
+
+    def unit(b):  # a batch of mosaics, each with its four tasks
+        start, stop = b * per_batch, min((b + 1) * per_batch, M)
         n = stop - start
-        x = mosaics[start:stop].to(device).repeat_interleave(4, dim=0)
+        x = torch.stack([mosaic(m) for m in range(start, stop)]).to(device).repeat_interleave(4, dim=0)
         ids = tasks[start:stop].reshape(-1).to(device)
         _, acts = gated(x, ids, binary=True, record=True)
+        hits, kept = torch.full((L, n, 4), float("nan"), dtype=torch.float64), {}
         for layer, act in enumerate(acts):
             maps = activation_maps(act, x.shape[-1])
             if maps is None:
                 continue
-            hits[layer, start:stop] = top_hits(maps, quadrants[: 4 * n].to(device), top_fraction).cpu().view(n, 4)
+            hits[layer] = top_hits(maps, quadrants[: 4 * n].to(device), top_fraction).cpu().view(n, 4)
             for m in range(start, min(stop, keep_examples)):
                 kept.setdefault(m, {})[layer] = maps[4 * (m - start): 4 * (m - start) + 4].cpu()
-    return hits, kept
+        return hits, kept
+
+    parts = map_units(unit, -(-M // per_batch))
+    kept = {m: maps for _, part in parts for m, maps in part.items()}
+    return torch.cat([h for h, _ in parts], dim=1), kept
 
 
 @torch.no_grad()
 def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size: int,
              num_mosaics: int = 100, top_fraction: float = 0.10, seed: int = 0, null_samples: int = 1,
              device: str = "cpu", batch_size: int = 64, num_examples: int = 2,
-             example_size: int = 64) -> dict:
+             example_size: int = 64, map_units=_sequential) -> dict:
     """The 2x2 mosaic hit rate per gate point (METHOD.md, analysis 2), with a null baseline.
 
     Each mosaic holds four eval-transformed validation images of four different random classes
@@ -337,13 +354,23 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
     usable = _mosaic_classes(bank, val_images)
     picked, image_idx = _draw_mosaics(val_images, list(usable), num_mosaics, seed)
     s = image_size
-    # Tiles (M, 2 rows, 2 columns, 3, s, s) -> mosaics (M, 3, 2s, 2s).
-    tiles = load_batch(val_images, image_idx.reshape(-1).tolist(), s)[0].cpu()
-    mosaics = tiles.view(num_mosaics, 2, 2, 3, s, s).permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, 2 * s, 2 * s)
+
+    built = {}  # the mosaics this process has used (all of them, in a single process)
+    chunk = max(1, batch_size // 4)  # the mosaics of one batch of _mosaic_hits, loaded together
+
+    def mosaic(m):
+        if m not in built:
+            first = m - m % chunk
+            ms = list(range(first, min(first + chunk, num_mosaics)))
+            # Tiles (n, 2 rows, 2 columns, 3, s, s) -> mosaics (n, 3, 2s, 2s).
+            tiles = load_batch(val_images, image_idx[ms].reshape(-1).tolist(), s)[0].cpu()
+            grid = tiles.view(len(ms), 2, 2, 3, s, s).permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, 2 * s, 2 * s)
+            built.update(zip(ms, grid))
+        return built[m]
     tasks = torch.tensor([[usable[int(c)] for c in row] for row in picked], dtype=torch.int64)
     keep = min(num_examples, num_mosaics)
     try:
-        hits, kept = _mosaic_hits(gated, mosaics, tasks, top_fraction, device, batch_size, keep)
+        hits, kept = _mosaic_hits(gated, mosaic, tasks, top_fraction, device, batch_size, keep, map_units)
         null = []
         for sample in range(null_samples):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (sample + 1))
@@ -352,7 +379,7 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
                 perms = torch.stack([torch.randperm(m.shape[1], generator=gen) for _ in range(m.shape[0])])
                 shuffled.append(torch.gather(m, 1, perms))
             gated.set_logits(shuffled)
-            null.append(_mosaic_hits(gated, mosaics, tasks, top_fraction, device, batch_size)[0])
+            null.append(_mosaic_hits(gated, mosaic, tasks, top_fraction, device, batch_size, 0, map_units)[0])
     finally:
         bank.apply_to(gated)
     spatial = [bool(not torch.isnan(hits[layer]).all()) for layer in range(hits.shape[0])]
@@ -374,7 +401,7 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
         "examples": [],
     }
     for m in range(keep):
-        view = F.interpolate(mosaics[m: m + 1], size=(example_size, example_size), mode="bilinear",
+        view = F.interpolate(mosaic(m)[None], size=(example_size, example_size), mode="bilinear",
                              antialias=True, align_corners=False)[0]
         maps = []
         for q in range(4):
@@ -396,7 +423,7 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
 
 @torch.no_grad()
 def confusion_vs_similarity(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size: int,
-                            k: int = 3, device: str = "cpu", batch_size: int = 64) -> dict:
+                            k: int = 3, device: str = "cpu", batch_size: int = 64, map_units=_sequential) -> dict:
     """Are classes confused with the classes whose sub-architectures resemble theirs?
 
     For each class: its k most similar sub-architectures (mean IoU, itself excluded) and the
@@ -420,10 +447,12 @@ def confusion_vs_similarity(gated: GatedModel, bank: MaskBank, val_images: Image
     probs = torch.zeros(C, C, dtype=torch.float64)
     counts = np.zeros(C, dtype=np.int64)
     wrong = []  # (true, predicted)
-    for start in range(0, len(val_images), batch_size):
-        idx = list(range(start, min(start + batch_size, len(val_images))))
-        x, y = load_batch(val_images, idx, image_size)
-        logits = gated.original(x.to(device), record=False)[0].cpu().double()
+
+    def unit(b):
+        x, y = load_batch(val_images, list(range(b * batch_size, min((b + 1) * batch_size, len(val_images)))),
+                          image_size)
+        return y, gated.original(x.to(device), record=False)[0].cpu().double()
+    for y, logits in map_units(unit, -(-len(val_images) // batch_size)):
         if logits.shape[1] < C:
             raise ValueError(f"the network has {logits.shape[1]} outputs but {val_images.name} has {C} classes")
         p = logits.softmax(1)[:, :C]
@@ -532,15 +561,17 @@ def _matrix_csv(matrix: np.ndarray, names: Sequence[str]) -> str:
 def run_all(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size: int, out_dir: str | Path,
             *, num_mosaics: int = 100, top_fraction: float = 0.10, seed: int = 0, null_samples: int = 1,
             k: int = 3, batch_size: int = 64, device: str = "cpu", num_examples: int = 2,
-            rejection_per_class: int | None = None) -> dict:
-    """Runs analyses 1-5 and writes them to ``out_dir``.
+            rejection_per_class: int | None = None, map_units=_sequential, write: bool = True) -> dict:
+    """Runs analyses 1-5 and writes them to ``out_dir`` (unless ``write`` is False: the other
+    processes of a distributed run).
 
     Files: ``results.json`` (everything but the example arrays), ``similarity_iou.csv``,
     ``similarity_iomin.csv`` (task x task, in bank order) and ``hit_rate_examples.npz``
     (the example mosaics and maps). The returned dict holds all results, arrays included; the
     confusion analysis is ``{"skipped": reason}`` when the bank is not one task per class.
     The keyword arguments go to the analyses of the same names (``num_mosaics`` and
-    ``rejection_per_class`` set most of the cost).
+    ``rejection_per_class`` set most of the cost); ``map_units`` shares the work (see the
+    module's docstring).
     """
     _check_inputs(gated, bank, val_images, image_size)
     _check_mosaic_args(num_mosaics, top_fraction, null_samples)
@@ -554,12 +585,13 @@ def run_all(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size:
         "similarity": {"iou": iou, "iomin": iomin, "order": cluster_order(iou)},
         "layerwise_similarity": layerwise_similarity(bank),
         "masked_accuracy": masked_accuracy(gated, bank, val_images, image_size, batch_size, device,
-                                           rejection_per_class),
+                                           rejection_per_class, map_units),
         "hit_rate": hit_rate(gated, bank, val_images, image_size, num_mosaics, top_fraction, seed,
-                             null_samples, device, batch_size, num_examples),
+                             null_samples, device, batch_size, num_examples, map_units=map_units),
     }
     try:
-        results["confusion"] = confusion_vs_similarity(gated, bank, val_images, image_size, k, device, batch_size)
+        results["confusion"] = confusion_vs_similarity(gated, bank, val_images, image_size, k, device, batch_size,
+                                                       map_units)
     except ValueError as err:
         results["confusion"] = {"skipped": str(err)}
     examples = results["hit_rate"]["examples"]
@@ -571,6 +603,8 @@ def run_all(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size:
                     arrays[f"example{e}_class{q}_layer{layer:03d}"] = m
     stripped = dict(results, hit_rate=dict(results["hit_rate"], examples=[
         {key: v for key, v in ex.items() if key not in ("mosaic", "maps")} for ex in examples]))
+    if not write:
+        return results
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_text(out_dir / "results.json", json.dumps(_jsonable(stripped), indent=1))
     _write_text(out_dir / "similarity_iou.csv", _matrix_csv(iou, bank.task_names))

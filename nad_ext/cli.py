@@ -1,10 +1,14 @@
 """The ``nad`` command line: each verb is one call of the Python API plus argument parsing and
-printing. ``nad <verb> --help`` lists a verb's options."""
+printing. ``nad <verb> --help`` lists a verb's options. ``python -m nad_ext`` is the same
+command; under torchrun (``torchrun --nproc-per-node=N -m nad_ext disentangle ...``)
+``disentangle`` and ``analyze`` share their work among the processes (nad_ext.distributed)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -18,7 +22,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="an ImageFolder tree with train/ and val/, a cache made by `nad prepare-data`, or 'builtin' "
                         "for the generated shapes (default)")
     p.add_argument("--cache", default=".nad_cache", help="where the built-in zoo's weights are cached")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1 ... (default: cuda when available; under torchrun cuda means cuda:LOCAL_RANK)")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for the other processes (default 1800)")
+
+
+def _setup(args):
+    """This process's place in a torchrun world (a world of one without torchrun)."""
+    from nad_ext import distributed
+
+    return distributed.setup(args.device, args.dist_timeout)
 
 
 def _load_data(args, split: str):
@@ -103,10 +117,13 @@ def cmd_disentangle(args) -> None:
     if isinstance(gate_points, str) and gate_points not in ("auto", args.model):
         gate_points = [gate_points]
     tasks = _load_tasks(args.tasks, train.classes) if args.tasks else None
+    ctx = _setup(args)
+    resume = "strict" if args.strict_resume else args.resume
     bank = disentangle(model, train, gate_points, model_id=args.model, config=_config_from_args(args), tasks=tasks,
-                       out_dir=args.out, resume=args.resume, overwrite=args.overwrite)
-    print(f"{len(bank.tasks)} tasks x {len(bank.gate_points)} gate points, epoch {bank.epoch}: "
-          f"{Path(args.out) / 'masks.safetensors'}")
+                       out_dir=args.out, resume=resume, overwrite=args.overwrite)
+    if ctx.rank == 0:
+        print(f"{len(bank.tasks)} tasks x {len(bank.gate_points)} gate points, epoch {bank.epoch}: "
+              f"{Path(args.out) / 'masks.safetensors'}")
 
 
 def cmd_analyze(args) -> None:
@@ -121,12 +138,15 @@ def cmd_analyze(args) -> None:
     train, val = _load_data(args, "train"), _load_data(args, "val")
     model = _load_model(args, train, val)
     size = args.image_size or bank.config.get("image_size") or models.get_spec(args.model).input_size
-    gated = build_gated_model(model, [p.name for p in bank.gate_points], len(bank.tasks), size, model_id=args.model)
-    # The analyses run on the CPU (run_all's default device); their batches come from this loader.
-    with pipeline.make_loader(val, size, "cpu", args.data_pipeline or "auto") as loader:
+    ctx = _setup(args)
+    gated = build_gated_model(model, [p.name for p in bank.gate_points], len(bank.tasks), size, model_id=args.model,
+                              device=ctx.device)
+    # The analyses' batches come from this loader, on the analyses' device.
+    with pipeline.make_loader(val, size, ctx.device, args.data_pipeline or "auto") as loader:
         analysis.run_all(gated, bank, pipeline.with_loader(val, loader), size, args.out, num_mosaics=args.mosaics,
-                         seed=args.seed)
-    print(f"analyses written to {args.out}")
+                         seed=args.seed, device=str(ctx.device), map_units=ctx.map_units, write=ctx.rank == 0)
+    if ctx.rank == 0:
+        print(f"analyses written to {args.out}")
 
 
 def cmd_prepare_data(args) -> None:
@@ -222,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay the step from CUDA graphs (default auto: on with the fused CUDA path)")
     _add_pipeline_args(p, bad_images=True)
     p.add_argument("--tasks", help='JSON file {"task": ["class", ...]}; default: one task per class')
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last committed epoch (starts a new run, with a note, "
+                        "when --out has no mask bank)")
+    p.add_argument("--strict-resume", action="store_true", help="like --resume, but refuse when --out has no mask bank")
     p.add_argument("--overwrite", action="store_true", help="replace the mask bank in --out")
     p.set_defaults(func=cmd_disentangle)
 
@@ -264,13 +287,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _note(show, message, category, filename, lineno, file=None, line=None) -> None:
+    """nad-ext's warnings (a bank without checksums, ...) as one line; others by ``show``."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        print(f"note: {message}", file=sys.stderr)
+    else:
+        show(message, category, filename, lineno, file, line)
+
+
 def main(argv=None) -> int:
+    from nad_ext import distributed
+    from nad_ext.rundir import RunLockedError
+    from nad_ext.storage import WriteError
+
     args = build_parser().parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = functools.partial(_note, shown)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, WriteError, RunLockedError, distributed.PeerError) as err:
         print(f"error: {err}", file=sys.stderr)
+        distributed.record_error(err)
         return 2
+    finally:
+        warnings.showwarning = shown
+        distributed.shutdown()
     return 0
 
 

@@ -4,14 +4,14 @@ A :class:`ModelSpec` is data: how to build the (untrained) network, which module
 points, the paper's sparsity weight beta and the input size. :func:`load_model` builds a
 registry model and loads a weights file (torch state dict or safetensors). The zoo holds one
 small network per connection type (plain, residual, dense, NAS) for 64x64 generated images;
-:func:`load_zoo` trains them on first use and caches the weights as safetensors.
+:func:`load_zoo` trains them on first use and caches the weights as safetensors, with a
+checksum per tensor (:mod:`nad_ext.storage`).
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from nad_ext import darts
 from nad_ext.data import ImageSet, eval_transform, train_transform
+from nad_ext.storage import load_safetensors, save_safetensors
 
 
 @dataclass(frozen=True)
@@ -210,9 +211,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
+            state = load_safetensors(path, "weights file")[0]  # checked against its checksums, if any
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -335,33 +334,27 @@ def train_zoo_model(name: str, train: ImageSet, val: ImageSet, epochs: int, seed
 
 
 def _save_atomic(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_safetensors({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, path, metadata)
 
 
 def _load_cached(name: str, path: Path, num_classes: int, want: dict[str, str]) -> tuple[nn.Module, float] | None:
-    """The cached model if ``path`` is a readable cache file made with the settings ``want``."""
-    from safetensors import safe_open
-
+    """The cached model if ``path`` is a readable cache file made with the settings ``want``;
+    a damaged file (its tensors checked against their checksums) is reported, then retrained."""
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        state, meta, verified = load_safetensors(path, "zoo cache")
         if any(meta.get(k) != v for k, v in want.items()):
             return None
-        model = load_model(name, path, num_classes)
-        return model, float(meta["val_accuracy"])
-    except Exception:  # corrupt or foreign file: retrain
+        if not verified:
+            warnings.warn(f"zoo cache {path} has no checksums (written by an earlier nad-ext): loaded without "
+                          "verifying its tensors", stacklevel=3)
+        model = get_spec(name).build(num_classes)
+        _check_compatible(model, state, name, path)
+        model.load_state_dict(state)
+        return _freeze(model), float(meta["val_accuracy"])
+    except Exception as err:  # noqa: BLE001 - damaged or foreign file: retrain
+        warnings.warn(f"{err}: training {name} again", stacklevel=3)
         return None
 
 

@@ -10,10 +10,11 @@ Two modes give the same gates (tested):
 Data order and augmentation of task t in epoch e come from a generator seeded by (seed, e, t),
 and task t's initial gates from one seeded by (seed, t): the results depend neither on the
 mode nor on how many tasks share a step, and a resumed run continues exactly where it stopped.
+The run folder's epoch commits and repair are :mod:`nad_ext.rundir`'s; under torchrun the
+tasks are shared out by :mod:`nad_ext.distributed`.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -25,14 +26,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nad_ext import data as nad_data
+from nad_ext import distributed, faults
 from nad_ext import pipeline as nad_pipeline
 from nad_ext.gates import GatedModel, propose_gate_points
-from nad_ext.maskbank import MaskBank, Task, atomic_write
+from nad_ext.maskbank import MaskBank, Task
 from nad_ext.objective import nad_loss
 from nad_ext.ops import _checks, normalized_gradient_step_
-
-BANK_FILE = "masks.safetensors"
-LOG_FILE = "log.json"
+from nad_ext.rundir import BANK_FILE, LOG_FILE  # noqa: F401  (the run folder's file names)
 
 
 @dataclass
@@ -108,9 +108,8 @@ EXECUTION_SETTINGS = ("epochs", "device", "mode", "tasks_per_step", "keep_every_
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device of this process: ``name``, "auto" resolved; under torchrun, cuda:LOCAL_RANK."""
+    return distributed.setup(name).device
 
 
 def default_tasks(images: nad_data.ImageSet) -> list[Task]:
@@ -215,11 +214,16 @@ def disentangle(
             its beta and input size are then the defaults).
         tasks: default one per class.
         config: :class:`NADConfig`, default the paper's settings.
-        out_dir: where ``masks.safetensors`` (after every epoch, atomically), per-epoch copies
-            and ``log.json`` (loss curves) go. None keeps everything in memory.
-        resume: continue from the bank in ``out_dir``.
-        overwrite: replace an existing bank in ``out_dir`` instead of refusing to.
-        progress: show a tqdm bar per epoch.
+        out_dir: the run folder (:mod:`nad_ext.rundir`): ``masks.safetensors`` committed after
+            every epoch, per-epoch copies and ``log.json`` (loss curves). None keeps everything in
+            memory. Locked while the run writes it.
+        resume: continue the run in ``out_dir`` from its last committed epoch (a folder without
+            a bank starts a new run, with a note; ``"strict"`` refuses to).
+        overwrite: replace an existing run in ``out_dir`` instead of refusing to.
+        progress: show a tqdm bar per epoch (rank 0 only under torchrun).
+
+    Under torchrun the tasks are shared out among the processes (:mod:`nad_ext.distributed`);
+    every process returns the same bank, bit-identical to a single-process run's.
     """
     from nad_ext import models
 
@@ -236,14 +240,22 @@ def disentangle(
     if not tasks:
         raise ValueError("tasks is empty")
     indices = _task_indices(train, tasks)
-    device = resolve_device(config.device)
-    out_dir = Path(out_dir) if out_dir is not None else None
-    bank_path = out_dir / BANK_FILE if out_dir is not None else None
-    if bank_path is not None and bank_path.exists() and not (resume or overwrite):
-        raise FileExistsError(f"{bank_path} exists: pass resume=True (--resume) to continue it or overwrite=True")
+    ctx = distributed.setup(config.device)
+    device = ctx.device
+    progress = progress and ctx.rank == 0
+    run = distributed.open_run(ctx, out_dir, resume=resume, overwrite=overwrite,
+                               keep_every_epoch=config.keep_every_epoch)
+    try:
+        with nad_pipeline.make_loader(train, config.image_size, device, config.data_pipeline,
+                                      config.on_bad_image) as loader:
+            return _disentangle(model, gate_points, model_id, tasks, indices, config, ctx, run, loader, progress)
+    finally:
+        distributed.close_run(ctx, run)
 
+
+def _disentangle(model, gate_points, model_id, tasks, indices, config, ctx, run, loader, progress) -> MaskBank:
+    device = ctx.device
     fuse, dtype, graph = config.execution(device)
-    loader = nad_pipeline.make_loader(train, config.image_size, device, config.data_pipeline, config.on_bad_image)
     gated = build_gated_model(
         model, gate_points, len(tasks), config.image_size, model_id=model_id,
         seed=config.seed, init_std=config.init_std, device=device, fuse=fuse, dtype=dtype,
@@ -257,52 +269,43 @@ def disentangle(
             where = "  (in masked_conv2d)" if i in gated.fused_points else ""
             print(f"  {point.name:36s} {point.channels:5d}{where}")
     config_record = asdict(config)
-    start_epoch, log = 0, []
-    if resume and bank_path is not None and bank_path.exists():
-        bank = MaskBank.load(bank_path)
+    start_epoch = 0
+    if run.bank is not None:
+        bank, where = run.bank, run.file(BANK_FILE)
         bank.apply_to(gated)
         if [t.name for t in bank.tasks] != [t.name for t in tasks]:
-            raise ValueError(f"{bank_path} was trained for other tasks; cannot resume it")
+            raise ValueError(f"{where} was trained for other tasks; cannot resume it")
         changed = {k: (bank.config.get(k), v) for k, v in config_record.items()
                    if k not in EXECUTION_SETTINGS and bank.config.get(k) != v}
         if changed:
-            raise ValueError(f"{bank_path} was trained with other settings {changed}; cannot resume it")
+            raise ValueError(f"{where} was trained with other settings {changed}; cannot resume it")
         start_epoch = bank.epoch
-        if (out_dir / LOG_FILE).exists():
-            log = json.loads((out_dir / LOG_FILE).read_text())["epochs"][:start_epoch]
 
-    bank = MaskBank.from_gated(gated, tasks, config_record, start_epoch)
     step = lambda *batch: train_step(gated, *batch, config)  # noqa: E731
     if graph:
         from nad_ext.step_graph import GraphedSteps
 
         step = GraphedSteps(gated, lambda g, *batch: train_step(g, *batch, config))
     group = 1 if config.mode == "paper" else config.tasks_per_step
+    mine = ctx.my_tasks([len(i) for i in indices], group)  # every task, unless under torchrun
     for epoch in range(start_epoch, config.epochs):
-        streams = [_TaskStream(idx, config.batch_size, _epoch_generator(config.seed, epoch, t))
-                   for t, idx in enumerate(indices)]
-        stats = _train_epoch(step, streams, loader, config, group, epoch, progress, device)
-        log.append(stats)
+        streams = [_TaskStream(indices[t], config.batch_size, _epoch_generator(config.seed, epoch, t)) for t in mine]
+        stats = _train_epoch(step, streams, mine, len(tasks), loader, config, group, epoch, progress, device)
         bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1)
-        if out_dir is not None:
-            bank.save(bank_path)
-            if config.keep_every_epoch:
-                bank.save(out_dir / f"masks_epoch{epoch + 1:02d}.safetensors")
-            payload = json.dumps({"model_id": model_id, "tasks": [t.name for t in tasks], "epochs": log}, indent=1)
-            atomic_write(out_dir / LOG_FILE, lambda tmp: Path(tmp).write_text(payload))
-    loader.close()
-    return bank
+        distributed.commit_epoch(ctx, run, bank, stats, mine, config.keep_every_epoch)
+    return distributed.finish(ctx, run) or MaskBank.from_gated(gated, tasks, config_record, start_epoch)
 
 
-def _train_epoch(step, streams, loader, config: NADConfig, group: int, epoch: int, progress: bool, device):
-    """One epoch over every task's batches (``step(x, labels, task_ids, tasks)`` per batch);
-    returns the epoch's per-task mean loss terms, where the time went (waiting for data or in
-    the step) and the images skipped as unreadable.
+def _train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, group: int, epoch: int,
+                 progress: bool, device):
+    """One epoch over the batches of tasks ``task_of`` (``streams[i]`` is task ``task_of[i]``'s;
+    ``step(x, labels, task_ids, tasks)`` per batch); returns the epoch's per-task mean loss terms
+    (lists over all ``num_tasks`` tasks; zeros for tasks not in ``task_of``), where the time went
+    (waiting for data or in the step) and the images skipped as unreadable.
 
     The running sums stay on the device; the progress bar reads them about once a second, so
     that steps are not serialised by device syncs.
     """
-    num_tasks = len(streams)
     sums = {k: torch.zeros(num_tasks, device=device) for k in ("ce", "mse", "sparse", "loss")}
     steps = torch.zeros(num_tasks, device=device)
     skipped = torch.zeros(num_tasks, device=device)
@@ -310,9 +313,11 @@ def _train_epoch(step, streams, loader, config: NADConfig, group: int, epoch: in
     bar = tqdm(total=total_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                disable=not progress, leave=False)
     images_seen, start, tasks_done, shown, wait0 = 0, time.perf_counter(), 0, 0.0, loader.wait_s
-    for first, active, batch in _prefetched_steps(streams, group, loader):
+    for k, (first, active, batch) in enumerate(_prefetched_steps(streams, group, loader)):
+        faults.step_event(epoch + 1, k + 1)
         if first is not None:
             tasks_done = first
+        active = [task_of[i] for i in active]
         x, labels = batch.x, batch.labels
         task_ids = torch.repeat_interleave(torch.tensor(active), torch.tensor(batch.counts))
         if not len(labels):  # every image of this step was unreadable and skipped
@@ -331,28 +336,30 @@ def _train_epoch(step, streams, loader, config: NADConfig, group: int, epoch: in
         if progress and elapsed - shown >= 1.0:
             shown = elapsed
             n = steps.clamp(min=1)
-            bar.set_postfix(tasks=f"{tasks_done}/{num_tasks}", img_s=f"{images_seen / elapsed:.0f}",
+            bar.set_postfix(tasks=f"{tasks_done}/{len(task_of)}", img_s=f"{images_seen / elapsed:.0f}",
                             data_wait=f"{(loader.wait_s - wait0) / elapsed:.0%}",
                             ce=f"{(sums['ce'] / n).mean():.3f}", mse=f"{(sums['mse'] / n).mean():.3f}",
                             sparse=f"{(sums['sparse'] / n).mean():.3f}")
     bar.close()
     n = steps.clamp(min=1)
     means = {k: (v / n).tolist() for k, v in sums.items()}  # waits for the device's last step
-    elapsed, wait = max(time.perf_counter() - start, 1e-9), loader.wait_s - wait0
+    seconds, wait = max(time.perf_counter() - start, 1e-9), loader.wait_s - wait0
     bad_images, bad_files = loader.bad.take()
     if bad_images and progress:
         print(f"epoch {epoch + 1}: skipped {bad_images} unreadable images (listed in log.json)")
     return {
         "epoch": epoch + 1,
-        "images_per_second": images_seen / elapsed,
+        "images_per_second": images_seen / seconds,
         "skipped_batches": skipped.tolist(),
         # Where the time went: waiting for the loader, and everything else (the steps).
         "data_pipeline": loader.kind,
         "data_wait_s": wait,
-        "step_s": elapsed - wait,
+        "step_s": seconds - wait,
         "bad_images": bad_images,
         "bad_image_files": bad_files,
         **means,
+        "images": images_seen,
+        "seconds": seconds,
     }
 
 

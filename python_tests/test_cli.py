@@ -137,3 +137,81 @@ def test_analyze_then_report(tree, weights, tmp_path, capsys):
     assert "zoo_plain" in html and html.count('src="data:image/png;base64,') >= 3
     code, _, err = run(capsys, "report", tmp_path / "nothing-here", "--out", tmp_path / "r2.html")
     assert code == 2 and "results.json does not exist" in err
+
+
+def _disentangle_args(tree, weights, out, *extra):
+    return ["disentangle", "--model", "zoo_plain", "--weights", weights, "--data", tree, "--out", out,
+            "--image-size", 32, "--beta", 1.0, "--epochs", 1, *extra]
+
+
+def test_resume_without_a_bank_says_so_in_one_line(tree, weights, tmp_path, capsys):
+    code, _, err = run(capsys, *_disentangle_args(tree, weights, tmp_path / "new", "--resume"))
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "note" in line or "bank" in line]  # the rest: progress bars
+    assert notes == [f"note: resume: {tmp_path / 'new'} has no mask bank yet: starting a new run"]
+    code, _, err = run(capsys, *_disentangle_args(tree, weights, tmp_path / "other", "--strict-resume"))
+    assert code == 2 and "cannot resume" in err and "has no mask bank" in err
+    assert not (tmp_path / "other" / "masks.safetensors").exists()
+
+
+def test_a_full_disk_is_reported_without_a_traceback(tree, weights, tmp_path, capsys):
+    from nad_ext import faults
+
+    out = tmp_path / "run"
+    assert run(capsys, *_disentangle_args(tree, weights, out))[0] == 0
+    faults.configure("at=write:5,action=enospc")  # epoch 2: log.json written, not yet in place
+    try:
+        code, _, err = run(capsys, *_disentangle_args(tree, weights, out, "--epochs", 2, "--resume"))
+    finally:
+        faults.configure(None)
+    assert code == 2 and "Traceback" not in err
+    assert f"error: cannot write {out / 'log.json'}: No space left on device" in err
+    assert "intact at its last committed epoch 1" in err and "rerun the same command with --resume" in err
+    assert MaskBank.load(out / "masks.safetensors").epoch == 1
+    code, _, err = run(capsys, *_disentangle_args(tree, weights, out, "--epochs", 2, "--resume"))
+    assert code == 0, err
+    assert MaskBank.load(out / "masks.safetensors").epoch == 2
+
+
+def test_a_second_run_in_one_folder_is_refused(tree, weights, tmp_path, capsys):
+    import os
+
+    from nad_ext.rundir import RunDir
+
+    with RunDir.open(tmp_path / "run"):
+        code, _, err = run(capsys, *_disentangle_args(tree, weights, tmp_path / "run"))
+    assert code == 2 and f"is in use by process {os.getpid()}" in err and "Traceback" not in err
+
+
+def test_damaged_and_old_banks(tree, weights, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    assert run(capsys, *_disentangle_args(tree, weights, tmp_path / "run"))[0] == 0
+    bank = tmp_path / "run" / "masks.safetensors"
+    with safe_open(str(bank), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={k: v for k, v in meta.items() if k != "crc32"})
+    code, out, err = run(capsys, "similarity", "--bank", old)
+    assert code == 0 and len(out.splitlines()) == 5
+    assert err.startswith("note: mask bank") and "has no checksums" in err and len(err.splitlines()) == 1
+    raw = bytearray(bank.read_bytes())
+    raw[-6:-1] = bytes(b ^ 0x5A for b in raw[-6:-1])
+    bank.write_bytes(bytes(raw))
+    code, _, err = run(capsys, "similarity", "--bank", bank)
+    last = f"logits.{len(tensors) - 1:03d}"
+    assert code == 2 and f"tensor '{last}' (gate point '" in err and "fails its CRC-32 check" in err
+
+
+def test_python_m_nad_ext_is_the_nad_command(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "nad_ext", "similarity", "--bank", str(tmp_path / "none.safetensors")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("error: mask bank") and "does not exist" in result.stderr
