@@ -7,8 +7,6 @@ so an interrupted run never leaves a half-written bank.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nad_ext.files import atomic_write  # noqa: F401  (also imported from here by callers)
 from nad_ext.gates import GatedModel, GatePoint
 
 FORMAT = "nad-ext.maskbank/1"
@@ -28,20 +27,6 @@ class Task:
 
     name: str
     classes: tuple[int, ...]
-
-
-def atomic_write(path: Path, write) -> None:
-    """Calls ``write(tmp_path)`` then renames the temporary file over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass

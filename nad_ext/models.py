@@ -9,8 +9,7 @@ small network per connection type (plain, residual, dense, NAS) for 64x64 genera
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,9 @@ from torchvision.models.resnet import BasicBlock
 from tqdm.auto import tqdm
 
 from nad_ext import darts
+from nad_ext import progress as nad_progress
 from nad_ext.data import ImageSet, eval_transform, train_transform
+from nad_ext.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    invalid = f"weights file {path} is not a valid state dict"
+    kind = "safetensors file" if path.suffix == ".safetensors" else "file written by torch.save"
+    # PyTorch's message for a refused pickle advises weights_only=False, i.e. running the file's
+    # code: it is not passed on (``from None``); weights files are only ever read as tensors.
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -216,12 +221,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot read weights file {path}: {err}") from err
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            raise ValueError(f"{invalid}: it holds Python objects, not only tensors (a whole pickled model?); "
+                             "save model.state_dict() instead") from None
+        raise ValueError(f"{invalid}: the file is damaged or not a {kind}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path} does not hold a state dict of tensors")
+        raise ValueError(f"{invalid}: it holds something other than a dict of tensors")
     # DataParallel checkpoints prefix every key with "module."; DARTS's carry an auxiliary head.
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -312,7 +320,7 @@ def train_zoo_model(name: str, train: ImageSet, val: ImageSet, epochs: int, seed
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-3, total_steps=max(steps, 1),
                                                    pct_start=0.25)
     loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(total=steps, desc=f"training {name}", disable=not progress, leave=False)
+    bar = nad_progress.bar(steps, f"training {name}", unit="step", enabled=progress)
     for _ in range(epochs):
         model.train()
         order = torch.randperm(len(train), generator=generator).tolist()
@@ -338,14 +346,7 @@ def _save_atomic(model: nn.Module, path: Path, metadata: dict[str, str]) -> None
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _load_cached(name: str, path: Path, num_classes: int, want: dict[str, str]) -> tuple[nn.Module, float] | None:

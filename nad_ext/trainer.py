@@ -24,9 +24,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from nad_ext import data as nad_data
+from nad_ext import progress as nad_progress
 from nad_ext.gates import GatedModel, propose_gate_points
 from nad_ext.maskbank import MaskBank, Task, atomic_write
 from nad_ext.objective import nad_loss
@@ -239,7 +238,7 @@ def disentangle(
     out_dir = Path(out_dir) if out_dir is not None else None
     bank_path = out_dir / BANK_FILE if out_dir is not None else None
     if bank_path is not None and bank_path.exists() and not (resume or overwrite):
-        raise FileExistsError(f"{bank_path} exists: pass resume=True (--resume) to continue it or overwrite=True")
+        raise FileExistsError(f"{bank_path} exists: pass resume=True to continue it or overwrite=True to replace it")
 
     fuse, dtype, graph = config.execution(device)
     gated = build_gated_model(
@@ -305,8 +304,7 @@ def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progr
     steps = torch.zeros(num_tasks, device=device)
     skipped = torch.zeros(num_tasks, device=device)
     total_batches = sum(len(s.batches) for s in streams)
-    bar = tqdm(total=total_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-               disable=not progress, leave=False)
+    bar = nad_progress.bar(total_batches, f"epoch {epoch + 1}/{config.epochs}", unit="batch", enabled=progress)
     images_seen, start, tasks_done, shown = 0, time.perf_counter(), 0, 0.0
     for first, active, loaded in _prefetched_steps(streams, group):
         if first is not None:
@@ -330,12 +328,15 @@ def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progr
             bar.set_postfix(tasks=f"{tasks_done}/{num_tasks}", img_s=f"{images_seen / elapsed:.0f}",
                             ce=f"{(sums['ce'] / n).mean():.3f}", mse=f"{(sums['mse'] / n).mean():.3f}",
                             sparse=f"{(sums['sparse'] / n).mean():.3f}")
-    bar.close()
     n = steps.clamp(min=1)
     means = {k: (v / n).tolist() for k, v in sums.items()}  # waits for the device's last step
+    images_per_second = images_seen / max(time.perf_counter() - start, 1e-9)
+    bar.set_postfix(tasks=f"{num_tasks}/{num_tasks}", img_s=f"{images_per_second:.0f}",
+                    **{k: f"{sum(means[k]) / num_tasks:.3f}" for k in ("ce", "mse", "sparse")})
+    bar.close()  # off a terminal: the epoch's one line
     return {
         "epoch": epoch + 1,
-        "images_per_second": images_seen / max(time.perf_counter() - start, 1e-9),
+        "images_per_second": images_per_second,
         "skipped_batches": skipped.tolist(),
         **means,
     }
