@@ -78,6 +78,19 @@ def want_cuda() -> bool:
     return build_kind()[0]
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension compiling in a fixed folder, build/temp-<cpu|cuda>-<python>/:
+    pip's editable installs give every build a new temporary folder, so each rerun of
+    scripts/setup.sh (and scripts/test.sh) recompiled everything; here ninja recompiles only
+    what changed (it also notices changed flags)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        kind = "cuda" if any(isinstance(e.sources, list) and any(s.endswith(".cu") for s in e.sources)
+                             for e in self.extensions) else "cpu"
+        self.build_temp = os.path.join(ROOT, "build", f"temp-{kind}-{sys.implementation.cache_tag}")
+
+
 def extension():
     cuda = want_cuda()
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
@@ -113,5 +126,5 @@ if __name__ == "__main__" and sys.argv[1:] == ["--print-build-kind"]:
 # Package metadata lives in pyproject.toml; this file only describes the native extension.
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

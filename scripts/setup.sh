@@ -6,7 +6,8 @@
 #   TORCH_CUDA_ARCH_LIST          GPU architectures (default 9.0, the H100)
 #   MAX_JOBS                      parallel compile jobs (default 2)
 # The compiler's full output goes to build/setup-build.log; the console shows ninja's [n/m]
-# progress, one line per compiled file.
+# progress, one line per compiled file. Compiled files are kept in build/ (see setup.py), so a
+# rerun recompiles only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -40,7 +41,8 @@ echo "   (why: ${kind#*: }; $MAX_JOBS compile jobs at a time, full log in build/
 log=build/setup-build.log
 build_start=$SECONDS
 
-# Shortens ninja's "[n/m] c++ <flags> -c <source> -o <object> ..." lines to the file compiled.
+# Shortens ninja's "[n/m] c++ <flags> -c <source> -o <object> ..." lines (printed as each file
+# is done) to the file compiled.
 progress() {
   local line source
   while IFS= read -r line; do
@@ -49,9 +51,9 @@ progress() {
       if [[ $line =~ \ -c\ ([^ ]+\.(cpp|cu))( |$) ]]; then
         source=${BASH_REMATCH[1]#"$PWD/"}
         echo "   $step $source  ($(elapsed))"
-      elif [[ $line == *" -shared "* ]]; then
-        echo "   $step linking nad_ext/_C  ($(elapsed))"
       fi
+    elif [[ $line == *"ninja: no work to do"* ]]; then
+      echo "   nothing to recompile: build/ holds the compiled files of an earlier run"
     fi
   done
 }
