@@ -121,6 +121,6 @@ def _weakest_task(rows: list[dict]) -> str:
               f"{analysis.FALSE_POSITIVES} {_percent(worst['false_positive_rate'])}")
     tied = sum(r["balanced_accuracy"] == worst["balanced_accuracy"] for r in rows)
     if tied > 1:
-        return (f"weakest task: {worst['task']} ({tied} tasks tie at {balanced}; this one has the lowest in the "
-                f"{original}): {detail}")
+        return (f"weakest task: {worst['task']} ({tied} tasks tie at {balanced}, so the tie goes to the original "
+                f"network's weakest: {_percent(worst['original_balanced_accuracy'])}); {detail}")
     return f"weakest task: {worst['task']}: {balanced} ({original}); {detail}"

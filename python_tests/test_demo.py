@@ -55,7 +55,8 @@ def test_weakest_task_breaks_ties_by_the_original_network_and_says_when_all_tie(
     assert demo._weakest_task(rows).startswith("weakest task: b: balanced accuracy 70.0% (original network 99.0%)")
     rows = [_row("a", 0.5, 0.95, 1.0, 1.0), _row("b", 0.5, 0.90, 1.0, 1.0), _row("c", 0.5, 0.97, 1.0, 1.0)]
     line = demo._weakest_task(rows)
-    assert line.startswith("weakest task: b (3 tasks tie at balanced accuracy 50.0%")
+    assert line.startswith("weakest task: b (3 tasks tie at balanced accuracy 50.0%, so the tie goes to the "
+                           "original network's weakest: 90.0%)")
     assert "own-class accuracy 100.0%, false positives on other classes 100.0%" in line
     assert demo._weakest_task([_row(t, 0.5, 0.5) for t in "abc"]) == (
         "all 3 tasks tie: balanced accuracy 50.0% (original network 50.0%)")
