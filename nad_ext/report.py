@@ -129,7 +129,7 @@ def hit_rate_figure(results_by_network: dict) -> str:
         null, null_std = _as_float(hit["null_mean"]), _as_float(hit["null_std"])
         constant = _as_float(hit.get("constant_pairs") or [None] * len(depth)) / max(hit.get("pairs") or 1, 1)
         if np.nan_to_num(constant).any():
-            ax.bar(depth, np.nan_to_num(constant), width=0.035, color="#c8c8c8",
+            ax.bar(depth, np.nan_to_num(constant), width=0.03, color="#d4d4d4", zorder=0,
                    label="share of maps constant (left out)")
         ax.axhline(hit.get("chance", 0.25), color="black", linestyle=":", linewidth=1, label="chance")
         ax.fill_between(depth, null - null_std, null + null_std, color="#888888", alpha=0.18, linewidth=0)

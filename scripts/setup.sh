@@ -32,7 +32,7 @@ if ! kind=$(.venv/bin/python setup.py --print-build-kind 2>build/build-kind.err)
 fi
 export NAD_EXT_BUILD=${kind%%:*}
 if [ "$NAD_EXT_BUILD" = cuda ]; then
-  what="the CPU and CUDA kernels (GPU architectures $TORCH_CUDA_ARCH_LIST): about 15 minutes on 2 cores"
+  what="the CPU and CUDA kernels (GPU architectures $TORCH_CUDA_ARCH_LIST): about 10 minutes on 2 cores"
 else
   what="the CPU kernels: about 5 minutes on 2 cores"
 fi
