@@ -10,6 +10,7 @@ checksum per tensor (:mod:`nad_ext.storage`).
 from __future__ import annotations
 
 import json
+import pickle
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from torchvision.models.resnet import BasicBlock
 from tqdm.auto import tqdm
 
 from nad_ext import darts
+from nad_ext import progress as nad_progress
 from nad_ext.data import ImageSet, eval_transform, train_transform
-from nad_ext.storage import load_safetensors, save_safetensors
+from nad_ext.storage import CorruptFileError, load_safetensors, save_safetensors
 
 
 @dataclass(frozen=True)
@@ -209,18 +211,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    invalid = f"weights file {path} is not a valid state dict"
+    kind = "safetensors file" if path.suffix == ".safetensors" else "file written by torch.save"
+    # PyTorch's message for a refused pickle advises weights_only=False, i.e. running the file's
+    # code: it is not passed on (``from None``); weights files are only ever read as tensors.
     try:
         if path.suffix == ".safetensors":
             state = load_safetensors(path, "weights file")[0]  # checked against its checksums, if any
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except CorruptFileError as err:  # a safetensors file whose checksums do not match: say which tensor
+        raise ValueError(f"{invalid}: {err}") from None
     except Exception as err:
-        raise ValueError(f"cannot read weights file {path}: {err}") from err
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            raise ValueError(f"{invalid}: it holds Python objects, not only tensors (a whole pickled model?); "
+                             "save model.state_dict() instead") from None
+        raise ValueError(f"{invalid}: the file is damaged or not a {kind}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path} does not hold a state dict of tensors")
+        raise ValueError(f"{invalid}: it holds something other than a dict of tensors")
     # DataParallel checkpoints prefix every key with "module."; DARTS's carry an auxiliary head.
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -311,7 +322,7 @@ def train_zoo_model(name: str, train: ImageSet, val: ImageSet, epochs: int, seed
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-3, total_steps=max(steps, 1),
                                                    pct_start=0.25)
     loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(total=steps, desc=f"training {name}", disable=not progress, leave=False)
+    bar = nad_progress.bar(steps, f"training {name}", unit="step", enabled=progress)
     for _ in range(epochs):
         model.train()
         order = torch.randperm(len(train), generator=generator).tolist()

@@ -27,8 +27,21 @@ from safetensors import SafetensorError
 from nad_ext import faults
 
 CHECKSUM_KEY = "crc32"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once, at import (setting it is process-wide)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux's
+    /proc/self/status); elsewhere by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class WriteError(OSError):
@@ -76,9 +89,11 @@ def atomic_write(path: str | Path, write) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would create it, not mkstemp's 0600
         faults.write_event("open", path)
         write(tmp)
+        # As open() would create it, not mkstemp's 0600; after writing, since some writers
+        # replace the file with a new one.
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         faults.write_event("written", path)

@@ -23,11 +23,10 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from nad_ext import data as nad_data
 from nad_ext import distributed, faults
 from nad_ext import pipeline as nad_pipeline
+from nad_ext import progress as nad_progress
 from nad_ext.gates import GatedModel, propose_gate_points
 from nad_ext.maskbank import MaskBank, Task
 from nad_ext.objective import nad_loss
@@ -310,8 +309,7 @@ def _train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, g
     steps = torch.zeros(num_tasks, device=device)
     skipped = torch.zeros(num_tasks, device=device)
     total_batches = sum(len(s.batches) for s in streams)
-    bar = tqdm(total=total_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-               disable=not progress, leave=False)
+    bar = nad_progress.bar(total_batches, f"epoch {epoch + 1}/{config.epochs}", unit="batch", enabled=progress)
     images_seen, start, tasks_done, shown, wait0 = 0, time.perf_counter(), 0, 0.0, loader.wait_s
     for k, (first, active, batch) in enumerate(_prefetched_steps(streams, group, loader)):
         faults.step_event(epoch + 1, k + 1)
@@ -340,10 +338,14 @@ def _train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, g
                             data_wait=f"{(loader.wait_s - wait0) / elapsed:.0%}",
                             ce=f"{(sums['ce'] / n).mean():.3f}", mse=f"{(sums['mse'] / n).mean():.3f}",
                             sparse=f"{(sums['sparse'] / n).mean():.3f}")
-    bar.close()
     n = steps.clamp(min=1)
     means = {k: (v / n).tolist() for k, v in sums.items()}  # waits for the device's last step
     seconds, wait = max(time.perf_counter() - start, 1e-9), loader.wait_s - wait0
+    bar.set_postfix(tasks=f"{len(task_of)}/{len(task_of)}", img_s=f"{images_seen / seconds:.0f}",
+                    data_wait=f"{wait / seconds:.0%}",
+                    **{k: f"{sum(means[k][t] for t in task_of) / max(len(task_of), 1):.3f}"
+                       for k in ("ce", "mse", "sparse")})
+    bar.close()  # off a terminal: the epoch's one line
     bad_images, bad_files = loader.bad.take()
     if bad_images and progress:
         print(f"epoch {epoch + 1}: skipped {bad_images} unreadable images (listed in log.json)")

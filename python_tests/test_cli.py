@@ -1,5 +1,8 @@
 """The `nad` command line on small generated data: ImageFolder trees, weights files, errors."""
+import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,7 +48,7 @@ def test_disentangle_resume_and_similarity(tree, weights, tmp_path, capsys):
     bank = MaskBank.load(tmp_path / "run" / "masks.safetensors")
     assert bank.task_names == sorted(bank.task_names) and len(bank.tasks) == 4 and bank.epoch == 1
     code, _, err = run(capsys, "disentangle", *common, "--epochs", 2)
-    assert code == 2 and "pass resume=True (--resume)" in err
+    assert code == 2 and "pass --resume to continue that run, or --overwrite" in err and "resume=True" not in err
     code, out, err = run(capsys, "disentangle", *common, "--epochs", 2, "--resume")
     assert code == 0, err
     assert MaskBank.load(tmp_path / "run" / "masks.safetensors").epoch == 2
@@ -215,3 +218,77 @@ def test_python_m_nad_ext_is_the_nad_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "nad_ext", "similarity", "--bank", str(tmp_path / "none.safetensors")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.startswith("error: mask bank") and "does not exist" in result.stderr
+def test_parsing_and_help_do_not_import_torch():
+    """`nad --help` and argument errors answer before torch (seconds to import) is loaded."""
+    code = ("import sys\n"
+            "import nad_ext.cli as cli\n"
+            "cli.build_parser().parse_args(['disentangle', '--model', 'vgg16', '--out', 'x', '--lr', '0.2'])\n"
+            "try:\n"
+            "    cli.main(['--help'])\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0\n"
+            "heavy = sorted(m for m in ('torch', 'numpy', 'torchvision', 'matplotlib') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out and "usage: nad" in out
+
+
+def test_version(capsys):
+    import nad_ext
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"nad {nad_ext.__version__}"
+
+
+def _options():
+    parser = cli.build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for verb, sub in verbs.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                yield verb, sub, action
+
+
+def test_every_option_has_help_and_shows_its_default():
+    for verb, sub, action in _options():
+        name = f"{verb} {action.option_strings or action.dest}"
+        assert action.help, f"{name} has no help text"
+        text = " ".join(sub.format_help().split())
+        help_text = " ".join(action.help.split())
+        assert help_text in text, name
+        if action.option_strings and not action.required and action.nargs != 0:
+            shown = f"(default: {action.default})" if action.default is not None else "(default: "
+            after = text[text.index(help_text):][:len(help_text) + 40]
+            assert shown in after, f"{name} does not show its default"
+
+
+def test_defaults_shown_are_the_ones_used():
+    from nad_ext import demo
+    from nad_ext.trainer import NADConfig
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x"])
+    assert cli._config_from_args(args) == NADConfig()
+    args = parser.parse_args(["demo"])
+    assert (args.epochs, args.mosaics) == (demo.DEMO_EPOCHS, demo.DEMO_MOSAICS)
+
+
+def test_unknown_model_is_named_first_with_the_known_ones(tmp_path, capsys):
+    code, _, err = run(capsys, "disentangle", "--model", "nosuchmodel", "--out", tmp_path / "x")
+    assert code == 2 and "unknown model 'nosuchmodel'" in err and "zoo_plain" in err and "weights" not in err
+    code, _, err = run(capsys, "disentangle", "--model", "vgg16", "--out", tmp_path / "x")
+    assert code == 2 and "--weights is required for vgg16" in err
+
+
+def test_a_corrupt_weights_file_is_named_without_unsafe_advice(tree, tmp_path, capsys):
+    for name, content in (("garbage.pth", b"\x80\x02garbage"), ("model.pth", None)):
+        path = tmp_path / name
+        if content is None:
+            torch.save(models.get_spec("zoo_plain").build(4), path)  # a whole pickled model
+        else:
+            path.write_bytes(content)
+        code, _, err = run(capsys, "disentangle", "--model", "zoo_plain", "--weights", path, "--data", tree,
+                           "--out", tmp_path / "x", "--image-size", 32)
+        assert code == 2 and f"weights file {path} is not a valid state dict" in err
+        assert "weights_only" not in err and "issue" not in err and err.count("\n") == 1
