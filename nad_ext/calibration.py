@@ -11,8 +11,11 @@ the whole curve, so that the bank can say how its beta was found.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
 
 METHOD = "bisection in log(beta)"
 DEFAULT_TARGET = 0.3  # the paper's typical open ratio
@@ -98,3 +101,85 @@ def search_beta(measure: Callable[[float], float], target: float = DEFAULT_TARGE
         "converged": close(curve[beta]),
         "curve": [[b, curve[b]] for b in sorted(curve)],
     }
+
+
+def calibrate_beta(
+    model: nn.Module,
+    train,
+    gate_points: Sequence | str,
+    *,
+    model_id: str,
+    target_open_ratio: float | None = None,
+    tasks: Sequence | None = None,
+    config=None,
+    settings: CalibrationSettings | None = None,
+    units: str = "channels",
+    channel_axis: int | dict[str, int] | None = None,
+    progress: bool = True,
+) -> dict:
+    """The beta whose sub-architectures keep about ``target_open_ratio`` of the gates open.
+
+    Short NAD runs (``config``'s settings, ``settings.epochs`` epochs) on a few of the tasks
+    (``settings.num_tasks``, evenly spread over ``tasks``, default one per class) with at most
+    ``settings.images_per_task`` images each; the open ratio of a run is the fraction of all
+    their gates open at its end (logit > 0). :func:`nad_ext.calibration.search_beta` bisects
+    log(beta) over such runs. The ratio after a run depends on how many updates it made, so
+    runs shorter than the real one find a larger beta than it needs: match the epochs where
+    the budget allows.
+
+    Under torchrun every rank runs the same short runs in its own process
+    (:func:`nad_ext.trainer.train_in_memory`).
+
+    Returns the search's record (beta, achieved open ratio, the curve, ...) plus the settings
+    used; :func:`nad_ext.trainer.disentangle` stores it in the bank (``MaskBank.calibration``).
+    """
+    # The trainer imports this module (NADConfig's target, beta="auto"); its runs are imported here.
+    from nad_ext.trainer import NADConfig, _task_indices, default_tasks, train_in_memory
+
+    config = NADConfig(**asdict(config)) if config is not None else NADConfig()
+    settings = settings or CalibrationSettings()
+    target = config.target_open_ratio if target_open_ratio is None else target_open_ratio
+    check_target(target)
+    if not isinstance(settings.num_tasks, int) or settings.num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive integer, got {settings.num_tasks!r}")
+    if settings.images_per_task is not None and (not isinstance(settings.images_per_task, int)
+                                                 or settings.images_per_task < 1):
+        raise ValueError(f"images_per_task must be None or a positive integer, got {settings.images_per_task!r}")
+    tasks = list(tasks) if tasks is not None else default_tasks(train)
+    count = min(settings.num_tasks, len(tasks))
+    picked = [tasks[round(i * (len(tasks) - 1) / max(count - 1, 1))] for i in range(count)]
+    images = train
+    if settings.images_per_task is not None:
+        gen = torch.Generator().manual_seed(config.seed)
+        keep = []
+        for idx in _task_indices(train, picked):
+            keep += [idx[i] for i in torch.randperm(len(idx), generator=gen)[: settings.images_per_task].tolist()]
+        images = train.subset(sorted(set(keep)))
+    # Updates per task (each moves a gate point's logits by lr): the open ratio depends on them.
+    batches = lambda imgs: sum(-(-len(i) // config.batch_size) for i in _task_indices(imgs, picked)) / count  # noqa: E731
+    run_updates = config.epochs * batches(train)
+    config.epochs = settings.epochs or config.epochs
+    updates = config.epochs * batches(images)
+    config.tasks_per_step, config.keep_every_epoch, config.mode = count, False, "batched"
+    if progress:
+        each = "all" if settings.images_per_task is None else f"<= {settings.images_per_task}"
+        print(f"calibrating beta for {model_id}: target open ratio {target:.2f}; runs of {config.epochs} "
+              f"epoch(s) on {count} task(s) ({', '.join(t.name for t in picked)}), {each} images each")
+        if updates < 0.9 * run_updates:
+            print(f"  note: {updates:.0f} updates per task against {run_updates:.0f} in the full run; fewer updates "
+                  "move the gates less, so the beta found tends to be larger than the full run needs")
+
+    def open_ratio(beta: float) -> float:
+        config.beta = beta
+        bank = train_in_memory(model, images, gate_points, model_id=model_id, tasks=picked, config=config,
+                               units=units, channel_axis=channel_axis)
+        return float(bank.binary().float().mean())
+
+    found = search_beta(open_ratio, target, bracket=settings.bracket, runs=settings.runs,
+                        tolerance=settings.tolerance, log=print if progress else None)
+    if progress:
+        print(f"beta = {found['beta']:.4g} (open ratio {found['open_ratio']:.3f}, target {target:.2f}"
+              f"{'' if found['converged'] else ', not within the tolerance: more runs or a wider bracket'})")
+    return {**found, "tasks": [t.name for t in picked], "epochs": config.epochs,
+            "images_per_task": settings.images_per_task, "bracket": list(settings.bracket),
+            "updates_per_task": updates, "run_updates_per_task": run_updates}

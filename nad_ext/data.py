@@ -25,7 +25,9 @@ class ImageSet:
 
     Images live either in memory (``images``: uint8 (N, 3, H, W)) or on disk (``paths``: read
     lazily by :meth:`load`). ``name`` identifies the collection (e.g. the generator's settings or
-    the folder path); caches use it to tell data sets apart.
+    the folder path); caches use it to tell data sets apart. ``batch_loader``, None by default,
+    is where an input pipeline (:func:`nad_ext.pipeline.with_loader`) takes over
+    :func:`load_batch`.
     """
 
     def __init__(self, classes: list[str], labels: list[int], name: str, *,
@@ -40,6 +42,17 @@ class ImageSet:
         self.name = name
         self._images = images
         self._paths = paths
+        self.batch_loader = None
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        """The images as uint8 (N, 3, H, W) when they live in memory, else None."""
+        return self._images
+
+    @property
+    def paths(self) -> list[Path] | None:
+        """The image files when the images live on disk, else None."""
+        return self._paths
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -54,13 +67,16 @@ class ImageSet:
         return read_image(self._paths[i])
 
     def subset(self, indices) -> "ImageSet":
-        """The images at ``indices``, with the same classes, as a new set."""
+        """The images at ``indices``, with the same classes, as a new set (read through this
+        one's own loading, e.g. a prepared cache's)."""
         indices = [int(i) for i in indices]
         bad = [i for i in indices if not 0 <= i < len(self)]
         if bad:
             raise ValueError(f"indices {bad[:5]} out of range: {self.name} has {len(self)} images")
         name = f"{self.name}[{len(indices)} of {len(self)}]"
         labels = [self.labels[i] for i in indices]
+        if type(self) is not ImageSet:
+            return _Subset(self, indices, name, labels)
         if self._images is not None:
             return ImageSet(self.classes, labels, name, images=self._images[indices])
         return ImageSet(self.classes, labels, name, paths=[self._paths[i] for i in indices])
@@ -70,6 +86,26 @@ class ImageSet:
         if not 0 <= c < len(self.classes):
             raise ValueError(f"class index {c} out of range: {self.name} has {len(self.classes)} classes")
         return [i for i, label in enumerate(self.labels) if label == c]
+
+
+class _Subset(ImageSet):
+    """Some images of an ImageSet subclass that reads its own way: loads (and a prepared
+    cache's ``fetch`` and ``check_image_size``) go to the parent."""
+
+    def __init__(self, parent: ImageSet, indices: list[int], name: str, labels: list[int]):
+        paths = parent.paths if parent.paths is not None else [Path(f"{parent.name}[{i}]") for i in range(len(parent))]
+        super().__init__(parent.classes, labels, name, paths=[paths[i] for i in indices])
+        self._parent, self._indices = parent, indices
+        for method in ("fetch", "check_image_size"):
+            if hasattr(parent, method):
+                setattr(self, method, self._delegate(method))
+
+    def _delegate(self, method: str):
+        target = getattr(self._parent, method)
+        return (lambda i: target(self._indices[i])) if method == "fetch" else target
+
+    def load(self, i: int) -> torch.Tensor:
+        return self._parent.load(self._indices[i])
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -271,17 +307,28 @@ def random_resized_crop_params(height: int, width: int, scale: tuple[float, floa
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+TRAIN_SCALE = (0.08, 1.25)
+
+
+def train_crop_params(height: int, width: int, generator: torch.Generator,
+                      scale: tuple[float, float] = TRAIN_SCALE) -> tuple[int, int, int, int, bool]:
+    """The random draws of :func:`train_transform` for an image of ``height`` x ``width``:
+    (top, left, height, width) of the RandomResizedCrop box, then whether to flip. Every input
+    pipeline takes its draws from here, in this order, so that all of them crop the same regions."""
+    top, left, h, w = random_resized_crop_params(height, width, scale, (3.0 / 4.0, 4.0 / 3.0), generator)
+    return top, left, h, w, torch.rand(1, generator=generator).item() < 0.5
+
+
 def train_transform(image: torch.Tensor, size: int, generator: torch.Generator,
-                    scale: tuple[float, float] = (0.08, 1.25)) -> torch.Tensor:
+                    scale: tuple[float, float] = TRAIN_SCALE) -> torch.Tensor:
     """The paper's training augmentation: RandomResizedCrop(size, scale, ratio=(3/4, 4/3)), random
     horizontal flip (p=0.5), ImageNet normalisation. All randomness comes from ``generator``.
 
     ``image``: uint8 (3, H, W); returns float32 (3, size, size).
     """
-    top, left, h, w = random_resized_crop_params(image.shape[-2], image.shape[-1], scale,
-                                                 (3.0 / 4.0, 4.0 / 3.0), generator)
+    top, left, h, w, flip = train_crop_params(image.shape[-2], image.shape[-1], generator, scale)
     out = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
-    if torch.rand(1, generator=generator).item() < 0.5:
+    if flip:
         out = TF.horizontal_flip(out)
     return _normalise(out)
 
@@ -297,7 +344,11 @@ def load_batch(images: ImageSet, indices: list[int], size: int,
     """Images ``indices`` of ``images`` as float32 (N, 3, size, size) and their int64 labels.
 
     With a ``generator`` each image gets :func:`train_transform`, otherwise :func:`eval_transform`.
+    An input pipeline attached to ``images`` (``images.batch_loader``) makes the batch instead:
+    ``x`` is then on that pipeline's device.
     """
+    if images.batch_loader is not None:
+        return images.batch_loader(images, indices, size, generator)
     if generator is None:
         batch = [eval_transform(images.load(i), size) for i in indices]
     else:

@@ -10,32 +10,30 @@ Two modes give the same gates (tested):
 Data order and augmentation of task t in epoch e come from a generator seeded by (seed, e, t),
 and task t's initial gates from one seeded by (seed, t): the results depend neither on the
 mode nor on how many tasks share a step, and a resumed run continues exactly where it stopped.
+The run folder's epoch commits and repair are :mod:`nad_ext.rundir`'s; under torchrun the
+tasks are shared out by :mod:`nad_ext.distributed`.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from nad_ext import attention
 from nad_ext import data as nad_data
-from nad_ext.calibration import DEFAULT_TARGET, CalibrationSettings, check_target, search_beta
+from nad_ext import distributed, faults
+from nad_ext import pipeline as nad_pipeline
+from nad_ext import progress as nad_progress
+from nad_ext.calibration import DEFAULT_TARGET, CalibrationSettings, check_target
 from nad_ext.gates import GatedModel, GatePoint, propose_gate_points
-from nad_ext.maskbank import MaskBank, Task, atomic_write
+from nad_ext.maskbank import MaskBank, Task
 from nad_ext.objective import nad_loss
 from nad_ext.ops import _checks, normalized_gradient_step_
-
-BANK_FILE = "masks.safetensors"
-LOG_FILE = "log.json"
+from nad_ext.rundir import BANK_FILE, LOG_FILE  # noqa: F401  (the run folder's file names)
 
 
 @dataclass
@@ -43,8 +41,10 @@ class NADConfig:
     """Training settings; the defaults are the paper's (METHOD.md).
 
     ``beta`` None takes the model preset's value; ``"auto"`` calibrates it (see
-    :func:`calibrate_beta`) for a mean open ratio near ``target_open_ratio``; ``image_size``
-    None takes the preset's input size (224 for the ImageNet networks).
+    :func:`nad_ext.calibration.calibrate_beta`) for a mean open ratio near
+    ``target_open_ratio``; ``image_size`` None takes the preset's input size (224 for the
+    ImageNet networks). ``data_pipeline`` and ``on_bad_image``: see :mod:`nad_ext.pipeline`
+    ("auto": the fast pipeline).
     """
 
     beta: float | str | None = None
@@ -62,6 +62,8 @@ class NADConfig:
     fuse: str = "auto"
     precision: str = "auto"
     cuda_graph: str = "auto"
+    data_pipeline: str = "auto"
+    on_bad_image: str = "skip"
 
     def validate(self) -> None:
         for name in ("beta", "lr", "init_std"):
@@ -81,6 +83,12 @@ class NADConfig:
         for name in ("fuse", "cuda_graph"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
+        if self.data_pipeline not in nad_pipeline.PIPELINES:
+            raise ValueError(f"data_pipeline must be one of {', '.join(nad_pipeline.PIPELINES)}, "
+                             f"got {self.data_pipeline!r}")
+        if self.on_bad_image not in nad_pipeline.BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {', '.join(nad_pipeline.BAD_IMAGE_POLICIES)}, "
+                             f"got {self.on_bad_image!r}")
         check_target(self.target_open_ratio)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -102,13 +110,12 @@ PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16
 # Settings that change how a run executes but not its result; a run may resume with others.
 # (target_open_ratio only matters before training, when it chooses beta.)
 EXECUTION_SETTINGS = ("epochs", "device", "mode", "tasks_per_step", "keep_every_epoch", "fuse", "precision",
-                      "cuda_graph", "target_open_ratio")
+                      "cuda_graph", "data_pipeline", "on_bad_image", "target_open_ratio")
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device of this process: ``name``, "auto" resolved; under torchrun, cuda:LOCAL_RANK."""
+    return distributed.setup(name).device
 
 
 def default_tasks(images: nad_data.ImageSet) -> list[Task]:
@@ -133,11 +140,11 @@ def _epoch_generator(seed: int, epoch: int, task: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + task)
 
 
-def _prefetched_steps(streams, group: int):
-    """Yields ``(first task of a new group or None, active tasks, their loaded batches)`` per
-    step, the next step's batches loading in worker threads while the current step runs.
+def _prefetched_steps(streams, group: int, loader: nad_pipeline.BatchLoader):
+    """Yields ``(first task of a new group or None, active tasks, their batch)`` per step, the
+    next steps' batches made by ``loader`` in the background while the current step runs.
 
-    Step by step, each task's batches are loaded in order by one thread at a time, so its
+    The loader takes each task's batches in order, augmented from the task's generator, so the
     generator gives the same images and augmentations as a sequential loop would.
     """
     plan = []
@@ -145,26 +152,19 @@ def _prefetched_steps(streams, group: int):
         members = range(first, min(first + group, len(streams)))
         for j in range(max(len(streams[t].batches) for t in members)):
             plan.append((first if j == 0 else None, [t for t in members if j < len(streams[t].batches)], j))
-    workers = max(1, min(group, os.cpu_count() or 1, 8))
-    with ThreadPoolExecutor(workers, thread_name_prefix="nad-data") as pool:
-        submit = lambda k: [pool.submit(streams[t].load, plan[k][2]) for t in plan[k][1]]  # noqa: E731
-        pending = submit(0) if plan else []
-        for k, (first, active, _) in enumerate(plan):
-            loaded = [f.result() for f in pending]
-            pending = submit(k + 1) if k + 1 < len(plan) else []
-            yield first, active, loaded
+    requests = ([(streams[t].batches[j], streams[t].generator) for t in active] for _, active, j in plan)
+    for (first, active, _), batch in zip(plan, loader.prefetch(requests)):
+        yield first, active, batch
 
 
 class _TaskStream:
-    """Task t's batches in one epoch: a seeded permutation, augmentation from the same generator."""
+    """Task t's batches in one epoch: a seeded permutation; the loader augments them from the
+    same generator."""
 
-    def __init__(self, images, indices, batch_size, size, generator):
+    def __init__(self, indices, batch_size, generator):
         order = torch.randperm(len(indices), generator=generator).tolist()
         self.batches = [[indices[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
-        self.images, self.size, self.generator = images, size, generator
-
-    def load(self, j):
-        return nad_data.load_batch(self.images, self.batches[j], self.size, generator=self.generator)
+        self.generator = generator
 
 
 def resolve_gate_points(model: nn.Module, gate_points: Sequence[str | GatePoint] | str, example: torch.Tensor,
@@ -247,16 +247,77 @@ def disentangle(
             its beta and input size are then the defaults).
         tasks: default one per class.
         config: :class:`NADConfig`, default the paper's settings.
-        out_dir: where ``masks.safetensors`` (after every epoch, atomically), per-epoch copies
-            and ``log.json`` (loss curves) go. None keeps everything in memory.
-        resume: continue from the bank in ``out_dir``.
-        overwrite: replace an existing bank in ``out_dir`` instead of refusing to.
-        progress: show a tqdm bar per epoch.
+        out_dir: the run folder (:mod:`nad_ext.rundir`): ``masks.safetensors`` committed after
+            every epoch, per-epoch copies and ``log.json`` (loss curves). None keeps everything in
+            memory. Locked while the run writes it.
+        resume: continue the run in ``out_dir`` from its last committed epoch (a folder without
+            a bank starts a new run, with a note; ``"strict"`` refuses to).
+        overwrite: replace an existing run in ``out_dir`` instead of refusing to.
+        progress: show a tqdm bar per epoch (rank 0 only under torchrun).
         channel_axis: overrides probed channel axes (see :class:`GatedModel`).
         beta, target_open_ratio: shorthands for the config's fields. ``beta="auto"`` first
-            runs :func:`calibrate_beta` (with ``calibration``'s settings); the bank then holds
-            the beta found and how (``bank.calibration``). A resumed run keeps its bank's beta.
+            runs :func:`nad_ext.calibration.calibrate_beta` (with ``calibration``'s settings);
+            the bank then holds the beta found and how (``bank.calibration``). A resumed run
+            keeps its bank's beta.
+
+    Under torchrun the tasks are shared out among the processes (:mod:`nad_ext.distributed`);
+    every process returns the same bank, bit-identical to a single-process run's.
     """
+    config, tasks, indices = _settings(train, model_id, tasks, config, beta, target_open_ratio)
+    ctx = distributed.setup(config.device)
+    progress = progress and ctx.rank == 0
+    run = distributed.open_run(ctx, out_dir, resume=resume, overwrite=overwrite,
+                               keep_every_epoch=config.keep_every_epoch)
+    net = _Network(model, gate_points, model_id, units, channel_axis)
+    try:
+        found = None  # how beta was calibrated
+        if config.beta == "auto":
+            config.beta, found = _auto_beta(ctx, run, net, train, tasks, config, calibration, progress)
+        with nad_pipeline.make_loader(train, config.image_size, ctx.device, config.data_pipeline,
+                                      config.on_bad_image) as loader:
+            return _disentangle(net, tasks, indices, config, ctx, run, loader, progress, found)
+    finally:
+        distributed.close_run(ctx, run)
+
+
+def train_in_memory(
+    model: nn.Module,
+    train: nad_data.ImageSet,
+    gate_points: Sequence[str | GatePoint] | str,
+    *,
+    model_id: str,
+    tasks: Sequence[Task] | None = None,
+    config: NADConfig | None = None,
+    units: str = "channels",
+    channel_axis: int | dict[str, int] | None = None,
+) -> MaskBank:
+    """:func:`disentangle` in this process alone, nothing written, no progress: the short runs
+    of beta calibration. Under torchrun too it runs here only (on this rank's device), so that
+    every rank can run it at once. ``config.beta`` must be a number."""
+    config, tasks, indices = _settings(train, model_id, tasks, config, None, None)
+    if config.beta == "auto":
+        raise ValueError("train_in_memory needs a numeric beta, not 'auto'")
+    ctx = distributed.Context(device=resolve_device(config.device))  # a world of one: this process
+    run = distributed.open_run(ctx, None)
+    net = _Network(model, gate_points, model_id, units, channel_axis)
+    with nad_pipeline.make_loader(train, config.image_size, ctx.device, config.data_pipeline,
+                                  config.on_bad_image) as loader:
+        return _disentangle(net, tasks, indices, config, ctx, run, loader, False, None)
+
+
+@dataclass
+class _Network:
+    """What is gated: the network, its gate points and how to read them."""
+
+    model: nn.Module
+    gate_points: Sequence[str | GatePoint] | str
+    model_id: str
+    units: str = "channels"
+    channel_axis: int | dict[str, int] | None = None
+
+
+def _settings(train, model_id, tasks, config, beta, target_open_ratio):
+    """The run's config (preset defaults filled in, validated), tasks and their image indices."""
     from nad_ext import models
 
     config = NADConfig(**asdict(config)) if config is not None else NADConfig()
@@ -279,174 +340,104 @@ def disentangle(
     tasks = list(tasks) if tasks is not None else default_tasks(train)
     if not tasks:
         raise ValueError("tasks is empty")
-    indices = _task_indices(train, tasks)
-    device = resolve_device(config.device)
-    out_dir = Path(out_dir) if out_dir is not None else None
-    bank_path = out_dir / BANK_FILE if out_dir is not None else None
-    if bank_path is not None and bank_path.exists() and not (resume or overwrite):
-        raise FileExistsError(f"{bank_path} exists: pass resume=True (--resume) to continue it or overwrite=True")
-    found = None  # how beta was calibrated
-    if config.beta == "auto":
-        if resume and bank_path is not None and bank_path.exists():
-            previous = MaskBank.load(bank_path)
-            config.beta, found = previous.config.get("beta"), previous.calibration
-        else:
-            found = calibrate_beta(model, train, gate_points, model_id=model_id, tasks=tasks, config=config,
-                                   settings=calibration, units=units, channel_axis=channel_axis, progress=progress)
-            config.beta = found["beta"]
+    return config, tasks, _task_indices(train, tasks)
 
+
+def _auto_beta(ctx, run, net: _Network, train, tasks, config, settings, progress) -> tuple[float, dict | None]:
+    """beta="auto": a resumed run keeps its bank's beta; a new one calibrates it. Under torchrun
+    every rank calibrates (the same short runs, at once) and all take rank 0's result."""
+    if run.bank is not None:
+        beta = run.bank.config.get("beta")
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool):
+            raise ValueError(f"{run.file(BANK_FILE)} holds no numeric beta to resume with ({beta!r})")
+        return float(beta), run.bank.calibration
+    from nad_ext.calibration import calibrate_beta  # it drives train_in_memory (this module)
+
+    found, error = None, None
+    try:
+        found = calibrate_beta(net.model, train, net.gate_points, model_id=net.model_id, tasks=tasks, config=config,
+                               settings=settings, units=net.units, channel_axis=net.channel_axis, progress=progress)
+    except Exception as err:  # noqa: BLE001 - shared with the other ranks, then re-raised
+        error = err
+    ctx.agree(error, "calibrating beta")
+    found = ctx.broadcast(found)
+    return found["beta"], found
+
+
+def _disentangle(net: _Network, tasks, indices, config, ctx, run, loader, progress, found) -> MaskBank:
+    device = ctx.device
     fuse, dtype, graph = config.execution(device)
     gated = build_gated_model(
-        model, gate_points, len(tasks), config.image_size, model_id=model_id, units=units,
-        channel_axis=channel_axis, seed=config.seed, init_std=config.init_std, device=device, fuse=fuse, dtype=dtype,
+        net.model, net.gate_points, len(tasks), config.image_size, model_id=net.model_id, units=net.units,
+        channel_axis=net.channel_axis, seed=config.seed, init_std=config.init_std, device=device, fuse=fuse,
+        dtype=dtype,
     )
     if progress:
         path = ", ".join((["fused"] if fuse else []) + [str(dtype).replace("torch.", "")]
                          + (["CUDA graphs"] if graph else []))
         units_text = "channels" if all(p.units == "channels" for p in gated.gate_points) else "gates"
-        print(f"{model_id}: {len(gated.gate_points)} gate points, {sum(gated.layer_sizes)} {units_text}, "
-              f"{len(tasks)} tasks ({config.mode} mode) on {device} ({path})")
+        print(f"{net.model_id}: {len(gated.gate_points)} gate points, {sum(gated.layer_sizes)} {units_text}, "
+              f"{len(tasks)} tasks ({config.mode} mode) on {device} ({path}; {loader.kind} data pipeline)")
         for i, point in enumerate(gated.gate_points):
             where = "  (in masked_conv2d)" if i in gated.fused_points else ""
             kind = "" if point.units == "channels" and point.channel_axis == 1 else \
                 f"  ({point.units} on axis {point.channel_axis})"
             print(f"  {point.name:36s} {point.channels:5d}{kind}{where}")
     config_record = asdict(config)
-    start_epoch, log = 0, []
-    if resume and bank_path is not None and bank_path.exists():
-        bank = MaskBank.load(bank_path)
+    start_epoch = 0
+    if run.bank is not None:
+        bank, where = run.bank, run.file(BANK_FILE)
         bank.apply_to(gated)
         if [t.name for t in bank.tasks] != [t.name for t in tasks]:
-            raise ValueError(f"{bank_path} was trained for other tasks; cannot resume it")
+            raise ValueError(f"{where} was trained for other tasks; cannot resume it")
         changed = {k: (bank.config.get(k), v) for k, v in config_record.items()
                    if k not in EXECUTION_SETTINGS and bank.config.get(k) != v}
         if changed:
-            raise ValueError(f"{bank_path} was trained with other settings {changed}; cannot resume it")
+            raise ValueError(f"{where} was trained with other settings {changed}; cannot resume it")
         start_epoch = bank.epoch
-        if (out_dir / LOG_FILE).exists():
-            log = json.loads((out_dir / LOG_FILE).read_text())["epochs"][:start_epoch]
+        found = found or bank.calibration  # a calibrated run resumed with its beta given
 
-    bank = MaskBank.from_gated(gated, tasks, config_record, start_epoch, found)
     step = lambda *batch: train_step(gated, *batch, config)  # noqa: E731
     if graph:
         from nad_ext.step_graph import GraphedSteps
 
         step = GraphedSteps(gated, lambda g, *batch: train_step(g, *batch, config))
     group = 1 if config.mode == "paper" else config.tasks_per_step
+    mine = ctx.my_tasks([len(i) for i in indices], group)  # every task, unless under torchrun
     for epoch in range(start_epoch, config.epochs):
-        streams = [
-            _TaskStream(train, idx, config.batch_size, config.image_size, _epoch_generator(config.seed, epoch, t))
-            for t, idx in enumerate(indices)
-        ]
-        stats = _train_epoch(step, streams, config, group, epoch, progress, device)
-        log.append(stats)
+        streams = [_TaskStream(indices[t], config.batch_size, _epoch_generator(config.seed, epoch, t)) for t in mine]
+        stats = _train_epoch(step, streams, mine, len(tasks), loader, config, group, epoch, progress, device)
         bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1, found)
-        if out_dir is not None:
-            bank.save(bank_path)
-            if config.keep_every_epoch:
-                bank.save(out_dir / f"masks_epoch{epoch + 1:02d}.safetensors")
-            payload = json.dumps({"model_id": model_id, "tasks": [t.name for t in tasks], "epochs": log}, indent=1)
-            atomic_write(out_dir / LOG_FILE, lambda tmp: Path(tmp).write_text(payload))
-    return bank
+        distributed.commit_epoch(ctx, run, bank, stats, mine, config.keep_every_epoch)
+    return distributed.finish(ctx, run) or MaskBank.from_gated(gated, tasks, config_record, start_epoch, found)
 
 
-def calibrate_beta(
-    model: nn.Module,
-    train: nad_data.ImageSet,
-    gate_points: Sequence[str | GatePoint] | str,
-    *,
-    model_id: str,
-    target_open_ratio: float | None = None,
-    tasks: Sequence[Task] | None = None,
-    config: NADConfig | None = None,
-    settings: CalibrationSettings | None = None,
-    units: str = "channels",
-    channel_axis: int | dict[str, int] | None = None,
-    progress: bool = True,
-) -> dict:
-    """The beta whose sub-architectures keep about ``target_open_ratio`` of the gates open.
-
-    Short NAD runs (``config``'s settings, ``settings.epochs`` epochs) on a few of the tasks
-    (``settings.num_tasks``, evenly spread over ``tasks``, default one per class) with at most
-    ``settings.images_per_task`` images each; the open ratio of a run is the fraction of all
-    their gates open at its end (logit > 0). :func:`nad_ext.calibration.search_beta` bisects
-    log(beta) over such runs. The ratio after a run depends on how many updates it made, so
-    runs shorter than the real one find a larger beta than it needs: match the epochs where
-    the budget allows.
-
-    Returns the search's record (beta, achieved open ratio, the curve, ...) plus the settings
-    used; :func:`disentangle` stores it in the bank (``MaskBank.calibration``).
-    """
-    config = NADConfig(**asdict(config)) if config is not None else NADConfig()
-    settings = settings or CalibrationSettings()
-    target = config.target_open_ratio if target_open_ratio is None else target_open_ratio
-    check_target(target)
-    if not isinstance(settings.num_tasks, int) or settings.num_tasks < 1:
-        raise ValueError(f"num_tasks must be a positive integer, got {settings.num_tasks!r}")
-    if settings.images_per_task is not None and (not isinstance(settings.images_per_task, int)
-                                                 or settings.images_per_task < 1):
-        raise ValueError(f"images_per_task must be None or a positive integer, got {settings.images_per_task!r}")
-    tasks = list(tasks) if tasks is not None else default_tasks(train)
-    count = min(settings.num_tasks, len(tasks))
-    picked = [tasks[round(i * (len(tasks) - 1) / max(count - 1, 1))] for i in range(count)]
-    images = train
-    if settings.images_per_task is not None:
-        gen = torch.Generator().manual_seed(config.seed)
-        keep = []
-        for idx in _task_indices(train, picked):
-            keep += [idx[i] for i in torch.randperm(len(idx), generator=gen)[: settings.images_per_task].tolist()]
-        images = train.subset(sorted(set(keep)))
-    # Updates per task (each moves a gate point's logits by lr): the open ratio depends on them.
-    batches = lambda imgs: sum(-(-len(i) // config.batch_size) for i in _task_indices(imgs, picked)) / count  # noqa: E731
-    run_updates = config.epochs * batches(train)
-    config.epochs = settings.epochs or config.epochs
-    updates = config.epochs * batches(images)
-    config.tasks_per_step, config.keep_every_epoch, config.mode = count, False, "batched"
-    if progress:
-        each = "all" if settings.images_per_task is None else f"<= {settings.images_per_task}"
-        print(f"calibrating beta for {model_id}: target open ratio {target:.2f}; runs of {config.epochs} "
-              f"epoch(s) on {count} task(s) ({', '.join(t.name for t in picked)}), {each} images each")
-        if updates < 0.9 * run_updates:
-            print(f"  note: {updates:.0f} updates per task against {run_updates:.0f} in the full run; fewer updates "
-                  "move the gates less, so the beta found tends to be larger than the full run needs")
-
-    def open_ratio(beta: float) -> float:
-        config.beta = beta
-        bank = disentangle(model, images, gate_points, model_id=model_id, tasks=picked, config=config,
-                           progress=False, units=units, channel_axis=channel_axis)
-        return float(bank.binary().float().mean())
-
-    found = search_beta(open_ratio, target, bracket=settings.bracket, runs=settings.runs,
-                        tolerance=settings.tolerance, log=print if progress else None)
-    if progress:
-        print(f"beta = {found['beta']:.4g} (open ratio {found['open_ratio']:.3f}, target {target:.2f}"
-              f"{'' if found['converged'] else ', not within the tolerance: more runs or a wider bracket'})")
-    return {**found, "tasks": [t.name for t in picked], "epochs": config.epochs,
-            "images_per_task": settings.images_per_task, "bracket": list(settings.bracket),
-            "updates_per_task": updates, "run_updates_per_task": run_updates}
-
-
-def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progress: bool, device):
-    """One epoch over every task's batches (``step(x, labels, task_ids, tasks)`` per batch);
-    returns the epoch's per-task mean loss terms.
+def _train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, group: int, epoch: int,
+                 progress: bool, device):
+    """One epoch over the batches of tasks ``task_of`` (``streams[i]`` is task ``task_of[i]``'s;
+    ``step(x, labels, task_ids, tasks)`` per batch); returns the epoch's per-task mean loss terms
+    (lists over all ``num_tasks`` tasks; zeros for tasks not in ``task_of``), where the time went
+    (waiting for data or in the step) and the images skipped as unreadable.
 
     The running sums stay on the device; the progress bar reads them about once a second, so
     that steps are not serialised by device syncs.
     """
-    num_tasks = len(streams)
     sums = {k: torch.zeros(num_tasks, device=device) for k in ("ce", "mse", "sparse", "loss")}
     steps = torch.zeros(num_tasks, device=device)
     skipped = torch.zeros(num_tasks, device=device)
     total_batches = sum(len(s.batches) for s in streams)
-    bar = tqdm(total=total_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-               disable=not progress, leave=False)
-    images_seen, start, tasks_done, shown = 0, time.perf_counter(), 0, 0.0
-    for first, active, loaded in _prefetched_steps(streams, group):
+    bar = nad_progress.bar(total_batches, f"epoch {epoch + 1}/{config.epochs}", unit="batch", enabled=progress)
+    images_seen, start, tasks_done, shown, wait0 = 0, time.perf_counter(), 0, 0.0, loader.wait_s
+    for k, (first, active, batch) in enumerate(_prefetched_steps(streams, group, loader)):
+        faults.step_event(epoch + 1, k + 1)
         if first is not None:
             tasks_done = first
-        x = torch.cat([b[0] for b in loaded]).to(device, non_blocking=True)
-        labels = torch.cat([b[1] for b in loaded]).to(device, non_blocking=True)
-        task_ids = torch.cat([torch.full((len(b[1]),), t, dtype=torch.int64) for t, b in zip(active, loaded)])
+        active = [task_of[i] for i in active]
+        x, labels = batch.x, batch.labels
+        task_ids = torch.repeat_interleave(torch.tensor(active), torch.tensor(batch.counts))
+        if not len(labels):  # every image of this step was unreadable and skipped
+            bar.update(len(active))
+            continue
         terms = step(x, labels, task_ids, torch.tensor(active))
         for k in sums:
             sums[k] += torch.where(terms.counted, getattr(terms, k).detach(), 0.0)
@@ -460,17 +451,34 @@ def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progr
         if progress and elapsed - shown >= 1.0:
             shown = elapsed
             n = steps.clamp(min=1)
-            bar.set_postfix(tasks=f"{tasks_done}/{num_tasks}", img_s=f"{images_seen / elapsed:.0f}",
+            bar.set_postfix(tasks=f"{tasks_done}/{len(task_of)}", img_s=f"{images_seen / elapsed:.0f}",
+                            data_wait=f"{(loader.wait_s - wait0) / elapsed:.0%}",
                             ce=f"{(sums['ce'] / n).mean():.3f}", mse=f"{(sums['mse'] / n).mean():.3f}",
                             sparse=f"{(sums['sparse'] / n).mean():.3f}")
-    bar.close()
     n = steps.clamp(min=1)
     means = {k: (v / n).tolist() for k, v in sums.items()}  # waits for the device's last step
+    seconds, wait = max(time.perf_counter() - start, 1e-9), loader.wait_s - wait0
+    bar.set_postfix(tasks=f"{len(task_of)}/{len(task_of)}", img_s=f"{images_seen / seconds:.0f}",
+                    data_wait=f"{wait / seconds:.0%}",
+                    **{k: f"{sum(means[k][t] for t in task_of) / max(len(task_of), 1):.3f}"
+                       for k in ("ce", "mse", "sparse")})
+    bar.close()  # off a terminal: the epoch's one line
+    bad_images, bad_files = loader.bad.take()
+    if bad_images and progress:
+        print(f"epoch {epoch + 1}: skipped {bad_images} unreadable images (listed in log.json)")
     return {
         "epoch": epoch + 1,
-        "images_per_second": images_seen / max(time.perf_counter() - start, 1e-9),
+        "images_per_second": images_seen / seconds,
         "skipped_batches": skipped.tolist(),
+        # Where the time went: waiting for the loader, and everything else (the steps).
+        "data_pipeline": loader.kind,
+        "data_wait_s": wait,
+        "step_s": seconds - wait,
+        "bad_images": bad_images,
+        "bad_image_files": bad_files,
         **means,
+        "images": images_seen,
+        "seconds": seconds,
     }
 
 

@@ -5,9 +5,9 @@ import math
 import pytest
 
 from nad_ext import data, models
-from nad_ext.calibration import CalibrationSettings, search_beta
+from nad_ext.calibration import CalibrationSettings, calibrate_beta, search_beta
 from nad_ext.maskbank import MaskBank
-from nad_ext.trainer import NADConfig, calibrate_beta, disentangle
+from nad_ext.trainer import NADConfig, disentangle
 
 
 def falling(beta_half: float):
