@@ -4,7 +4,9 @@
     PYTHONPATH=. python benchmarks/bench_fused_ops.py [--device cuda]   # a side-by-side table
 
 Each case is one training-step use of the op: masked_conv2d forward + backward to x and the
-logits, gate_mse forward + backward, one normalised-gradient update of all gate points.
+logits, gate_mse forward + backward, one normalised-gradient update of all gate points. A second table times
+task_gate on ViT-like (N, L, C) tokens read in place (the (N, C, L) view, channels innermost)
+against the transposed copy it replaced (copy to contiguous (N, C, L), gate, copy back).
 The reference is measured in the same run (ratios hold on shared machines, absolute times
 drift). Nothing here asserts timings.
 """
@@ -17,7 +19,7 @@ import time
 import pytest
 import torch
 
-from nad_ext.ops import (gate_mse, gate_mse_reference, masked_conv2d, masked_conv2d_reference,
+from nad_ext.ops import (gate_mse, task_gate, gate_mse_reference, masked_conv2d, masked_conv2d_reference,
                          normalized_gradient_step_, normalized_gradient_step_reference)
 
 CUDA = torch.cuda.is_available()
@@ -28,6 +30,9 @@ SHAPES = {
     "cpu": dict(n=16, c_in=32, c_out=32, hw=28, tasks=8, dtype=torch.float32, channels_last=False),
     "cuda": dict(n=64, c_in=256, c_out=256, hw=56, tasks=16, dtype=torch.bfloat16, channels_last=True),
 }
+# (N, L, C) tokens: a small ViT block on the CPU, ViT-B/16's on the GPU.
+TOKENS = {"cpu": dict(n=16, length=65, c=192, tasks=8, dtype=torch.float32),
+          "cuda": dict(n=64, length=197, c=768, tasks=16, dtype=torch.bfloat16)}
 VGG16_WIDTHS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 
 
@@ -92,6 +97,26 @@ def step_case(device, fused: bool):
     return run
 
 
+def tokens_case(device, in_place: bool):
+    """task_gate fwd+bwd (x and logits) on (N, L, C) tokens, as gates.gate_tensor hands them to the
+    op; the next layer reads (N, L, C) back, so the copied path pays a copy there as well."""
+    s = TOKENS[device]
+    x = torch.randn(s["n"], s["length"], s["c"], device=device, dtype=s["dtype"], requires_grad=True)
+    logits = torch.randn(s["tasks"], s["c"], device=device, requires_grad=True)
+    ids = torch.randint(0, s["tasks"], (s["n"],), device=device)
+    grad_y = torch.randn_like(x)
+
+    def run():
+        view = x.movedim(2, 1)
+        y = task_gate(view if in_place else view.contiguous(), logits, ids).movedim(1, 2)
+        if not in_place:
+            y = y.contiguous()
+        torch.autograd.grad(y, (x, logits), grad_y)
+        _sync(device)
+
+    return run
+
+
 CASES = {"masked_conv2d fwd+bwd": conv_case, "gate_mse fwd+bwd": mse_case, "normalized_step (13 points)": step_case}
 
 
@@ -102,6 +127,15 @@ def test_bench(benchmark, case, fused, device):
     benchmark.group = f"{case} [{device}]"
     run = CASES[case](device, fused)
     run()  # warm up
+    benchmark(run)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "copied"])
+def test_bench_tokens(benchmark, in_place, device):
+    benchmark.group = f"task_gate on (N, L, C) tokens [{device}]"
+    run = tokens_case(device, in_place)
+    run()
     benchmark(run)
 
 
@@ -129,6 +163,12 @@ def main():
         fused = _median_ms(case(args.device, True), args.repeats)
         ref = _median_ms(case(args.device, False), args.repeats)
         print(f"{name:<30} {fused:>10.3f} {ref:>13.3f} {ref / fused:>7.2f}x")
+    t = TOKENS[args.device]
+    print(f"\ntask_gate fwd+bwd on (N, L, C) tokens, shapes={t}")
+    print(f"{'path':<30} {'in place ms':>11} {'copied ms':>10} {'speedup':>8}")
+    in_place = _median_ms(tokens_case(args.device, True), args.repeats)
+    copied = _median_ms(tokens_case(args.device, False), args.repeats)
+    print(f"{'channels innermost vs copy':<30} {in_place:>11.3f} {copied:>10.3f} {copied / in_place:>7.2f}x")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from nad_ext import attention
+from nad_ext import attention, models
 from nad_ext.ops import _checks, task_gate
 from nad_ext.probe import infer_channel_axis, probe, resized_input, shapes_at
 
@@ -146,6 +146,24 @@ def propose_gate_points(model: nn.Module, example_input: torch.Tensor) -> list[s
     ]
 
 
+def resolve_gate_points(model: nn.Module, gate_points: Sequence[str | GatePoint] | str, example: torch.Tensor,
+                        units: str = "channels") -> list[str | GatePoint]:
+    """Gate-point specs from a list (as it is), ``"auto"`` (proposals; with ``units="heads"``
+    every attention module's heads) or a preset name (its ``units`` preset)."""
+    if not isinstance(gate_points, str):
+        return list(gate_points)
+    if gate_points != "auto":
+        return models.get_spec(gate_points).points(model, units)
+    if units == "heads":
+        heads = [f"{name}:heads" for name, m in model.named_modules() if attention.is_attention(m)]
+        if not heads:
+            raise ValueError(f"units 'heads': {type(model).__name__} has no attention module ({attention.SUPPORTED})")
+        return heads
+    if units != "channels":
+        raise ValueError(f"'auto' gate points gate channels or heads, not {units!r}")
+    return propose_gate_points(model, example)
+
+
 def describe_layout(point: GatePoint, shape: Sequence[int]) -> str:
     """How a gate point's output is laid out, in words: "(N, C, H, W) map", "(N, L, C) tokens"..."""
     d, axis = len(shape), point.channel_axis
@@ -156,12 +174,25 @@ def describe_layout(point: GatePoint, shape: Sequence[int]) -> str:
     return known.get((d, axis), f"{d}-d, channels on axis {axis}")
 
 
-def gate_tensor(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor, channel_axis: int) -> torch.Tensor:
-    """``nad::task_gate`` along ``channel_axis``: the op sees the (N, C, ...) view of ``x``
-    (channels-innermost strides for tokens and NHWC maps) and the result is moved back."""
+def gate_tensor(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor, channel_axis: int,
+                per_head: bool = False) -> torch.Tensor:
+    """``nad::task_gate`` along ``channel_axis``: the op sees the (N, C, ...) view of ``x``,
+    which it reads in place when it is contiguous or channels innermost ((N, L, C) tokens, NHWC
+    maps), and the result is moved back.
+
+    ``per_head``: ``x`` is (N, *positions, heads, head_dim) and ``channel_axis`` its head axis.
+    Where that view would be copied but head_dim is innermost (Swin's head outputs), the op gates
+    the heads * head_dim units channels-innermost instead, each head's logit repeated over its
+    head_dim (the same gates and, summed by autograd, the same logits gradient).
+    """
     if channel_axis == 1:
         return task_gate(x, logits, task_ids)
-    return task_gate(x.movedim(channel_axis, 1), logits, task_ids).movedim(1, channel_axis)
+    view = x.movedim(channel_axis, 1)
+    if (per_head and channel_axis == x.dim() - 2 and not view.is_contiguous()
+            and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]):
+        units = gate_tensor(x.flatten(-2), logits.repeat_interleave(x.shape[-1], dim=1), task_ids, x.dim() - 2)
+        return units.unflatten(-1, x.shape[-2:])
+    return task_gate(view, logits, task_ids).movedim(1, channel_axis)
 
 
 def _requested_axis(name: str, axis: int | None, units: str, channel_axis) -> int | None:
@@ -349,11 +380,11 @@ class GatedModel(nn.Module):
     def _gate_function(self, index: int):
         """Gate point ``index``'s gate (in masked passes) and recording, as a function of its output."""
         gated_inside = index in self.fused_points
-        axis = self.gate_points[index].channel_axis
+        axis, per_head = self.gate_points[index].channel_axis, self.gate_points[index].units == "heads"
 
         def gate(output: torch.Tensor) -> torch.Tensor:
             if self._task_ids is not None and not gated_inside:
-                output = gate_tensor(output, self._gate_logits(index), self._task_ids, axis)
+                output = gate_tensor(output, self._gate_logits(index), self._task_ids, axis, per_head)
             if self._record is not None:
                 self._record[index] = output
             return output

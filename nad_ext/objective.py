@@ -41,6 +41,20 @@ def _per_task_mean(values: torch.Tensor, task_ids: torch.Tensor, counts: torch.T
     return sums / counts.clamp(min=1)
 
 
+def _sample_rows(masked: torch.Tensor, original: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair as nad::gate_mse should see it. The MSE is a mean over all of a sample's
+    elements, so the order of a sample's dims does not matter: a view in which both are
+    contiguous (dims after the batch sorted by stride) is read in place, whatever the layout
+    (tokens, NHWC maps, channels_last maps, (N, L, heads, d) head outputs). Otherwise the
+    (N, C, ...) view, which the op reads in place when both are channels innermost, else copies
+    (a cropped Swin map, say)."""
+    order = [0] + sorted(range(1, masked.dim()), key=lambda d: -masked.stride(d))
+    m, o = masked.permute(order), original.permute(order)
+    if m.is_contiguous() and o.is_contiguous():
+        return m, o
+    return masked.movedim(axis, 1), original.movedim(axis, 1)
+
+
 def nad_loss(
     masked_out: torch.Tensor,
     labels: torch.Tensor,
@@ -77,9 +91,7 @@ def nad_loss(
     ce = _per_task_mean(F.cross_entropy(masked_out.float(), labels, reduction="none"), task_ids, n_t, num_tasks)
     # nad::gate_mse: one pass per gate point, low-precision activations read without copies.
     axes = [1] * num_points if channel_axes is None else list(channel_axes)
-    # Each point's (N, C, ...) view: tokens and NHWC maps reach the op with channels innermost.
-    mse = sum(gate_mse(masked.movedim(axis, 1), original.detach().movedim(axis, 1), correct, task_ids,
-                       num_tasks).float()
+    mse = sum(gate_mse(*_sample_rows(masked, original.detach(), axis), correct, task_ids, num_tasks).float()
               for masked, original, axis in zip(masked_acts, original_acts, axes, strict=True))
     act = (ce + mse) / num_points
     sparse = sum(torch.sigmoid(m).pow(2).mean(dim=1) for m in gate_logits) / num_points

@@ -23,13 +23,12 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from nad_ext import attention
 from nad_ext import data as nad_data
 from nad_ext import distributed, faults
 from nad_ext import pipeline as nad_pipeline
 from nad_ext import progress as nad_progress
 from nad_ext.calibration import DEFAULT_TARGET, CalibrationSettings, check_target
-from nad_ext.gates import GatedModel, GatePoint, propose_gate_points
+from nad_ext.gates import GatedModel, GatePoint, resolve_gate_points
 from nad_ext.maskbank import MaskBank, Task
 from nad_ext.objective import nad_loss
 from nad_ext.ops import _checks, normalized_gradient_step_
@@ -165,26 +164,6 @@ class _TaskStream:
         order = torch.randperm(len(indices), generator=generator).tolist()
         self.batches = [[indices[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
         self.generator = generator
-
-
-def resolve_gate_points(model: nn.Module, gate_points: Sequence[str | GatePoint] | str, example: torch.Tensor,
-                        units: str = "channels") -> list[str | GatePoint]:
-    """Gate-point specs from a list (as it is), ``"auto"`` (proposals; with ``units="heads"``
-    every attention module's heads) or a preset name (its ``units`` preset)."""
-    from nad_ext import models
-
-    if not isinstance(gate_points, str):
-        return list(gate_points)
-    if gate_points != "auto":
-        return models.get_spec(gate_points).points(model, units)
-    if units == "heads":
-        heads = [f"{name}:heads" for name, m in model.named_modules() if attention.is_attention(m)]
-        if not heads:
-            raise ValueError(f"units 'heads': {type(model).__name__} has no attention module ({attention.SUPPORTED})")
-        return heads
-    if units != "channels":
-        raise ValueError(f"'auto' gate points gate channels or heads, not {units!r}")
-    return propose_gate_points(model, example)
 
 
 def build_gated_model(

@@ -184,3 +184,22 @@ def test_a_failing_rank_stops_every_rank_with_its_error(tree, weights, tmp_path)
     assert "cannot write" in log and "shards/epoch001-rank00001.safetensors: No space left on device" in log
     assert "error: rank 1 failed in epoch 1: WriteError" in log  # what rank 0 says
     assert time.monotonic() - start < TIMEOUT
+
+
+@pytest.mark.slow
+def test_beta_auto_under_torchrun_is_the_single_process_calibration(tree, weights, tmp_path):
+    """beta="auto": every rank runs the calibration's short runs in its own process (no
+    collective, no run folder), all take rank 0's beta, and the bank (with its calibration
+    record) equals a single process's."""
+    args = lambda out: [a if a != "1.0" else "auto" for a in disentangle_args(tree, weights, out, epochs=1)]  # noqa: E731
+    single = tmp_path / "single"
+    assert in_process(*args(single)) == 0
+    out = tmp_path / "run"
+    code, log = torchrun("--standalone", "--nproc-per-node=2", "-m", "nad_ext", *args(out))
+    assert code == 0, log
+    assert log.count("calibrating beta for zoo_plain") == 1  # printed by rank 0 only
+    assert_same_folder(out, single)
+    from nad_ext.maskbank import MaskBank
+
+    bank = MaskBank.load(out / "masks.safetensors")
+    assert bank.calibration is not None and bank.config["beta"] == bank.calibration["beta"]

@@ -243,7 +243,7 @@ def test_auto_gate_points_on_transformers_and_convnext():
 
 
 def test_auto_heads_are_every_attention_module():
-    from nad_ext.trainer import resolve_gate_points
+    from nad_ext.gates import resolve_gate_points
 
     x = torch.zeros(1, 3, 32, 32)
     assert resolve_gate_points(tiny_vit(), "auto", x, "heads") == [
@@ -264,6 +264,7 @@ def _layouts(dtype):
         "nhwc": (torch.randn(3, 2, 3, 4, dtype=dtype), 3),
         "vit_heads": (torch.randn(3, 4, 5, 2, dtype=dtype).transpose(1, 2), 2),
         "swin_heads": (torch.randn(3, 4, 4, 4, 2, dtype=dtype)[:, :3, :3], 3),
+        "swin_heads_dense": (torch.randn(3, 3, 3, 4, 2, dtype=dtype), 3),
         "nchw": (torch.randn(3, 4, 2, 3, dtype=dtype), 1),
     }
 
@@ -274,22 +275,23 @@ def _gate_reference(x, logits, ids, axis):
     return x * torch.sigmoid(logits)[ids].reshape(shape).to(x.dtype)
 
 
-@pytest.mark.parametrize("layout", ["tokens", "nhwc", "vit_heads", "swin_heads", "nchw"])
+@pytest.mark.parametrize("layout", ["tokens", "nhwc", "vit_heads", "swin_heads", "swin_heads_dense", "nchw"])
 def test_gate_tensor_on_every_layout_against_the_reference(layout):
     from nad_ext.gates import gate_tensor
 
     x, axis = _layouts(torch.float64)[layout]
     ids = torch.tensor([1, 0, 1])
     logits = torch.randn(2, x.shape[axis], dtype=torch.float64)
-    y = gate_tensor(x, logits, ids, axis)
+    heads = layout.endswith("heads")
+    y = gate_tensor(x, logits, ids, axis, heads)
     assert y.shape == x.shape
     torch.testing.assert_close(y, _gate_reference(x, logits, ids, axis))
-    torch.autograd.gradcheck(lambda a, m: gate_tensor(a, m, ids, axis),
+    torch.autograd.gradcheck(lambda a, m: gate_tensor(a, m, ids, axis, heads),
                              (x.clone().requires_grad_(), logits.clone().requires_grad_()))
     # bfloat16 activations, float32 logits: within bf16's precision of the float32 reference.
     xb = x.to(torch.bfloat16).requires_grad_()
     mb = logits.float().requires_grad_()
-    yb = gate_tensor(xb, mb, ids, axis)
+    yb = gate_tensor(xb, mb, ids, axis, heads)
     assert yb.dtype == torch.bfloat16
     ref = _gate_reference(xb.detach().float(), mb.detach(), ids, axis)
     torch.testing.assert_close(yb.float(), ref, rtol=1e-2, atol=1e-2)

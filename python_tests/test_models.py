@@ -4,6 +4,7 @@ from safetensors.torch import save_file
 
 from nad_ext import darts, data, models
 from nad_ext.gates import GatedModel
+from nad_ext.ops._layout import channels_inner
 
 
 def _gate_channels(spec, model, size, device="cpu"):
@@ -78,16 +79,46 @@ def test_zoo_vit_gates_tokens_mlp_units_and_heads():
         models.get_spec("zoo_plain").points(model, "heads")
 
 
+class _GateOpInputs:
+    """Records the activations handed to nad::task_gate and nad::gate_mse (a dispatch mode)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in (torch.ops.nad.task_gate.default, torch.ops.nad.gate_mse.default):
+                    seen.append((func.__name__, args[0], args[1] if "gate_mse" in func.__name__ else None))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
 def _one_step(gated, x, num_tasks):
-    """One NAD step on ``x``; returns the loss terms (the gates must move)."""
+    """One NAD step on ``x``; returns the loss terms (the gates must move). Every activation
+    reaches the gate ops in a layout they read in place (tokens and NHWC maps as
+    channels-innermost views, not copies)."""
     from nad_ext.trainer import NADConfig, train_step
 
     before = [m.detach().clone() for m in gated.logits]
     with torch.no_grad():
         labels = gated.original(x, record=False)[0].argmax(1)  # every sample "correct"
     ids = torch.arange(len(x)) % num_tasks
-    terms = train_step(gated, x, labels, ids, torch.arange(num_tasks), NADConfig(beta=1.0))
+    with _GateOpInputs() as ops:
+        terms = train_step(gated, x, labels, ids, torch.arange(num_tasks), NADConfig(beta=1.0))
     assert all(not torch.equal(a, m.detach()) for a, m in zip(before, gated.logits))
+    assert len(ops.seen) == 2 * len(gated.gate_points)
+    for name, a, b in ops.seen:
+        pair = (a,) if b is None else (a, b)  # gate_mse reads a pair in place when both are in one layout
+        assert all(t.is_contiguous() for t in pair) or all(channels_inner(t) for t in pair), \
+            (name, a.shape, [t.stride() for t in pair])
     return terms
 
 

@@ -82,16 +82,20 @@ def test_normalized_gradient_step_moves_each_task_and_point_by_lr():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_layouts_with_channels_last_give_the_mse_over_all_elements(dtype):
-    """Tokens (N, L, C), NHWC maps and head outputs (N, L, heads, d): the MSE term is the mean
+    """Tokens (N, L, C), NHWC maps, head outputs (N, L, heads, d) and channels_last maps (each
+    read in place by nad::gate_mse, see objective._sample_rows): the MSE term is the mean
     over all of a sample's elements, as in the paper's formula, whatever the channel axis."""
     torch.manual_seed(2)
     n, tasks = 10, 3
     task_ids = torch.arange(n) % tasks
-    shapes_axes = [((n, 7, 5), 2), ((n, 3, 4, 6), 3), ((n, 7, 2, 4), 2), ((n, 6, 3, 3), 1)]
+    shapes_axes = [((n, 7, 5), 2), ((n, 3, 4, 6), 3), ((n, 7, 2, 4), 2), ((n, 6, 3, 3), 1), ((n, 4, 3, 2), 1)]
     logits = [torch.randn(tasks, s[a], dtype=torch.float64 if dtype == torch.float64 else torch.float32,
                           requires_grad=True) for s, a in shapes_axes]
-    masked = [torch.randn(s, dtype=torch.float64).to(dtype).requires_grad_() for s, _ in shapes_axes]
-    original = [torch.randn(s, dtype=torch.float64).to(dtype) for s, _ in shapes_axes]
+    # The last map is channels_last (a conv output under bf16 training).
+    fmt = [torch.contiguous_format] * 4 + [torch.channels_last]
+    masked = [torch.randn(s, dtype=torch.float64).to(dtype, memory_format=f).requires_grad_()
+              for (s, _), f in zip(shapes_axes, fmt)]
+    original = [torch.randn(s, dtype=torch.float64).to(dtype, memory_format=f) for (s, _), f in zip(shapes_axes, fmt)]
     out = torch.randn(n, 4, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 4, (n,))
     correct = torch.rand(n) > 0.3

@@ -2,6 +2,7 @@
 
 #include <c10/util/accumulate.h>
 
+#include "gate_layout.h"
 #include "task_ids.h"
 
 namespace nad {
@@ -10,20 +11,17 @@ namespace {
 constexpr const char* kOp = "gate_mse";
 
 // Both inputs as (N, E) rows in one memory order in which every sample is a contiguous block:
-// the sum over a sample does not care about the order inside it, so a channels_last pair is
-// viewed, not copied (channels_last is set then). Other layouts are copied to contiguous.
+// the sum over a sample does not care about the order inside it, so a pair that is channels-
+// innermost (gate_layout.h: (N, C, L) views of tokens, channels_last maps) is viewed, not copied
+// (`inner` is set then), as is a contiguous pair. Other layouts are copied to contiguous.
 // E is computed, not inferred (-1): a reshape cannot infer it when N = 0 or E = 0.
-std::pair<at::Tensor, at::Tensor> as_rows(const at::Tensor& masked, const at::Tensor& original,
-                                          bool& channels_last) {
-  const int64_t N = masked.size(0), E = c10::multiply_integers(masked.sizes().slice(1));
-  channels_last = masked.dim() == 4 && !masked.is_contiguous() &&
-                  masked.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                  masked.strides() == original.strides();
-  if (channels_last) {
-    auto rows = [&](const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({N, E}); };
-    return {rows(masked), rows(original)};
-  }
-  return {masked.reshape({N, E}).contiguous(), original.reshape({N, E}).contiguous()};
+bool rows_inner(const at::Tensor& masked, const at::Tensor& original) {
+  return channels_inner(masked) && channels_inner(original);
+}
+
+at::Tensor as_rows(const at::Tensor& t, bool inner) {
+  const int64_t N = t.size(0), E = c10::multiply_integers(t.sizes().slice(1));
+  return (inner ? t.movedim(1, -1) : t).reshape({N, E}).contiguous();  // a view when t is in the layout
 }
 
 // k_t * E per task (0 where k_t = 0), in the accumulation dtype.
@@ -64,8 +62,8 @@ at::Tensor gate_mse_with(GateMseSums sums_fn, const at::Tensor& masked, const at
   const auto acc = masked.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto sums = at::zeros({num_tasks}, masked.options().dtype(acc));
   if (masked.numel() == 0) return sums;
-  bool cl = false;
-  auto [m, o] = as_rows(masked, original, cl);
+  const bool inner = rows_inner(masked, original);
+  const auto m = as_rows(masked, inner), o = as_rows(original, inner);
   sums_fn(m, o, counts.contiguous(), task_ids.contiguous(), sums);
   const auto den = denominators(counts, task_ids, num_tasks, m.size(1), acc);
   return at::where(den > 0, sums / den.clamp_min(1), at::zeros_like(sums));
@@ -80,17 +78,18 @@ at::Tensor gate_mse_backward_with(GateMseApply apply, const at::Tensor& grad,
               num_tasks, ",), got ", grad.sizes());
   check_ids_in_range(task_ids, num_tasks, kOp, "task_ids");
   const auto acc = masked.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  bool cl = false;
-  auto [m, o] = as_rows(masked, original, cl);
+  const bool inner = rows_inner(masked, original);
+  const auto m = as_rows(masked, inner), o = as_rows(original, inner);
   const auto den = denominators(counts, task_ids, num_tasks, m.size(1), acc);
   const auto scale = at::where(den > 0, grad.to(acc) * 2 / den.clamp_min(1), at::zeros_like(den));
-  auto grad_m = at::empty_like(m);
-  if (m.numel() > 0) apply(m, o, counts.contiguous(), task_ids.contiguous(), scale.contiguous(), grad_m);
-  // Back to masked's shape and memory order (the inverse of as_rows).
-  if (cl)
-    return grad_m.reshape({masked.size(0), masked.size(2), masked.size(3), masked.size(1)})
-        .permute({0, 3, 1, 2});
-  return grad_m.reshape(masked.sizes());
+  // In masked's layout by the rule (the fake's), written through its (N, E) rows view.
+  auto grad_masked = empty_in_gate_layout(masked.sizes(), masked.options(), inner);
+  if (m.numel() > 0) {
+    const auto rows = as_rows(grad_masked, inner);
+    TORCH_INTERNAL_ASSERT(rows.data_ptr() == grad_masked.data_ptr(), kOp, ": gradient rows must view grad_masked");
+    apply(m, o, counts.contiguous(), task_ids.contiguous(), scale.contiguous(), rows);
+  }
+  return grad_masked;
 }
 
 }  // namespace nad

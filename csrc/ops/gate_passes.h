@@ -7,9 +7,10 @@
 //   backward: grad_in = grad_y * g, 0 where relu and act <= 0  (written when grad_in is defined)
 //             gate_sums[t, c] += sum over the samples n of task t and over space of grad_y * act
 //
-// Every tensor is in one layout: (N, C, S) contiguous, or channels_last (N, S, C) when
-// `channels_inner`. gate_sums (T, C) is zero-initialised in the accumulation dtype (float32,
-// float64 for float64 inputs); the logits gradient is gate_sums * g (1 - g).
+// Every tensor is in one layout: (N, C, S) contiguous, or (N, S, C) in memory when
+// `channels_inner` (channels_last maps, (N, L, C) tokens; the rule is in gate_layout.h).
+// gate_sums (T, C) is zero-initialised in the accumulation dtype (float32, float64 for float64
+// inputs); the logits gradient is gate_sums * g (1 - g).
 //
 // Determinism: the CPU passes always sum in a fixed order (bit-identical across runs and thread
 // counts). The CUDA backward pass adds per-block sums with float atomics by default (fast; the
@@ -18,15 +19,6 @@
 #include <ATen/ATen.h>
 
 namespace nad {
-
-// The layout of the outputs of both ops (and of the tensors the passes see): channels_last when
-// x is 4-D, channels_last and not also contiguous, else contiguous. The fakes in nad_ext/ops/
-// (_layout.py) use the same rule.
-inline at::MemoryFormat gate_format(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
 
 // forward: bias may be undefined (no bias), act undefined (not saved).
 using GateForwardPass = void (*)(const at::Tensor& src, const at::Tensor& bias,

@@ -1,5 +1,7 @@
 #include "masked_conv2d.h"
 
+#include "gate_layout.h"
+
 #include "task_ids.h"
 
 namespace nad {

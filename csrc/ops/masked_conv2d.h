@@ -9,7 +9,7 @@
 //   grad_pre = grad_y * g * (act > 0 if relu)   and   sum over (task samples, space) of grad_y * act,
 // the latter times g (1 - g) is the logits gradient; grad_x comes from at::convolution_backward
 // with output_mask {true, false, false}.
-// y, act and grad_x are channels_last when x is (gate_format), contiguous (N, C, H, W)
+// y, act and grad_x are channels_last when x is (gate_format in gate_layout.h), contiguous (N, C, H, W)
 // otherwise. The passes around the convolution are the gate passes of gate_passes.h.
 #include <ATen/ATen.h>
 

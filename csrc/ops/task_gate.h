@@ -3,7 +3,9 @@
 //   y[n, c, ...] = x[n, c, ...] * sigmoid(logits[task_ids[n], c])
 // x: (N, C, ...) float32/float16/bfloat16/float64; logits: (T, C) float32 (float64 when x is
 // float64); task_ids: (N,) int64 in [0, T).
-// y (and grad_x) are channels_last when x is (gate_format), contiguous otherwise. Backward:
+// x is read in place when it is contiguous or channels-innermost ((N, C, L) views of (N, L, C)
+// tokens, channels_last maps; gate_layout.h), and y (and grad_x) come back in that layout;
+// other layouts are copied to contiguous first. Backward:
 // grad_x = grad_y * g (skipped, an empty tensor, when x_grad is false), grad_logits = the sum
 // over each task's samples and space of grad_y * x, times g (1 - g).
 // The kernels are the gate passes of gate_passes.h (no bias, no ReLU).

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
+from . import _checks, _layout
 
 
 def gate_mse(
@@ -18,7 +18,9 @@ def gate_mse(
 
     Args:
         masked: the masked network's gated output, (N, C, ...), float32/float16/bfloat16
-            (float64 for gradcheck). Contiguous and channels_last are read without copies.
+            (float64 for gradcheck). Read without copies when ``masked`` and ``original`` are
+            both contiguous or both channels innermost (token views, channels_last maps; see
+            :mod:`nad_ext.ops._layout`).
         original: the original network's output, masked's shape and dtype; no gradient.
         counts: (N,) bool, the samples that count (the original network classifies them correctly).
         task_ids: (N,) int64 in [0, num_tasks).
@@ -63,12 +65,5 @@ def _(masked, original, counts, task_ids, num_tasks):
 
 @torch.library.register_fake("nad::gate_mse_backward")
 def _(grad, masked, original, counts, task_ids, num_tasks):
-    # Same rule as csrc/ops/gate_mse.cpp: channels_last pairs stay channels_last.
-    cl = (
-        masked.dim() == 4
-        and not masked.is_contiguous()
-        and masked.is_contiguous(memory_format=torch.channels_last)
-        and masked.stride() == original.stride()
-    )
-    return torch.empty(masked.shape, dtype=masked.dtype, device=masked.device,
-                       memory_format=torch.channels_last if cl else torch.contiguous_format)
+    # Same rule as csrc/ops/gate_mse.cpp: a channels-innermost pair stays channels innermost.
+    return _layout.empty_in_gate_layout(masked, _layout.channels_inner(masked) and _layout.channels_inner(original))

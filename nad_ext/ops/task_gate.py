@@ -13,13 +13,16 @@ def task_gate(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor) -> 
 
     Args:
         x: activations, shape (N, C, ...), float32/float16/bfloat16 (float64 for gradcheck).
-            Contiguous and channels_last layouts are read in place; others are copied.
+            Read in place when contiguous or channels innermost (the (N, C, L) view
+            ``t.movedim(2, 1)`` of (N, L, C) tokens, the (N, C, H, W) view of an NHWC map, i.e.
+            channels_last; see :mod:`nad_ext.ops._layout`); other layouts are copied.
         logits: gate logits, shape (T, C), float32 (float64 only with float64 ``x``).
         task_ids: the task of each sample, shape (N,), int64 with values in [0, T).
 
     Returns:
-        A tensor shaped like ``x``: channels_last when ``x`` is 4-D channels_last, contiguous
-        otherwise. Differentiable with respect to ``x`` and ``logits``; the logits gradient is
+        A tensor shaped like ``x``, in ``x``'s layout when it is channels innermost (so
+        ``task_gate(t.movedim(2, 1), ...).movedim(1, 2)`` is (N, L, C) contiguous again),
+        contiguous otherwise. Differentiable with respect to ``x`` and ``logits``; the logits gradient is
         accumulated in float32, summed over each task's samples and space (in a fixed order on
         the CPU, and on CUDA under ``torch.use_deterministic_algorithms(True)``; with float
         atomics, fast but not bit-reproducible, on CUDA otherwise). Where ``x`` needs no
@@ -53,10 +56,10 @@ def task_gate_reference(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.T
 
 @torch.library.register_fake("nad::task_gate")
 def _(x, logits, task_ids):
-    return _layout.empty_in_gate_format(x)
+    return _layout.empty_in_gate_layout(x)
 
 
 @torch.library.register_fake("nad::task_gate_backward")
 def _(grad_y, x, logits, task_ids, x_grad=True):
-    grad_x = _layout.empty_in_gate_format(x) if x_grad else x.new_empty((0,))
+    grad_x = _layout.empty_in_gate_layout(x) if x_grad else x.new_empty((0,))
     return grad_x, torch.empty_like(logits, memory_format=torch.contiguous_format)
