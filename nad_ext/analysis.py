@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from nad_ext.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, eval_transform, load_batch
 from nad_ext.gates import GatedModel
 from nad_ext.maskbank import MaskBank, atomic_write
+from nad_ext.objective import describe_objective
 from nad_ext.ops.mask_overlap import mask_overlap
 
 CHANCE_HIT = 0.25
@@ -550,6 +551,7 @@ def run_all(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size:
     iou, iomin = similarity(bank, "iou"), similarity(bank, "iomin")
     results = {
         "model_id": bank.model_id,
+        "objective": describe_objective(bank.config),
         "tasks": bank.task_names,
         "stats": subarchitecture_stats(bank),
         "similarity": {"iou": iou, "iomin": iomin, "order": cluster_order(iou)},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 BUILTIN = "builtin"
@@ -53,9 +53,12 @@ def cmd_gate_points(args) -> None:
 
 
 def _config_from_args(args):
+    from nad_ext.objective import SELECTIVE_DEFAULTS
     from nad_ext.trainer import NADConfig
 
     values = {f.name: getattr(args, f.name) for f in fields(NADConfig) if getattr(args, f.name, None) is not None}
+    if args.selective:  # explicit --negatives / --negative-weight win over the switch's defaults
+        values = {**SELECTIVE_DEFAULTS, **values}
     return NADConfig(**values)
 
 
@@ -79,6 +82,7 @@ def _load_tasks(path: str, classes: list[str]):
 
 
 def cmd_disentangle(args) -> None:
+    from nad_ext.objective import describe_objective
     from nad_ext.trainer import disentangle
 
     train, val = _load_data(args, "train"), _load_data(args, "val")
@@ -87,7 +91,9 @@ def cmd_disentangle(args) -> None:
     if isinstance(gate_points, str) and gate_points not in ("auto", args.model):
         gate_points = [gate_points]
     tasks = _load_tasks(args.tasks, train.classes) if args.tasks else None
-    bank = disentangle(model, train, gate_points, model_id=args.model, config=_config_from_args(args), tasks=tasks,
+    config = _config_from_args(args)
+    print(f"objective: {describe_objective(asdict(config))}")
+    bank = disentangle(model, train, gate_points, model_id=args.model, config=config, tasks=tasks,
                        out_dir=args.out, resume=args.resume, overwrite=args.overwrite)
     print(f"{len(bank.tasks)} tasks x {len(bank.gate_points)} gate points, epoch {bank.epoch}: "
           f"{Path(args.out) / 'masks.safetensors'}")
@@ -139,7 +145,8 @@ def cmd_similarity(args) -> None:
 def cmd_demo(args) -> None:
     from nad_ext.demo import run_demo
 
-    run_demo(args.out, cache_dir=args.cache, epochs=args.epochs, num_mosaics=args.mosaics, device=args.device)
+    run_demo(args.out, cache_dir=args.cache, epochs=args.epochs, num_mosaics=args.mosaics, device=args.device,
+             selective=args.selective)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="NAD epochs (default: the demo's setting)")
     p.add_argument("--mosaics", type=int, default=None, help="mosaics for the hit rate (default: the demo's setting)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--selective", action="store_true",
+                   help="the selective objective (not the paper's): sub-architectures that also reject other classes")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("gate-points", help="list a model's gate points (its preset, or --auto proposals)")
@@ -178,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network precision; gate logits stay float32 (default auto: bfloat16 on the fused CUDA path)")
     p.add_argument("--cuda-graph", choices=["auto", "on", "off"],
                    help="replay the step from CUDA graphs (default auto: on with the fused CUDA path)")
+    p.add_argument("--negatives", type=float, metavar="R",
+                   help="selective objective: R x batch size images of other classes join each task batch "
+                        "(default 0: the paper's objective)")
+    p.add_argument("--negative-weight", type=float, metavar="GAMMA",
+                   help="selective objective: weight of the term that keeps a task from predicting itself on them")
+    p.add_argument("--selective", action="store_true",
+                   help="the selective objective with the settings tuned on the demo zoo "
+                        "(nad_ext.objective.SELECTIVE_DEFAULTS; printed at the start); --negatives and "
+                        "--negative-weight override them")
     p.add_argument("--tasks", help='JSON file {"task": ["class", ...]}; default: one task per class')
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the mask bank in --out")

@@ -16,6 +16,7 @@ import numpy as np
 
 from nad_ext import analysis, data, models, report
 from nad_ext.maskbank import atomic_write
+from nad_ext.objective import SELECTIVE_DEFAULTS, describe_objective
 from nad_ext.trainer import NADConfig, build_gated_model, disentangle, resolve_device
 
 # The demo's NAD settings: the paper's update and defaults, fewer epochs than its 21 (the
@@ -26,8 +27,12 @@ DEMO_BETAS = {"zoo_plain": 4.5, "zoo_residual": 0.02, "zoo_dense": 0.02, "zoo_na
 
 
 def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, num_mosaics=None,
-             device="auto", networks=None, images_per_class=None, zoo_epochs=None, progress=True) -> dict:
+             device="auto", networks=None, images_per_class=None, zoo_epochs=None, progress=True,
+             selective=False) -> dict:
     """Runs the demo; returns the summary that it also writes to ``out_dir/summary.json``.
+
+    ``selective``: learn with the selective objective (``objective.SELECTIVE_DEFAULTS``; not the
+    paper's) instead of the paper's, so that sub-architectures also reject other classes.
 
     ``networks`` (default: the whole zoo), ``images_per_class`` (train, val; default the data
     set's) and ``zoo_epochs`` (default ``models.ZOO_EPOCHS``) make smaller runs for tests.
@@ -43,11 +48,13 @@ def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, 
     print(f"data: {train} / {val}")
     zoo = models.load_zoo(cache_dir, train, val, names=networks, progress=progress, epochs=zoo_epochs)
     summary, results = {}, {}
+    objective = SELECTIVE_DEFAULTS if selective else {}
+    print(f"objective: {describe_objective(objective)}")
     for name, (model, accuracy) in zoo.items():
         spec = models.get_spec(name)
         print(f"\n{name} ({spec.connection}): validation accuracy {accuracy:.1%}")
         config = NADConfig(beta=DEMO_BETAS.get(name, spec.beta), epochs=epochs, image_size=spec.input_size,
-                           tasks_per_step=len(train.classes), device=str(device))
+                           tasks_per_step=len(train.classes), device=str(device), **objective)
         bank = disentangle(model, train, name, model_id=name, config=config, out_dir=out_dir / name,
                            overwrite=True, progress=progress)
         gated = build_gated_model(model, [p.name for p in bank.gate_points], len(bank.tasks),
@@ -59,7 +66,7 @@ def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, 
         _print_summary(summary[name])
     report_path = report.write_report(results, out_dir / "report.html", metadata={
         "data": f"{train.name} ({len(train)} train / {len(val)} val images, {len(train.classes)} classes)",
-        "nad epochs": epochs, "mosaics": num_mosaics, "device": str(device),
+        "objective": describe_objective(objective), "nad epochs": epochs, "mosaics": num_mosaics, "device": str(device),
         "betas": json.dumps({n: DEMO_BETAS.get(n) for n in zoo}),
     })
     payload = json.dumps(summary, indent=1)
@@ -74,6 +81,7 @@ def _summarise(name, connection, accuracy, bank, result) -> dict:
     masked = result["masked_accuracy"]
     return {
         "connection": connection,
+        "objective": describe_objective(bank.config),
         "validation_accuracy": accuracy,
         "gate_points": [p.name for p in bank.gate_points],
         "open_ratio_per_gate_point": bank.open_ratio().mean(dim=0).tolist(),

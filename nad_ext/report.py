@@ -189,7 +189,8 @@ def _accuracy_section(name: str, res: dict) -> str:
     m = acc["mean"]
     rows.append(["mean", None, res["stats"]["overall"], m["accuracy"], m["original_accuracy"], m["rejection"],
                  m["original_rejection"]])
-    return (f"<h3>{html.escape(name)}</h3>"
+    objective = res.get("objective", "paper")  # results from before the selective variant: paper
+    return (f"<h3>{html.escape(name)}</h3><p>Objective: {html.escape(objective)}</p>"
             + _table(["task", "images", "open channels", "sub-arch. accuracy", "original accuracy",
                       "sub-arch. rejection", "original rejection"], rows)
             + f"<p class='note'>{html.escape(acc['definition'])}. Rejection: lower is better.</p>")

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from nad_ext import data as nad_data
 from nad_ext.gates import GatedModel, propose_gate_points
 from nad_ext.maskbank import MaskBank, Task, atomic_write
+from nad_ext.negatives import add_negatives, task_class_matrix
 from nad_ext.objective import nad_loss
 from nad_ext.ops import _checks, normalized_gradient_step_
 
@@ -41,7 +42,10 @@ class NADConfig:
     """Training settings; the defaults are the paper's (METHOD.md).
 
     ``beta`` None takes the model preset's value; ``image_size`` None takes the preset's input
-    size (224 for the ImageNet networks).
+    size (224 for the ImageNet networks). ``negatives`` r > 0 and ``negative_weight`` gamma > 0
+    choose the selective objective (:mod:`nad_ext.objective`; not the paper's): each task batch
+    of own-class images is joined by round(r x its size) images of other classes, whose
+    prediction as the task is penalised with weight gamma. 0 and 0 (default) is the paper's.
     """
 
     beta: float | None = None
@@ -58,6 +62,8 @@ class NADConfig:
     fuse: str = "auto"
     precision: str = "auto"
     cuda_graph: str = "auto"
+    negatives: float = 0.0
+    negative_weight: float = 0.0
 
     def validate(self) -> None:
         for name in ("beta", "lr", "init_std"):
@@ -79,6 +85,14 @@ class NADConfig:
                 raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("negatives", "negative_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if (self.negatives > 0) != (self.negative_weight > 0):
+            raise ValueError(f"the selective objective needs both negatives > 0 and negative_weight > 0 "
+                             f"(0 and 0: the paper's); got negatives={self.negatives!r}, "
+                             f"negative_weight={self.negative_weight!r}")
 
     def execution(self, device: torch.device) -> tuple[bool, torch.dtype, bool]:
         """(fuse, dtype, CUDA graph) of the step on ``device``, with "auto" resolved."""
@@ -152,9 +166,11 @@ def _prefetched_steps(streams, group: int):
 class _TaskStream:
     """Task t's batches in one epoch: a seeded permutation, augmentation from the same generator."""
 
-    def __init__(self, images, indices, batch_size, size, generator):
+    def __init__(self, images, indices, batch_size, size, generator, negatives=0.0):
         order = torch.randperm(len(indices), generator=generator).tolist()
         self.batches = [[indices[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
+        if negatives:  # the selective objective: other classes' images after the own ones
+            self.batches = add_negatives(self.batches, indices, len(images), negatives, generator)
         self.images, self.size, self.generator = images, size, generator
 
     def load(self, j):
@@ -236,6 +252,13 @@ def disentangle(
         raise ValueError("tasks is empty")
     indices = _task_indices(train, tasks)
     device = resolve_device(config.device)
+    task_classes = None
+    if config.negatives:
+        for task, idx in zip(tasks, indices):
+            if len(idx) == len(train):
+                raise ValueError(f"task {task.name!r} covers every class of {train.name}: the selective "
+                                 f"objective (negatives > 0) needs other classes' images as its negatives")
+        task_classes = task_class_matrix([t.classes for t in tasks], len(train.classes), device)
     out_dir = Path(out_dir) if out_dir is not None else None
     bank_path = out_dir / BANK_FILE if out_dir is not None else None
     if bank_path is not None and bank_path.exists() and not (resume or overwrite):
@@ -261,8 +284,9 @@ def disentangle(
         bank.apply_to(gated)
         if [t.name for t in bank.tasks] != [t.name for t in tasks]:
             raise ValueError(f"{bank_path} was trained for other tasks; cannot resume it")
-        changed = {k: (bank.config.get(k), v) for k, v in config_record.items()
-                   if k not in EXECUTION_SETTINGS and bank.config.get(k) != v}
+        older = asdict(NADConfig())  # a bank from before a setting existed was made with its default
+        changed = {k: (bank.config.get(k, older[k]), v) for k, v in config_record.items()
+                   if k not in EXECUTION_SETTINGS and bank.config.get(k, older[k]) != v}
         if changed:
             raise ValueError(f"{bank_path} was trained with other settings {changed}; cannot resume it")
         start_epoch = bank.epoch
@@ -270,15 +294,16 @@ def disentangle(
             log = json.loads((out_dir / LOG_FILE).read_text())["epochs"][:start_epoch]
 
     bank = MaskBank.from_gated(gated, tasks, config_record, start_epoch)
-    step = lambda *batch: train_step(gated, *batch, config)  # noqa: E731
+    step = lambda *batch: train_step(gated, *batch, config, task_classes)  # noqa: E731
     if graph:
         from nad_ext.step_graph import GraphedSteps
 
-        step = GraphedSteps(gated, lambda g, *batch: train_step(g, *batch, config))
+        step = GraphedSteps(gated, lambda g, *batch: train_step(g, *batch, config, task_classes))
     group = 1 if config.mode == "paper" else config.tasks_per_step
     for epoch in range(start_epoch, config.epochs):
         streams = [
-            _TaskStream(train, idx, config.batch_size, config.image_size, _epoch_generator(config.seed, epoch, t))
+            _TaskStream(train, idx, config.batch_size, config.image_size, _epoch_generator(config.seed, epoch, t),
+                        config.negatives)
             for t, idx in enumerate(indices)
         ]
         stats = _train_epoch(step, streams, config, group, epoch, progress, device)
@@ -301,7 +326,8 @@ def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progr
     that steps are not serialised by device syncs.
     """
     num_tasks = len(streams)
-    sums = {k: torch.zeros(num_tasks, device=device) for k in ("ce", "mse", "sparse", "loss")}
+    keys = ("ce", "mse", "sparse", "loss") + (("negative",) if config.negatives else ())
+    sums = {k: torch.zeros(num_tasks, device=device) for k in keys}
     steps = torch.zeros(num_tasks, device=device)
     skipped = torch.zeros(num_tasks, device=device)
     total_batches = sum(len(s.batches) for s in streams)
@@ -341,8 +367,11 @@ def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progr
     }
 
 
-def train_step(gated: GatedModel, x, labels, task_ids, tasks, config: NADConfig):
+def train_step(gated: GatedModel, x, labels, task_ids, tasks, config: NADConfig, task_classes=None):
     """One NAD step: original forward, masked forward, backward to the gates, update.
+
+    ``task_classes`` ((T, classes) bool, on the device) is needed by the selective objective
+    (``config.negatives`` > 0): a sample whose label is none of its task's classes is a negative.
 
     ``task_ids`` are checked once by ``gated`` (on the CPU, without a device sync); ``tasks``
     lists the tasks present. The step never waits for the device: tasks without a correctly
@@ -356,7 +385,12 @@ def train_step(gated: GatedModel, x, labels, task_ids, tasks, config: NADConfig)
     logits = list(gated.logits)
     with _checks.ids_checked():
         task_ids = task_ids.to(x.device, non_blocking=True)
-        terms = nad_loss(masked_out, labels, masked_acts, original_acts, correct, task_ids, logits, config.beta)
+        selective = {}
+        if config.negatives:
+            selective = dict(negative=~task_classes[task_ids, labels], task_classes=task_classes,
+                             negative_weight=config.negative_weight)
+        terms = nad_loss(masked_out, labels, masked_acts, original_acts, correct, task_ids, logits, config.beta,
+                         **selective)
         grads = torch.autograd.grad(terms.total, logits)
         normalized_gradient_step_(logits, grads, tasks.to(x.device, non_blocking=True), config.lr)
     return terms

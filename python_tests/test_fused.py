@@ -231,3 +231,12 @@ def test_cuda_graph_replays_compute_the_eager_steps(dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for a, b in zip(graph_losses + graph_logits, eager_losses + eager_logits):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_fused_training_gives_the_eager_paths_gates_with_the_selective_objective(eager_run):
+    images, model, _ = eager_run
+    selective = dict(negatives=0.5, negative_weight=2.0)
+    eager, fused = (disentangle(model, images, ["1", "4"], model_id="small", progress=False,
+                                config=NADConfig(fuse=fuse, **selective, **TRAIN)) for fuse in ("off", "on"))
+    for a, b in zip(fused.logits, eager.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -27,6 +27,7 @@ def test_report_is_one_html_page_with_embedded_figures(results, tmp_path):
                   "Masked accuracy", "Run metadata", "nad_ext version", "colours4"):
         assert title in page
     assert "no hit rate at pool" in page
+    assert "Objective: paper" in page
     assert [p.name for p in out.parent.iterdir()] == ["report.html"]  # no temporary files left
 
 
