@@ -42,15 +42,23 @@ def parse_objective(text: str) -> tuple[float, float]:
     return r, gamma
 
 
-def evaluate(name, model, accuracy, train, val, r, gamma, epochs, seed, out_dir: Path) -> dict:
-    path = out_dir / f"{name}_r{r:g}_g{gamma:g}_e{epochs}_s{seed}.json"
+def evaluate(name, model, accuracy, train, val, r, gamma, epochs, seed, out_dir: Path, beta=None,
+             extra: dict | None = None) -> dict:
+    extra = extra or {}
+    stem = (f"{name}_r{r:g}_g{gamma:g}_e{epochs}_s{seed}" + (f"_b{beta:g}" if beta is not None else "")
+            + "".join(f"_{k}{v}" for k, v in sorted(extra.items())))
+    beta = DEMO_BETAS[name] if beta is None else beta
+    path = out_dir / f"{stem}.json"
     if path.is_file():
         return json.loads(path.read_text())
     spec = models.get_spec(name)
-    config = NADConfig(beta=DEMO_BETAS[name], epochs=epochs, image_size=spec.input_size, seed=seed,
-                       tasks_per_step=len(train.classes), device="cpu", negatives=r, negative_weight=gamma)
+    config = NADConfig(beta=beta, epochs=epochs, image_size=spec.input_size, seed=seed,
+                       tasks_per_step=len(train.classes), device="cpu", negatives=r, negative_weight=gamma,
+                       keep_every_epoch=False, **extra)
     start = time.perf_counter()
-    bank = disentangle(model, train, name, model_id=name, config=config, progress=False)
+    run_dir = out_dir / stem  # the mask bank and log.json (loss terms per epoch)
+    bank = disentangle(model, train, name, model_id=name, config=config, progress=False, out_dir=run_dir,
+                       overwrite=True)
     train_seconds = time.perf_counter() - start
     gated = build_gated_model(model, [p.name for p in bank.gate_points], len(bank.tasks), spec.input_size,
                               model_id=name)
@@ -60,11 +68,13 @@ def evaluate(name, model, accuracy, train, val, r, gamma, epochs, seed, out_dir:
     pairs = np.triu_indices(len(bank.tasks), k=1)
     confusion = analysis.confusion_vs_similarity(gated, bank, val, spec.input_size)
     result = {
-        "network": name, "negatives": r, "negative_weight": gamma, "epochs": epochs, "seed": seed,
-        "beta": DEMO_BETAS[name], "validation_accuracy": accuracy,
+        "network": name, "settings": extra, "negatives": r, "negative_weight": gamma, "epochs": epochs, "seed": seed,
+        "beta": beta, "validation_accuracy": accuracy,
         "original_accuracy": masked["mean"]["original_accuracy"],
         "own_class_accuracy": masked["mean"]["accuracy"],
         "original_false_positives": masked["mean"]["original_rejection"],
+        "open_ratio_per_gate_point": stats["per_gate_point"]["mean"],
+        "constant_tasks": _constant_tasks(masked),
         "false_positives": masked["mean"]["rejection"],
         "worst_false_positives": max(t["rejection"] for t in masked["tasks"]),
         "worst_own_class_accuracy": min(t["accuracy"] for t in masked["tasks"]),
@@ -80,15 +90,20 @@ def evaluate(name, model, accuracy, train, val, r, gamma, epochs, seed, out_dir:
     return result
 
 
+def _constant_tasks(masked: dict) -> int:
+    """Tasks whose binary sub-architecture gives the same answer (t, or not t) on every image."""
+    return sum(1 for t in masked["tasks"] if (t["accuracy"], t["rejection"]) in ((1.0, 1.0), (0.0, 0.0)))
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| network | objective (r, gamma) | own-class accuracy (original) | false positives on other classes "
+    head = ("| network (beta) | objective (r, gamma) | own-class accuracy (original) | false positives on other classes "
             "(worst task) | open-channel ratio | mean IoU | confusions in top-3 similar (chance) | NAD s |\n"
             "|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         objective = "paper" if r["negatives"] == 0 else f"selective ({r['negatives']:g}, {r['negative_weight']:g})"
         lines.append(
-            f"| {r['network']} | {objective} | {r['own_class_accuracy']:.1%} ({r['original_accuracy']:.1%}) | "
+            f"| {r['network']} ({r['beta']:g}) | {objective} | {r['own_class_accuracy']:.1%} ({r['original_accuracy']:.1%}) | "
             f"{r['false_positives']:.1%} ({r['worst_false_positives']:.1%}) | {r['open_ratio']:.0%} | "
             f"{r['mean_iou']:.2f} | {r['confused_within_top3']:.2f} ({r['confused_chance']:.2f}) | "
             f"{r['train_seconds']:.0f} |")
@@ -104,6 +119,9 @@ def main(argv=None) -> None:
                         help="r:gamma pairs; 0:0 is the paper's objective")
     parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beta", type=float, default=None, help="override the demo's beta for these networks")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="other NADConfig fields (numbers), e.g. lr=0.3 init_std=0.5")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +131,8 @@ def main(argv=None) -> None:
     for name in args.networks:
         model, accuracy = zoo[name]
         for r, gamma in args.objectives:
-            rows.append(evaluate(name, model, accuracy, train, val, r, gamma, args.epochs, args.seed, out_dir))
+            rows.append(evaluate(name, model, accuracy, train, val, r, gamma, args.epochs, args.seed, out_dir,
+                                 args.beta, {k: float(v) for k, v in (a.split("=") for a in args.set)}))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))
