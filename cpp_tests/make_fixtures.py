@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -58,6 +59,11 @@ def overlap_reference(a: np.ndarray, b: np.ndarray, layer_sizes, metric: str, pe
     return layers if per_layer else layers.mean(0)
 
 
+def crc32_metadata(tensors):
+    """The "crc32" metadata of docs/DESIGN.md: zlib's CRC-32 of each tensor's bytes."""
+    return json.dumps({k: f"{zlib.crc32(v.contiguous().view(torch.uint8).numpy()):08x}" for k, v in tensors.items()})
+
+
 def write_bank(path, gen):
     gate_points = ["features.0", "features.3", "classifier.1"]
     channels = [4, 6, 3]
@@ -77,7 +83,9 @@ def write_bank(path, gen):
         "config": json.dumps({"beta": 0.5, "epochs": 7, "note": "caf\u00e9"}),
         "epoch": "7",
     }
-    save_file(logits, path, metadata=metadata)
+    # The same bank as written before checksums existed: it loads, unverified.
+    save_file(logits, os.path.join(os.path.dirname(path), "old_bank.safetensors"), metadata=metadata)
+    save_file(logits, path, metadata={**metadata, "crc32": crc32_metadata(logits)})
     binary = torch.cat([logits[f"logits.{i:03d}"] for i in range(len(channels))], 1) > 0
     return binary, channels, logits
 
@@ -100,6 +108,14 @@ def corrupt_banks(folder, bank_path):
     bad_format["__metadata__"]["format"] = "nad-ext.maskbank/99"
     bad_shape = json.loads(json.dumps(header))
     bad_shape["__metadata__"]["channels"] = "[4, 6, 5]"
+    no_checksum = json.loads(json.dumps(header))
+    sums = json.loads(no_checksum["__metadata__"]["crc32"])
+    del sums["logits.002"]
+    no_checksum["__metadata__"]["crc32"] = json.dumps(sums)
+    # Five bytes flipped in the data of logits.001 (the corruption a checksum exists for).
+    begin = 8 + n + header["logits.001"]["data_offsets"][0]
+    flipped = bytearray(data)
+    flipped[begin + 3: begin + 8] = bytes(b ^ 0x5A for b in flipped[begin + 3: begin + 8])
     cases = {
         "truncated": data[: len(data) - 10],
         "tiny": data[:5],
@@ -109,6 +125,8 @@ def corrupt_banks(folder, bank_path):
         "offsets_out_of_range": with_header(bad_offsets),
         "wrong_format": with_header(bad_format),
         "channels_mismatch": with_header(bad_shape),
+        "flipped_bytes": bytes(flipped),
+        "checksum_missing": with_header(no_checksum),
     }
     for name, blob in cases.items():
         with open(os.path.join(folder, f"bad_{name}.safetensors"), "wb") as f:

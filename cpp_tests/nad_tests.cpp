@@ -9,6 +9,8 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <torch/autograd.h>
 #include <torch/script.h>
@@ -16,6 +18,8 @@
 #include <nad/maskbank.h>
 #include <nad/nad.h>
 #include <nad/safetensors.h>
+
+#include "../csrc/ops/launch.h"
 
 namespace {
 
@@ -76,6 +80,10 @@ void task_gate_forward_backward(const Args& args) {
     const auto [gx, gl] = nad::task_gate_backward(grad_y, x.detach(), logits.detach(), ids);
     check_close(gx, fx.tensor(p + ".grad_x"), p + " task_gate_backward grad_x");
     check_close(gl, fx.tensor(p + ".grad_logits"), p + " task_gate_backward grad_logits");
+    // Without the input gradient: only the logits gradient is computed.
+    const auto [gx0, gl0] = nad::task_gate_backward(grad_y, x.detach(), logits.detach(), ids, false);
+    REQUIRE(gx0.numel() == 0, p << ": grad_x computed although x_grad is false");
+    check_close(gl0, fx.tensor(p + ".grad_logits"), p + " task_gate_backward(x_grad=false)");
   }
   const auto x = fx.tensor("conv.x"), logits = fx.tensor("conv.logits");
   const auto ids = fx.tensor("conv.task_ids");
@@ -90,6 +98,57 @@ void task_gate_forward_backward(const Args& args) {
   std::cout << "  nad " << nad::version() << ", CUDA kernels: " << nad::has_cuda_kernels() << "\n";
 }
 
+// The launch geometry of the CUDA kernels (csrc/ops/launch.h), checked on the CPU: grid-stride
+// loops cover every item exactly once whatever the cap, and the index arithmetic holds past the
+// limits the kernels used to have (grid.y = 65,535 samples, grid.z = 65,535 chunks of 256
+// positions, 2^32 rows).
+void launch_geometry(const Args&) {
+  using namespace nad::launch;
+  for (const int64_t items : {int64_t{1}, int64_t{7}, kMaxGridY, kMaxGridY + 1, int64_t{200003}}) {
+    for (const int64_t cap : {int64_t{1}, int64_t{3}, kMaxGridY, kMaxBlocks}) {
+      const int64_t blocks = blocks_for(items, 1, cap);
+      REQUIRE(blocks >= 1 && blocks <= cap && blocks <= items, "items " << items << " cap " << cap);
+      std::vector<int> seen(items, 0);
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t i = b; i < items; i += blocks) ++seen[i];
+      for (int64_t i = 0; i < items; ++i)
+        REQUIRE(seen[i] == 1, "item " << i << " of " << items << " seen " << seen[i] << " times");
+    }
+  }
+  REQUIRE(blocks_for(0, 256) == 1, "an empty launch still needs one block");
+  REQUIRE(blocks_for(int64_t{1} << 40, 256) == kMaxBlocks, "1-D grids are capped");
+
+  // Chunks of 256 positions partition a map past grid.z's old limit (65,535 chunks).
+  const int64_t S = 65535 * 256 + 1000, chunks = ceil_div(S, 256);
+  REQUIRE(chunks > kMaxGridY, "the map must need more chunks than grid.z had");
+  int64_t end = 0;
+  for (int64_t k = 0; k < chunks; ++k) {
+    const auto r = chunk_range(k, 256, S);
+    REQUIRE(r.begin == end && r.end > r.begin && r.end - r.begin <= 256, "chunk " << k);
+    end = r.end;
+  }
+  REQUIRE(end == S, "chunks end at " << end << ", not " << S);
+
+  // (sample, chunk) items, sample-major, for batches past grid.y's old limit and item counts
+  // past 2^32: split_item inverts item = sample * chunks + chunk.
+  const int64_t N = 70000;
+  for (const int64_t per : {int64_t{1}, int64_t{13}, chunks}) {
+    for (const int64_t item : {int64_t{0}, per - 1, per, N * per - 1, (int64_t{1} << 32) + 5}) {
+      const auto w = split_item(item, per);
+      REQUIRE(w.sample * per + w.chunk == item && w.chunk >= 0 && w.chunk < per,
+              "item " << item << " chunks " << per);
+    }
+  }
+  const auto last = split_item(N * chunks - 1, chunks);
+  REQUIRE(last.sample == N - 1 && last.chunk == chunks - 1, "last item of the batch");
+
+  // Lanes per (n, c) row: a power of two up to a warp below 256 positions, a block from 256.
+  const std::vector<std::pair<int64_t, int>> lanes = {{1, 1}, {2, 2}, {3, 4}, {16, 16}, {17, 32},
+                                                      {49, 32}, {255, 32}, {256, 256}, {3136, 256}};
+  for (const auto& [s, want] : lanes)
+    REQUIRE(lanes_per_row(s) == want, "S = " << s << ": " << lanes_per_row(s) << " lanes");
+}
+
 void maskbank_load(const Args& args) {
   const auto bank = nad::MaskBank::load(args[0] + "/bank.safetensors");
   const auto expected = nad::read_safetensors(args[0] + "/bank_expected.safetensors");
@@ -101,6 +160,7 @@ void maskbank_load(const Args& args) {
   REQUIRE((bank.task_classes() == std::vector<std::vector<int64_t>>{{0}, {1}, {2, 3}, {4}}),
         "task classes");
   REQUIRE(bank.epoch() == 7, bank.epoch());
+  REQUIRE(bank.verified(), "the bank's checksums were not verified");
   REQUIRE(bank.config_json().find("caf\\u00e9") != std::string::npos, bank.config_json());
   REQUIRE(bank.logits().size() == 3 && bank.logits()[1].sizes() == at::IntArrayRef({4, 6}),
         "logits shapes");
@@ -126,7 +186,23 @@ void maskbank_corrupt_files_refused(const Args& args) {
   expect_error(load("offsets_out_of_range"), {"logits.002", "out of range"}, "offsets");
   expect_error(load("wrong_format"), {"unsupported mask bank format", "maskbank/99"}, "format");
   expect_error(load("channels_mismatch"), {"logits.002", "shape (4, 5)"}, "channels");
+  expect_error(load("flipped_bytes"), {"bad_flipped_bytes", "\"logits.001\"", "fails its CRC-32 check"},
+               "flipped bytes");
+  expect_error(load("checksum_missing"), {"\"logits.002\"", "has no checksum"}, "checksum missing");
   expect_error(load("missing"), {"cannot open"}, "missing file");
+}
+
+// CRC-32 as zlib computes it (its check value), and a bank written before checksums existed.
+void maskbank_checksums(const Args& args) {
+  REQUIRE(nad::crc32("123456789", 9) == 0xCBF43926u, std::hex << nad::crc32("123456789", 9));
+  REQUIRE(nad::crc32("6789", 4, nad::crc32("12345", 5)) == 0xCBF43926u, "crc32 continuation");
+  const std::string odd = "12345678901234567";  // the 8-byte steps and the byte-wise tail
+  REQUIRE(nad::crc32(odd.data(), odd.size()) == 0x3FA43360u, std::hex << nad::crc32(odd.data(), odd.size()));
+  const auto old = nad::MaskBank::load(args[0] + "/old_bank.safetensors");
+  REQUIRE(!old.verified(), "a bank without checksums claims to be verified");
+  const auto bank = nad::MaskBank::load(args[0] + "/bank.safetensors");
+  for (size_t l = 0; l < bank.logits().size(); ++l)
+    REQUIRE(at::equal(old.logits()[l], bank.logits()[l]), "gate point " << l);
 }
 
 void maskbank_check_matches(const Args& args) {
@@ -222,9 +298,11 @@ void similarity_program_vs_python(const Args& args) {
 
 const std::map<std::string, void (*)(const Args&)> kCases = {
     {"task_gate_forward_backward", task_gate_forward_backward},
+    {"launch_geometry", launch_geometry},
     {"maskbank_load", maskbank_load},
     {"maskbank_corrupt_files_refused", maskbank_corrupt_files_refused},
     {"maskbank_check_matches", maskbank_check_matches},
+    {"maskbank_checksums", maskbank_checksums},
     {"mask_overlap_vs_numpy", mask_overlap_vs_numpy},
     {"similarity_program_vs_python", similarity_program_vs_python},
     {"torchscript_gated_model", torchscript_gated_model},

@@ -8,6 +8,10 @@ a folder (``results.json``, the similarity matrices as CSV, the hit-rate example
 
 Sub-architectures are always the *binary* ones: channel c of gate point l is open for task t
 when its logit is > 0, and the masked network multiplies closed channels by exactly 0.
+
+The analyses that run the network take ``map_units(fn, n) -> [fn(0), ..., fn(n - 1)]``: the
+units are the batches a single process runs, so a mapper that computes them on several
+processes (``nad_ext.distributed.Context.map_units``, under torchrun) gives the same results.
 """
 from __future__ import annotations
 
@@ -23,13 +27,32 @@ import torch.nn.functional as F
 
 from nad_ext.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, eval_transform, load_batch
 from nad_ext.gates import GatedModel
+from nad_ext import progress as nad_progress
 from nad_ext.maskbank import MaskBank, atomic_write
 from nad_ext.objective import describe_objective
 from nad_ext.ops.mask_overlap import mask_overlap
 
 CHANCE_HIT = 0.25
+
+
+def _sequential(fn, n: int) -> list:
+    return [fn(u) for u in range(n)]
 NON_SPATIAL_NOTE = ("gate point output is not spatial (no H x W, or 1 x 1 after a global pool): "
                     "its activation map carries no location, so it has no hit rate")
+ALL_CONSTANT_NOTE = "every activation map is constant here (channels closed): no hit rate"
+
+# The measures of masked_accuracy, named the same way on the console, in the report and in
+# results.json (keys own_class_accuracy, false_positive_rate, balanced_accuracy).
+OWN_CLASS_ACCURACY = "own-class accuracy"
+FALSE_POSITIVES = "false positives on other classes"
+BALANCED_ACCURACY = "balanced accuracy"
+MEASURES_MEANING = (f"{OWN_CLASS_ACCURACY}: share of the task's own images predicted as its class (high is good); "
+                    f"{FALSE_POSITIVES}: share of the other classes' images predicted as it too (low is good); "
+                    f"{BALANCED_ACCURACY}: (own-class accuracy + 1 - false positives) / 2, 50% for a "
+                    "sub-architecture that gives every image the same answer")
+# The open-channel ratio of a sub-architecture: open channels / all gated channels, i.e. the
+# per-gate-point ratios weighted by the gate points' channel counts.
+OPEN_CHANNELS = "open channels (weighted by channels)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,15 +197,27 @@ def activation_maps(activation: torch.Tensor, size: int) -> torch.Tensor | None:
     """Sum over channels, min-max normalised per sample, resized bicubic to (size, size).
 
     ``activation``: (N, C, H, W). Returns float (N, size, size), or None when the output is not
-    spatial ((N, C) or H x W = 1 x 1). A constant map normalises to zeros.
+    spatial ((N, C) or H x W = 1 x 1). A constant map (span at most 1e-6 of its magnitude)
+    normalises to zeros.
     """
+    maps = _normalised_maps(activation)
+    if maps is None:
+        return None
+    return F.interpolate(maps[0][:, None], size=(size, size), mode="bicubic", align_corners=False)[:, 0]
+
+
+def _normalised_maps(activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the channel sums min-max normalised per sample (N, H, W), which maps are constant (N,)),
+    or None when not spatial. Constant (span at most 1e-6 of the magnitude, e.g. every channel
+    closed) maps normalise to zeros."""
     if activation.dim() != 4 or activation.shape[-1] * activation.shape[-2] <= 1:
         return None
     maps = activation.float().sum(1)
-    low = maps.amin(dim=(1, 2), keepdim=True)
-    span = maps.amax(dim=(1, 2), keepdim=True) - low
-    maps = torch.where(span > 0, (maps - low) / span.clamp(min=1e-30), torch.zeros_like(maps))
-    return F.interpolate(maps[:, None], size=(size, size), mode="bicubic", align_corners=False)[:, 0]
+    low, high = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
+    span = high - low
+    varies = span > 1e-6 * torch.maximum(low.abs(), high.abs())
+    maps = torch.where(varies, (maps - low) / span.clamp(min=1e-30), torch.zeros_like(maps))
+    return maps, ~varies.flatten()
 
 
 def top_hits(maps: torch.Tensor, quadrant: torch.Tensor, top_fraction: float) -> torch.Tensor:
@@ -219,64 +254,81 @@ def _to_display(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def masked_accuracy(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size: int,
-                    batch_size: int = 64, device: str = "cpu", rejection_per_class: int | None = None) -> dict:
+                    batch_size: int = 64, device: str = "cpu", other_images_per_class: int | None = None,
+                    map_units=_sequential, progress: bool = False) -> dict:
     """Each task's binary sub-architecture against the original network, on validation images.
 
-    Predictions are the top-1 over all of the network's classes. For task t:
-    ``accuracy``: on the images of t's classes, the fraction predicted as one of t's classes
-    (for a one-class task: prediction == label); ``rejection``: on the other classes' images,
-    the fraction predicted as one of t's classes (low is good); ``original_*``: the same for
-    the original network on the same images. ``mean``: the means over tasks.
-    ``rejection_per_class``: use only the first n images of each other class for the rejection
-    (None: all; the cost is then T x the validation set).
+    Predictions are the top-1 over all of the network's classes. For task t (names as in
+    :data:`MEASURES_MEANING`): ``own_class_accuracy``: on the images of t's classes, the share
+    predicted as one of t's classes (one-class task: prediction == label);
+    ``false_positive_rate``: on the other classes' images, the share predicted as one of t's
+    classes (low is good); ``balanced_accuracy``: (own-class accuracy + 1 - false-positive
+    rate) / 2, 0.5 for a sub-architecture that calls every image (or no image) its own;
+    ``original_*``: the same for the original network on the same images. ``mean``: the means
+    over tasks. ``other_images_per_class``: use only the first n images of each other class
+    for the false positives (None: all; the cost is then T x the validation set).
     """
     _check_inputs(gated, bank, val_images, image_size)
-    if rejection_per_class is not None and (not isinstance(rejection_per_class, int) or rejection_per_class < 0):
-        raise ValueError(f"rejection_per_class must be None or an integer >= 0, got {rejection_per_class!r}")
+    if other_images_per_class is not None and (not isinstance(other_images_per_class, int)
+                                               or other_images_per_class < 0):
+        raise ValueError(f"other_images_per_class must be None or an integer >= 0, got {other_images_per_class!r}")
     gated.to(device)
     labels = torch.tensor(val_images.labels)
     T, N = len(bank.tasks), len(labels)
     in_task = torch.zeros(T, N, dtype=torch.bool)  # image i is of a class of task t
     for t, task in enumerate(bank.tasks):
         in_task[t] = torch.isin(labels, torch.tensor(task.classes))
-    sampled = torch.ones(N, dtype=torch.bool)  # images used for rejection
-    if rejection_per_class is not None:
+    sampled = torch.ones(N, dtype=torch.bool)  # images used for the false positives
+    if other_images_per_class is not None:
         sampled[:] = False
         for c in range(len(val_images.classes)):
-            sampled[val_images.indices_of_class(c)[:rejection_per_class]] = True
+            sampled[val_images.indices_of_class(c)[:other_images_per_class]] = True
     run = in_task | (~in_task & sampled)  # (task, image) pairs to evaluate
+    def unit(b):  # a batch of images: the original network, then each (task, image) pair of the batch
+        idx = torch.arange(b * batch_size, min((b + 1) * batch_size, N))
+        x = load_batch(val_images, idx.tolist(), image_size)[0].to(device)
+        logits = gated.original(x, record=False)[0]
+        tasks, local = run[:, idx].nonzero(as_tuple=True)
+        preds = [gated(x[local[lo: lo + batch_size].to(device)], tasks[lo: lo + batch_size].to(device),
+                       binary=True)[0].argmax(1).cpu() for lo in range(0, len(tasks), batch_size)]
+        bar.update(1)
+        return idx, logits.argmax(1).cpu(), logits.shape[1], tasks, idx[local], preds
+
     is_task_class = None  # (T, number of outputs): output o is a class of task t
     hit = torch.zeros(T, N, dtype=torch.bool)  # masked net of t predicts a class of t
     orig_pred = torch.empty(N, dtype=torch.int64)
-    for start in range(0, N, batch_size):
-        idx = torch.arange(start, min(start + batch_size, N))
-        x = load_batch(val_images, idx.tolist(), image_size)[0].to(device)
-        logits = gated.original(x, record=False)[0]
-        orig_pred[idx] = logits.argmax(1).cpu()
+    bar = nad_progress.bar(-(-N // batch_size), f"{bank.model_id}: {OWN_CLASS_ACCURACY} and {FALSE_POSITIVES}",
+                           unit="batch", enabled=progress)
+    for idx, pred, outputs, tasks, images, preds in map_units(unit, -(-N // batch_size)):
+        orig_pred[idx] = pred
         if is_task_class is None:
-            is_task_class = torch.zeros(T, logits.shape[1], dtype=torch.bool)
+            is_task_class = torch.zeros(T, outputs, dtype=torch.bool)
             for t, task in enumerate(bank.tasks):
-                is_task_class[t, [c for c in task.classes if c < logits.shape[1]]] = True
-        tasks, local = run[:, idx].nonzero(as_tuple=True)
-        for lo in range(0, len(tasks), batch_size):
-            t, j = tasks[lo: lo + batch_size], local[lo: lo + batch_size]
-            pred = gated(x[j.to(device)], t.to(device), binary=True)[0].argmax(1).cpu()
-            hit[t, idx[j]] = is_task_class[t, pred]
+                is_task_class[t, [c for c in task.classes if c < outputs]] = True
+        if preds:
+            hit[tasks, images] = is_task_class[tasks, torch.cat(preds)]
+    bar.close()
     orig_hit = is_task_class[:, orig_pred]
     rows = []
     for t, task in enumerate(bank.tasks):
         own, other = in_task[t], ~in_task[t] & sampled
         rate = lambda h, m: float(h[m].float().mean()) if m.any() else float("nan")  # noqa: E731
-        rows.append({"task": task.name, "classes": list(task.classes),
-                     "images": int(own.sum()), "other_images": int(other.sum()),
-                     "accuracy": rate(hit[t], own), "original_accuracy": rate(orig_hit[t], own),
-                     "rejection": rate(hit[t], other), "original_rejection": rate(orig_hit[t], other)})
-    keys = ("accuracy", "original_accuracy", "rejection", "original_rejection")
+        row = {"task": task.name, "classes": list(task.classes), "images": int(own.sum()),
+               "other_images": int(other.sum())}
+        for prefix, h in (("", hit[t]), ("original_", orig_hit[t])):
+            row.update(_measures(rate(h, own), rate(h, other), prefix))
+        rows.append(row)
+    keys = [k for k in rows[0] if k.endswith(("accuracy", "rate"))]
     mean = {k: float(np.nanmean([r[k] for r in rows])) if any(not math.isnan(r[k]) for r in rows)
             else float("nan") for k in keys}
-    return {"tasks": rows, "mean": mean, "rejection_per_class": rejection_per_class,
-            "definition": "top-1 over all classes; accuracy: predicted class is one of the task's "
-                          "classes on its own images; rejection: same, on the other classes' images"}
+    return {"tasks": rows, "mean": mean, "other_images_per_class": other_images_per_class,
+            "definition": "top-1 over all classes; " + MEASURES_MEANING}
+
+
+def _measures(own_class_accuracy: float, false_positive_rate: float, prefix: str = "") -> dict:
+    return {f"{prefix}own_class_accuracy": own_class_accuracy,
+            f"{prefix}false_positive_rate": false_positive_rate,
+            f"{prefix}balanced_accuracy": (own_class_accuracy + 1.0 - false_positive_rate) / 2.0}
 
 
 def _draw_mosaics(val_images: ImageSet, classes: list[int], num_mosaics: int, seed: int):
@@ -288,49 +340,72 @@ def _draw_mosaics(val_images: ImageSet, classes: list[int], num_mosaics: int, se
     return picked, images
 
 
-def _mosaic_hits(gated, mosaics, tasks, top_fraction, device, batch_size, keep_examples=0):
-    """Runs each mosaic with its four classes' tasks; returns hits (L, M, 4) (NaN where not
-    spatial) and the maps of the first ``keep_examples`` mosaics ({m: (4, L) list of maps})."""
-    M, L = mosaics.shape[0], len(gated.gate_points)
-    hits = torch.full((L, M, 4), float("nan"), dtype=torch.float64)
-    kept = {}
+def _mosaic_hits(gated, mosaic, tasks, top_fraction, device, batch_size, keep_examples=0, map_units=_sequential,
+                 bar=None):
+    """Runs each mosaic (``mosaic(m)``: mosaic m, (3, S, S)) with its four classes' tasks
+    (``tasks``: (M, 4)); returns hits (L, M, 4) (NaN where not spatial), which maps are constant
+    (L, M, 4) and the maps of the first ``keep_examples`` mosaics ({m: {layer: (4, S, S) maps}})."""
+    M, L = tasks.shape[0], len(gated.gate_points)
     per_batch = max(1, batch_size // 4)
     quadrants = torch.arange(4).repeat(per_batch)
-    for start in range(0, M, per_batch):
-        stop = min(start + per_batch, M)
+
+    def unit(b):  # a batch of mosaics, each with its four tasks
+        start, stop = b * per_batch, min((b + 1) * per_batch, M)
         n = stop - start
-        x = mosaics[start:stop].to(device).repeat_interleave(4, dim=0)
+        x = torch.stack([mosaic(m) for m in range(start, stop)]).to(device).repeat_interleave(4, dim=0)
         ids = tasks[start:stop].reshape(-1).to(device)
         _, acts = gated(x, ids, binary=True, record=True)
+        hits, kept = torch.full((L, n, 4), float("nan"), dtype=torch.float64), {}
+        constant = torch.zeros((L, n, 4), dtype=torch.bool)
         for layer, act in enumerate(acts):
-            maps = activation_maps(act, x.shape[-1])
-            if maps is None:
+            normalised = _normalised_maps(act)
+            if normalised is None:
                 continue
-            hits[layer, start:stop] = top_hits(maps, quadrants[: 4 * n].to(device), top_fraction).cpu().view(n, 4)
+            maps = F.interpolate(normalised[0][:, None], size=x.shape[-2:], mode="bicubic", align_corners=False)[:, 0]
+            constant[layer] = normalised[1].cpu().view(n, 4)
+            hits[layer] = top_hits(maps, quadrants[: 4 * n].to(device), top_fraction).cpu().view(n, 4)
             for m in range(start, min(stop, keep_examples)):
                 kept.setdefault(m, {})[layer] = maps[4 * (m - start): 4 * (m - start) + 4].cpu()
-    return hits, kept
+        if bar is not None:
+            bar.update(1)
+        return hits, constant, kept
+
+    parts = map_units(unit, -(-M // per_batch))
+    kept = {m: maps for _, _, part in parts for m, maps in part.items()}
+    return torch.cat([h for h, _, _ in parts], dim=1), torch.cat([c for _, c, _ in parts], dim=1), kept
+
+
+def _constant_reason(open_counts: torch.Tensor, task: int, layer: int, names: list[str]) -> str:
+    """Why task ``task``'s activation map at gate point ``layer`` is constant."""
+    if open_counts[layer][task] == 0:
+        return "all channels closed"
+    closed = [k for k in range(layer) if open_counts[k][task] == 0]
+    return f"all channels closed at {names[closed[-1]]}" if closed else "constant map"
 
 
 @torch.no_grad()
 def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size: int,
              num_mosaics: int = 100, top_fraction: float = 0.10, seed: int = 0, null_samples: int = 1,
              device: str = "cpu", batch_size: int = 64, num_examples: int = 2,
-             example_size: int = 64) -> dict:
+             example_size: int = 64, map_units=_sequential, progress: bool = False) -> dict:
     """The 2x2 mosaic hit rate per gate point (METHOD.md, analysis 2), with a null baseline.
 
     Each mosaic holds four eval-transformed validation images of four different random classes
     (side 2 * image_size). For each of its classes and each gate point, the mosaic runs through
     that class's binary sub-architecture (its one-class task); the activation map (see
     :func:`activation_maps`) is resized to the mosaic and the hit is the fraction of its top
-    ``top_fraction`` pixels inside the class's quadrant (:func:`top_hits`). ``mean``/``std``
-    are over all (mosaic, class) pairs; chance is 0.25. The null baseline repeats this with
-    random sub-architectures that keep each task's open-channel count per gate point (its
-    logits permuted within each layer; ``null_samples`` independent permutations per task).
-    Non-spatial gate points get None and a note. Deterministic given ``seed``.
+    ``top_fraction`` pixels inside the class's quadrant (:func:`top_hits`). A constant map
+    (typically: every channel of the task closed there or before) has no top pixels: such
+    (mosaic, class) pairs are counted in ``constant_pairs`` and left out of ``mean``/``std``,
+    which are over the other pairs (None where every map is constant, with a note); chance is
+    0.25. The null baseline repeats this with random sub-architectures that keep each task's
+    open-channel count per gate point (its logits permuted within each layer; ``null_samples``
+    independent permutations per task). Non-spatial gate points get None and a note.
+    Deterministic given ``seed``.
 
     ``examples``: the first ``num_examples`` mosaics (uint8 (S, S, 3)) with, for each of their
-    four classes, the per-gate-point maps at ``example_size`` pixels (None where not spatial).
+    four classes, the per-gate-point maps at ``example_size`` pixels (None where not spatial)
+    and ``constant`` (None, or why the map is constant: "all channels closed", ...).
     """
     _check_inputs(gated, bank, val_images, image_size)
     _check_mosaic_args(num_mosaics, top_fraction, null_samples)
@@ -338,15 +413,29 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
     usable = _mosaic_classes(bank, val_images)
     picked, image_idx = _draw_mosaics(val_images, list(usable), num_mosaics, seed)
     s = image_size
-    mosaics = torch.empty(num_mosaics, 3, 2 * s, 2 * s)
-    for m in range(num_mosaics):
-        tiles = [eval_transform(val_images.load(int(i)), s) for i in image_idx[m]]
-        mosaics[m] = torch.cat([torch.cat(tiles[:2], 2), torch.cat(tiles[2:], 2)], 1)
+
+    built = {}  # the mosaics this process has used (all of them, in a single process)
+    chunk = max(1, batch_size // 4)  # the mosaics of one batch of _mosaic_hits, loaded together
+
+    def mosaic(m):
+        if m not in built:
+            first = m - m % chunk
+            ms = list(range(first, min(first + chunk, num_mosaics)))
+            # Tiles (n, 2 rows, 2 columns, 3, s, s) -> mosaics (n, 3, 2s, 2s).
+            tiles = load_batch(val_images, image_idx[ms].reshape(-1).tolist(), s)[0].cpu()
+            grid = tiles.view(len(ms), 2, 2, 3, s, s).permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, 2 * s, 2 * s)
+            built.update(zip(ms, grid))
+        return built[m]
     tasks = torch.tensor([[usable[int(c)] for c in row] for row in picked], dtype=torch.int64)
     keep = min(num_examples, num_mosaics)
+    per_batch = max(1, batch_size // 4)
+    bar = nad_progress.bar((1 + null_samples) * -(-num_mosaics // per_batch),
+                           f"{bank.model_id}: hit rate ({num_mosaics} mosaics, {null_samples} null)",
+                           unit="batch", enabled=progress)
     try:
-        hits, kept = _mosaic_hits(gated, mosaics, tasks, top_fraction, device, batch_size, keep)
-        null = []
+        hits, constant, kept = _mosaic_hits(gated, mosaic, tasks, top_fraction, device, batch_size, keep, map_units,
+                                            bar)
+        null, null_constant = [], []
         for sample in range(null_samples):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (sample + 1))
             shuffled = []
@@ -354,29 +443,45 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
                 perms = torch.stack([torch.randperm(m.shape[1], generator=gen) for _ in range(m.shape[0])])
                 shuffled.append(torch.gather(m, 1, perms))
             gated.set_logits(shuffled)
-            null.append(_mosaic_hits(gated, mosaics, tasks, top_fraction, device, batch_size)[0])
+            h, c, _ = _mosaic_hits(gated, mosaic, tasks, top_fraction, device, batch_size, 0, map_units, bar)
+            null.append(h)
+            null_constant.append(c)
     finally:
         bank.apply_to(gated)
-    spatial = [bool(not torch.isnan(hits[layer]).all()) for layer in range(hits.shape[0])]
-    summary = lambda h, l: (float(h[l].mean()), float(h[l].std(unbiased=False))) if spatial[l] else (None, None)  # noqa: E731
-    null_all = torch.cat(null, dim=1) if null else None
+        bar.close()
     names = [p.name for p in bank.gate_points]
+    spatial = [bool(not torch.isnan(hits[layer]).all()) for layer in range(hits.shape[0])]
+
+    def summary(h, flat, layer):
+        kept_hits = h[layer][~flat[layer]]
+        if not spatial[layer] or kept_hits.numel() == 0:
+            return None, None
+        return float(kept_hits.mean()), float(kept_hits.std(unbiased=False))
+
+    null_all = torch.cat(null, dim=1) if null else None
+    null_flat = torch.cat(null_constant, dim=1) if null else None
+    count = lambda flat, layer: int(flat[layer].sum()) if spatial[layer] else None  # noqa: E731
     result = {
         "gate_points": names,
         "relative_depth": relative_depth(len(names)),
         "spatial": spatial,
-        "mean": [summary(hits, l)[0] for l in range(len(names))],
-        "std": [summary(hits, l)[1] for l in range(len(names))],
-        "null_mean": [summary(null_all, l)[0] if null else None for l in range(len(names))],
-        "null_std": [summary(null_all, l)[1] if null else None for l in range(len(names))],
+        "mean": [summary(hits, constant, l)[0] for l in range(len(names))],
+        "std": [summary(hits, constant, l)[1] for l in range(len(names))],
+        "constant_pairs": [count(constant, l) for l in range(len(names))],
+        "null_mean": [summary(null_all, null_flat, l)[0] if null else None for l in range(len(names))],
+        "null_std": [summary(null_all, null_flat, l)[1] if null else None for l in range(len(names))],
+        "null_constant_pairs": [count(null_flat, l) if null else None for l in range(len(names))],
         "chance": CHANCE_HIT,
         "num_mosaics": num_mosaics, "top_fraction": float(top_fraction), "seed": seed,
         "null_samples": null_samples, "pairs": 4 * num_mosaics,
         "notes": {n: NON_SPATIAL_NOTE for n, sp in zip(names, spatial) if not sp},
         "examples": [],
     }
+    result["notes"].update({n: ALL_CONSTANT_NOTE for l, n in enumerate(names)
+                            if spatial[l] and bool(constant[l].all())})
+    open_counts = [(logits > 0).sum(1).tolist() for logits in bank.logits]
     for m in range(keep):
-        view = F.interpolate(mosaics[m: m + 1], size=(example_size, example_size), mode="bilinear",
+        view = F.interpolate(mosaic(m)[None], size=(example_size, example_size), mode="bilinear",
                              antialias=True, align_corners=False)[0]
         maps = []
         for q in range(4):
@@ -391,6 +496,9 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
             "classes": [val_images.classes[int(c)] for c in picked[m]],
             "class_indices": [int(c) for c in picked[m]],
             "hits": [[None if math.isnan(v) else float(v) for v in hits[:, m, q].tolist()] for q in range(4)],
+            "constant": [[_constant_reason(open_counts, int(tasks[m, q]), layer, names)
+                          if bool(constant[layer, m, q]) else None for layer in range(len(names))]
+                         for q in range(4)],
             "mosaic": _to_display(view), "maps": maps,
         })
     return result
@@ -398,7 +506,8 @@ def hit_rate(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size
 
 @torch.no_grad()
 def confusion_vs_similarity(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size: int,
-                            k: int = 3, device: str = "cpu", batch_size: int = 64) -> dict:
+                            k: int = 3, device: str = "cpu", batch_size: int = 64, map_units=_sequential,
+                            progress: bool = False) -> dict:
     """Are classes confused with the classes whose sub-architectures resemble theirs?
 
     For each class: its k most similar sub-architectures (mean IoU, itself excluded) and the
@@ -422,10 +531,16 @@ def confusion_vs_similarity(gated: GatedModel, bank: MaskBank, val_images: Image
     probs = torch.zeros(C, C, dtype=torch.float64)
     counts = np.zeros(C, dtype=np.int64)
     wrong = []  # (true, predicted)
-    for start in range(0, len(val_images), batch_size):
-        idx = list(range(start, min(start + batch_size, len(val_images))))
-        x, y = load_batch(val_images, idx, image_size)
+    bar = nad_progress.bar(-(-len(val_images) // batch_size), f"{bank.model_id}: confusion versus similarity",
+                           unit="batch", enabled=progress)
+
+    def unit(b):
+        x, y = load_batch(val_images, list(range(b * batch_size, min((b + 1) * batch_size, len(val_images)))),
+                          image_size)
         logits = gated.original(x.to(device), record=False)[0].cpu().double()
+        bar.update(1)
+        return y, logits
+    for y, logits in map_units(unit, -(-len(val_images) // batch_size)):
         if logits.shape[1] < C:
             raise ValueError(f"the network has {logits.shape[1]} outputs but {val_images.name} has {C} classes")
         p = logits.softmax(1)[:, :C]
@@ -433,6 +548,8 @@ def confusion_vs_similarity(gated: GatedModel, bank: MaskBank, val_images: Image
         counts += np.bincount(y.numpy(), minlength=C)
         pred = logits.argmax(1)
         wrong += [(int(a), int(b)) for a, b in zip(y, pred) if a != b]
+        bar.update(1)
+    bar.close()
     rows = []
     for c in range(C):
         others = [j for j in range(C) if j != c]
@@ -534,15 +651,18 @@ def _matrix_csv(matrix: np.ndarray, names: Sequence[str]) -> str:
 def run_all(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size: int, out_dir: str | Path,
             *, num_mosaics: int = 100, top_fraction: float = 0.10, seed: int = 0, null_samples: int = 1,
             k: int = 3, batch_size: int = 64, device: str = "cpu", num_examples: int = 2,
-            rejection_per_class: int | None = None) -> dict:
-    """Runs analyses 1-5 and writes them to ``out_dir``.
+            other_images_per_class: int | None = None, map_units=_sequential, write: bool = True,
+            progress: bool = False) -> dict:
+    """Runs analyses 1-5 and writes them to ``out_dir`` (unless ``write`` is False: the other
+    processes of a distributed run).
 
     Files: ``results.json`` (everything but the example arrays), ``similarity_iou.csv``,
     ``similarity_iomin.csv`` (task x task, in bank order) and ``hit_rate_examples.npz``
     (the example mosaics and maps). The returned dict holds all results, arrays included; the
     confusion analysis is ``{"skipped": reason}`` when the bank is not one task per class.
     The keyword arguments go to the analyses of the same names (``num_mosaics`` and
-    ``rejection_per_class`` set most of the cost).
+    ``other_images_per_class`` set most of the cost); ``map_units`` shares the work (see the
+    module's docstring); ``progress``: a progress bar per analysis.
     """
     _check_inputs(gated, bank, val_images, image_size)
     _check_mosaic_args(num_mosaics, top_fraction, null_samples)
@@ -557,12 +677,14 @@ def run_all(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size:
         "similarity": {"iou": iou, "iomin": iomin, "order": cluster_order(iou)},
         "layerwise_similarity": layerwise_similarity(bank),
         "masked_accuracy": masked_accuracy(gated, bank, val_images, image_size, batch_size, device,
-                                           rejection_per_class),
+                                           other_images_per_class, map_units, progress),
         "hit_rate": hit_rate(gated, bank, val_images, image_size, num_mosaics, top_fraction, seed,
-                             null_samples, device, batch_size, num_examples),
+                             null_samples, device, batch_size, num_examples, map_units=map_units,
+                             progress=progress),
     }
     try:
-        results["confusion"] = confusion_vs_similarity(gated, bank, val_images, image_size, k, device, batch_size)
+        results["confusion"] = confusion_vs_similarity(gated, bank, val_images, image_size, k, device, batch_size,
+                                                       map_units, progress)
     except ValueError as err:
         results["confusion"] = {"skipped": str(err)}
     examples = results["hit_rate"]["examples"]
@@ -574,6 +696,8 @@ def run_all(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size:
                     arrays[f"example{e}_class{q}_layer{layer:03d}"] = m
     stripped = dict(results, hit_rate=dict(results["hit_rate"], examples=[
         {key: v for key, v in ex.items() if key not in ("mosaic", "maps")} for ex in examples]))
+    if not write:
+        return results
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_text(out_dir / "results.json", json.dumps(_jsonable(stripped), indent=1))
     _write_text(out_dir / "similarity_iou.csv", _matrix_csv(iou, bank.task_names))
@@ -592,6 +716,7 @@ def load_results(out_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `nad analyze ... --out {out_dir}` first")
     results = json.loads(path.read_text())
+    _rename_old_measures(results.get("masked_accuracy") or {})
     npz = out_dir / "hit_rate_examples.npz"
     if npz.is_file():
         arrays = np.load(npz)
@@ -602,3 +727,13 @@ def load_results(out_dir: str | Path) -> dict:
                 ex["maps"] = [[arrays.get(f"example{e}_class{q}_layer{layer:03d}") for layer in range(num_layers)]
                               for q in range(4)]
     return results
+
+
+def _rename_old_measures(acc: dict) -> None:
+    """Results written before the measures were renamed (accuracy, rejection) get today's keys."""
+    for row in acc.get("tasks", []) + [acc.get("mean", {})]:
+        for prefix in ("", "original_"):
+            if f"{prefix}accuracy" in row and f"{prefix}rejection" in row:
+                own, fp = row.pop(f"{prefix}accuracy"), row.pop(f"{prefix}rejection")
+                nan = float("nan")
+                row.update(_measures(nan if own is None else own, nan if fp is None else fp, prefix))

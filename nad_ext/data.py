@@ -25,7 +25,9 @@ class ImageSet:
 
     Images live either in memory (``images``: uint8 (N, 3, H, W)) or on disk (``paths``: read
     lazily by :meth:`load`). ``name`` identifies the collection (e.g. the generator's settings or
-    the folder path); caches use it to tell data sets apart.
+    the folder path); caches use it to tell data sets apart. ``batch_loader``, None by default,
+    is where an input pipeline (:func:`nad_ext.pipeline.with_loader`) takes over
+    :func:`load_batch`.
     """
 
     def __init__(self, classes: list[str], labels: list[int], name: str, *,
@@ -40,6 +42,17 @@ class ImageSet:
         self.name = name
         self._images = images
         self._paths = paths
+        self.batch_loader = None
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        """The images as uint8 (N, 3, H, W) when they live in memory, else None."""
+        return self._images
+
+    @property
+    def paths(self) -> list[Path] | None:
+        """The image files when the images live on disk, else None."""
+        return self._paths
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -259,17 +272,28 @@ def random_resized_crop_params(height: int, width: int, scale: tuple[float, floa
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+TRAIN_SCALE = (0.08, 1.25)
+
+
+def train_crop_params(height: int, width: int, generator: torch.Generator,
+                      scale: tuple[float, float] = TRAIN_SCALE) -> tuple[int, int, int, int, bool]:
+    """The random draws of :func:`train_transform` for an image of ``height`` x ``width``:
+    (top, left, height, width) of the RandomResizedCrop box, then whether to flip. Every input
+    pipeline takes its draws from here, in this order, so that all of them crop the same regions."""
+    top, left, h, w = random_resized_crop_params(height, width, scale, (3.0 / 4.0, 4.0 / 3.0), generator)
+    return top, left, h, w, torch.rand(1, generator=generator).item() < 0.5
+
+
 def train_transform(image: torch.Tensor, size: int, generator: torch.Generator,
-                    scale: tuple[float, float] = (0.08, 1.25)) -> torch.Tensor:
+                    scale: tuple[float, float] = TRAIN_SCALE) -> torch.Tensor:
     """The paper's training augmentation: RandomResizedCrop(size, scale, ratio=(3/4, 4/3)), random
     horizontal flip (p=0.5), ImageNet normalisation. All randomness comes from ``generator``.
 
     ``image``: uint8 (3, H, W); returns float32 (3, size, size).
     """
-    top, left, h, w = random_resized_crop_params(image.shape[-2], image.shape[-1], scale,
-                                                 (3.0 / 4.0, 4.0 / 3.0), generator)
+    top, left, h, w, flip = train_crop_params(image.shape[-2], image.shape[-1], generator, scale)
     out = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
-    if torch.rand(1, generator=generator).item() < 0.5:
+    if flip:
         out = TF.horizontal_flip(out)
     return _normalise(out)
 
@@ -285,7 +309,11 @@ def load_batch(images: ImageSet, indices: list[int], size: int,
     """Images ``indices`` of ``images`` as float32 (N, 3, size, size) and their int64 labels.
 
     With a ``generator`` each image gets :func:`train_transform`, otherwise :func:`eval_transform`.
+    An input pipeline attached to ``images`` (``images.batch_loader``) makes the batch instead:
+    ``x`` is then on that pipeline's device.
     """
+    if images.batch_loader is not None:
+        return images.batch_loader(images, indices, size, generator)
     if generator is None:
         batch = [eval_transform(images.load(i), size) for i in indices]
     else:

@@ -12,8 +12,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from nad_ext import analysis, data, models, report
 from nad_ext.maskbank import atomic_write
 from nad_ext.objective import SELECTIVE_DEFAULTS, describe_objective
@@ -60,10 +58,10 @@ def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, 
         gated = build_gated_model(model, [p.name for p in bank.gate_points], len(bank.tasks),
                                   spec.input_size, model_id=name, device=device)
         results[name] = analysis.run_all(gated, bank, val, spec.input_size, out_dir / name,
-                                         num_mosaics=num_mosaics, device=str(device))
+                                         num_mosaics=num_mosaics, device=str(device), progress=progress)
         results[name]["connection"] = spec.connection
         summary[name] = _summarise(name, spec.connection, accuracy, bank, results[name])
-        _print_summary(summary[name])
+        _print_summary(summary[name], explain=len(summary) == 1)
     report_path = report.write_report(results, out_dir / "report.html", metadata={
         "data": f"{train.name} ({len(train)} train / {len(val)} val images, {len(train.classes)} classes)",
         "objective": describe_objective(objective), "nad epochs": epochs, "mosaics": num_mosaics, "device": str(device),
@@ -78,33 +76,59 @@ def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, 
 
 
 def _summarise(name, connection, accuracy, bank, result) -> dict:
-    masked = result["masked_accuracy"]
+    masked, stats = result["masked_accuracy"], result["stats"]
+    measures = [k for k in masked["mean"]]
     return {
         "connection": connection,
         "objective": describe_objective(bank.config),
         "validation_accuracy": accuracy,
         "gate_points": [p.name for p in bank.gate_points],
-        "open_ratio_per_gate_point": bank.open_ratio().mean(dim=0).tolist(),
-        "masked_accuracy_per_task": [
-            {"task": row["task"], "original": row["original_accuracy"], "masked": row["accuracy"],
-             "masked_rejection": row["rejection"]}
-            for row in masked["tasks"]
-        ],
-        "mean_masked_accuracy": masked["mean"]["accuracy"],
-        "mean_original_accuracy": masked["mean"]["original_accuracy"],
-        "mean_masked_rejection": masked["mean"]["rejection"],
-        "mean_original_rejection": masked["mean"]["original_rejection"],
+        "channels": stats["channels"],
+        "open_channels_weighted": stats["overall"],
+        "open_ratio_per_gate_point": stats["per_gate_point"]["mean"],
+        "per_task": [{"task": row["task"], **{k: row[k] for k in measures}} for row in masked["tasks"]],
+        "mean_over_tasks": dict(masked["mean"]),
         "mean_hit_rate_per_gate_point": result["hit_rate"]["mean"],
     }
 
 
-def _print_summary(s: dict) -> None:
+def _print_summary(s: dict, explain: bool = False) -> None:
+    """The network's block of the console summary; ``explain`` adds what the measures mean."""
+    tasks = len(s["per_task"])
+    print(f"  {analysis.OPEN_CHANNELS}: {s['open_channels_weighted']:.1%} of {sum(s['channels'])} "
+          f"(mean over {tasks} tasks)")
     ratios = " ".join(f"{r:.2f}" for r in s["open_ratio_per_gate_point"])
     print(f"  open-channel ratio per gate point: {ratios}")
-    print(f"  own-class accuracy, original network {s['mean_original_accuracy']:.1%} -> "
-          f"binary sub-architectures {s['mean_masked_accuracy']:.1%} (mean over tasks)")
-    print(f"  predicted as the task's class on other classes' images: original "
-          f"{s['mean_original_rejection']:.1%} -> sub-architectures {s['mean_masked_rejection']:.1%}")
-    worst = min(s["masked_accuracy_per_task"], key=lambda t: t["masked"])
-    print(f"  weakest task: {worst['task']} {worst['original']:.1%} -> {worst['masked']:.1%}; "
-          f"open channels {np.mean(s['open_ratio_per_gate_point']):.0%} on average")
+    names = (analysis.OWN_CLASS_ACCURACY, analysis.FALSE_POSITIVES, analysis.BALANCED_ACCURACY)
+    keys = ("own_class_accuracy", "false_positive_rate", "balanced_accuracy")
+    widths = [max(len(n), 6) for n in names]
+    print(f"  binary sub-architectures against the original network, mean over {tasks} tasks:")
+    print("    " + " " * 18 + "   ".join(n.rjust(w) for n, w in zip(names, widths)))
+    mean = s["mean_over_tasks"]
+    for label, prefix in (("original network", "original_"), ("sub-architectures", "")):
+        print(f"    {label:18s}" + "   ".join(_percent(mean[prefix + k]).rjust(w) for k, w in zip(keys, widths)))
+    if explain:
+        print(f"    ({analysis.MEASURES_MEANING})")
+    print(f"  {_weakest_task(s['per_task'])}")
+
+
+def _percent(value) -> str:
+    return "-" if value is None or value != value else f"{value:.1%}"
+
+
+def _weakest_task(rows: list[dict]) -> str:
+    """The task with the lowest balanced accuracy of its sub-architecture; ties go to the task
+    the original network handles worst, and a full tie is said as such."""
+    key = lambda r: (r["balanced_accuracy"], r["original_balanced_accuracy"])  # noqa: E731
+    worst = min(rows, key=key)
+    balanced = f"{analysis.BALANCED_ACCURACY} {_percent(worst['balanced_accuracy'])}"
+    original = f"original network {_percent(worst['original_balanced_accuracy'])}"
+    if len(rows) > 1 and all(key(r) == key(worst) for r in rows):
+        return f"all {len(rows)} tasks tie: {balanced} ({original})"
+    detail = (f"{analysis.OWN_CLASS_ACCURACY} {_percent(worst['own_class_accuracy'])}, "
+              f"{analysis.FALSE_POSITIVES} {_percent(worst['false_positive_rate'])}")
+    tied = sum(r["balanced_accuracy"] == worst["balanced_accuracy"] for r in rows)
+    if tied > 1:
+        return (f"weakest task: {worst['task']} ({tied} tasks tie at {balanced}, so the tie goes to the original "
+                f"network's weakest: {_percent(worst['original_balanced_accuracy'])}); {detail}")
+    return f"weakest task: {worst['task']}: {balanced} ({original}); {detail}"

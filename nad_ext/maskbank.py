@@ -1,23 +1,24 @@
 """Mask banks: all tasks' gate logits with their metadata, in one safetensors file.
 
 The format (``nad-ext.maskbank/1``) is specified in docs/DESIGN.md; it is read by the C++
-side too. Files are written atomically (a temporary file in the same folder, then a rename),
-so an interrupted run never leaves a half-written bank.
+side too. Files are written atomically (:func:`nad_ext.storage.atomic_write`), so an interrupted
+run never leaves a half-written bank, and carry a CRC-32 checksum of every tensor, verified on
+load (a bank written before checksums existed loads with a note).
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from nad_ext.gates import GatedModel, GatePoint
+from nad_ext.storage import CorruptFileError, atomic_write, load_safetensors, save_safetensors
+
+__all__ = ["FORMAT", "MaskBank", "Task", "atomic_write"]
 
 FORMAT = "nad-ext.maskbank/1"
 
@@ -28,20 +29,6 @@ class Task:
 
     name: str
     classes: tuple[int, ...]
-
-
-def atomic_write(path: Path, write) -> None:
-    """Calls ``write(tmp_path)`` then renames the temporary file over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass
@@ -144,7 +131,7 @@ class MaskBank:
             "config": json.dumps(self.config, sort_keys=True),
             "epoch": str(self.epoch),
         }
-        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        save_safetensors(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "MaskBank":
@@ -153,15 +140,16 @@ class MaskBank:
         if not path.is_file():
             raise FileNotFoundError(f"mask bank {path} does not exist")
         try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"mask bank {path} is corrupted or not a safetensors file: {err}") from err
+            tensors, meta, verified = load_safetensors(path, "mask bank", _describe_tensor)
+        except CorruptFileError as err:
+            raise ValueError(str(err)) from err
+        except OSError as err:
+            raise ValueError(f"mask bank {path} cannot be read: {err}") from err
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a nad-ext mask bank (format {meta.get('format')!r}, expected {FORMAT!r})")
+        if not verified:
+            warnings.warn(f"mask bank {path} has no checksums (written by an earlier nad-ext): "
+                          "loaded without verifying its tensors", stacklevel=2)
         try:
             names = json.loads(meta["gate_points"])
             channels = json.loads(meta["channels"])
@@ -180,3 +168,11 @@ class MaskBank:
             )
         except (KeyError, ValueError, TypeError) as err:
             raise ValueError(f"mask bank {path} is corrupted: {type(err).__name__}: {err}") from err
+
+
+def _describe_tensor(name: str, meta: dict) -> str:
+    """" (gate point 'features.3')" for tensor logits.001 of a bank, for error messages."""
+    try:
+        return f" (gate point {json.loads(meta['gate_points'])[int(name.split('.')[1])]!r})"
+    except (KeyError, ValueError, IndexError, TypeError):
+        return ""

@@ -4,14 +4,15 @@ A :class:`ModelSpec` is data: how to build the (untrained) network, which module
 points, the paper's sparsity weight beta and the input size. :func:`load_model` builds a
 registry model and loads a weights file (torch state dict or safetensors). The zoo holds one
 small network per connection type (plain, residual, dense, NAS) for 64x64 generated images;
-:func:`load_zoo` trains them on first use and caches the weights as safetensors.
+:func:`load_zoo` trains them on first use and caches the weights as safetensors, with a
+checksum per tensor (:mod:`nad_ext.storage`).
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,9 @@ from torchvision.models.resnet import BasicBlock
 from tqdm.auto import tqdm
 
 from nad_ext import darts
+from nad_ext import progress as nad_progress
 from nad_ext.data import ImageSet, eval_transform, train_transform
+from nad_ext.storage import CorruptFileError, load_safetensors, save_safetensors
 
 
 @dataclass(frozen=True)
@@ -208,20 +211,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    invalid = f"weights file {path} is not a valid state dict"
+    kind = "safetensors file" if path.suffix == ".safetensors" else "file written by torch.save"
+    # PyTorch's message for a refused pickle advises weights_only=False, i.e. running the file's
+    # code: it is not passed on (``from None``); weights files are only ever read as tensors.
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
+            state = load_safetensors(path, "weights file")[0]  # checked against its checksums, if any
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except CorruptFileError as err:  # a safetensors file whose checksums do not match: say which tensor
+        raise ValueError(f"{invalid}: {err}") from None
     except Exception as err:
-        raise ValueError(f"cannot read weights file {path}: {err}") from err
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            raise ValueError(f"{invalid}: it holds Python objects, not only tensors (a whole pickled model?); "
+                             "save model.state_dict() instead") from None
+        raise ValueError(f"{invalid}: the file is damaged or not a {kind}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path} does not hold a state dict of tensors")
+        raise ValueError(f"{invalid}: it holds something other than a dict of tensors")
     # DataParallel checkpoints prefix every key with "module."; DARTS's carry an auxiliary head.
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -312,7 +322,7 @@ def train_zoo_model(name: str, train: ImageSet, val: ImageSet, epochs: int, seed
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-3, total_steps=max(steps, 1),
                                                    pct_start=0.25)
     loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(total=steps, desc=f"training {name}", disable=not progress, leave=False)
+    bar = nad_progress.bar(steps, f"training {name}", unit="step", enabled=progress)
     for _ in range(epochs):
         model.train()
         order = torch.randperm(len(train), generator=generator).tolist()
@@ -335,33 +345,27 @@ def train_zoo_model(name: str, train: ImageSet, val: ImageSet, epochs: int, seed
 
 
 def _save_atomic(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_safetensors({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, path, metadata)
 
 
 def _load_cached(name: str, path: Path, num_classes: int, want: dict[str, str]) -> tuple[nn.Module, float] | None:
-    """The cached model if ``path`` is a readable cache file made with the settings ``want``."""
-    from safetensors import safe_open
-
+    """The cached model if ``path`` is a readable cache file made with the settings ``want``;
+    a damaged file (its tensors checked against their checksums) is reported, then retrained."""
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        state, meta, verified = load_safetensors(path, "zoo cache")
         if any(meta.get(k) != v for k, v in want.items()):
             return None
-        model = load_model(name, path, num_classes)
-        return model, float(meta["val_accuracy"])
-    except Exception:  # corrupt or foreign file: retrain
+        if not verified:
+            warnings.warn(f"zoo cache {path} has no checksums (written by an earlier nad-ext): loaded without "
+                          "verifying its tensors", stacklevel=3)
+        model = get_spec(name).build(num_classes)
+        _check_compatible(model, state, name, path)
+        model.load_state_dict(state)
+        return _freeze(model), float(meta["val_accuracy"])
+    except Exception as err:  # noqa: BLE001 - damaged or foreign file: retrain
+        warnings.warn(f"{err}: training {name} again", stacklevel=3)
         return None
 
 

@@ -18,7 +18,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from nad_ext.maskbank import atomic_write
+from nad_ext import analysis
+from nad_ext.storage import atomic_write
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1250px;
@@ -34,8 +35,12 @@ img { max-width: 100%; border: 1px solid #eee; margin: .4em 0; }
 nav a { margin-right: 1em; }
 """
 
-SECTIONS = [("curves", "Layer-wise curves"), ("similarity", "Task similarity"), ("mosaics", "Mosaic examples"),
+SECTIONS = [("summary", "Summary"), ("curves", "Layer-wise curves"), ("hit-rate", "Hit rate"),
+            ("similarity", "Task similarity"), ("mosaics", "Mosaic examples"),
             ("confusion", "Confusion versus similarity"), ("accuracy", "Masked accuracy"), ("metadata", "Run metadata")]
+MEANINGS = (f"{analysis.MEASURES_MEANING[0].upper()}{analysis.MEASURES_MEANING[1:]}. "
+            f"{analysis.OPEN_CHANNELS[0].upper()}{analysis.OPEN_CHANNELS[1:]}: open channels / all gated channels "
+            "of a sub-architecture. All on the validation images, with the binary sub-architectures.")
 
 
 def _png(fig: Figure) -> str:
@@ -55,6 +60,12 @@ def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.{digits}f}"
     return html.escape(str(value))
+
+
+def _percent(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "&ndash;"
+    return f"{100 * float(value):.1f}%"
 
 
 def _table(headers: list[str], rows: list[list], numeric_from: int = 1) -> str:
@@ -80,33 +91,69 @@ def _as_float(values) -> np.ndarray:
 
 
 def curves_figure(results_by_network: dict) -> str:
-    """Open ratio, mean pairwise IoU and hit rate (with chance and null lines) against relative
-    depth, one line per network."""
-    fig = Figure(figsize=(15, 4.2))
-    axes = fig.subplots(1, 3)
+    """Open-channel ratio and mean pairwise IoU against relative depth, one line per network."""
+    fig = Figure(figsize=(12, 4.2))
+    axes = fig.subplots(1, 2)
     colours = _colours(results_by_network)
     for name, res in results_by_network.items():
         depth = res["stats"]["relative_depth"]
         c = colours[name]
-        axes[0].plot(depth, res["stats"]["per_gate_point"]["mean"], "o-", color=c, label=name)
+        axes[0].plot(depth, res["stats"]["per_gate_point"]["mean"], "o-", color=c,
+                     label=f"{name} ({res['stats']['overall']:.1%} of channels open)")
         axes[1].plot(depth, _as_float(res["layerwise_similarity"]), "o-", color=c, label=name)
-        hit = res["hit_rate"]
-        mean, std = _as_float(hit["mean"]), _as_float(hit["std"])
-        axes[2].plot(hit["relative_depth"], mean, "o-", color=c, label=name)
-        axes[2].fill_between(hit["relative_depth"], mean - std, mean + std, color=c, alpha=0.12)
-        axes[2].plot(hit["relative_depth"], _as_float(hit["null_mean"]), "x--", color=c, alpha=0.7,
-                     label=f"{name} (null)")
-    axes[2].axhline(0.25, color="black", linestyle=":", label="chance 0.25")
-    titles = ["Open-channel ratio (mean over tasks)", "Mean pairwise IoU (task pairs)",
-              "Mosaic hit rate (mean ± std)"]
+    titles = ["Open-channel ratio per gate point (mean over tasks)", "Mean pairwise IoU (task pairs)"]
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("relative depth")
         ax.set_xlim(-0.03, 1.03)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    for ax in (axes[0], axes[2]):
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    return _png(fig)
+
+
+def hit_rate_figure(results_by_network: dict) -> str:
+    """The mosaic hit rate against relative depth, one panel per network (small multiples):
+    mean +- std, the null baseline +- std, chance, and the share of (mosaic, class) pairs whose
+    map was constant (left out of the mean) as grey bars."""
+    names = list(results_by_network)
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(3.6 * cols + 0.4, 3.0 * rows + 0.8))
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    colours = _colours(names)
+    for ax, name in zip(axes, names):
+        hit = results_by_network[name]["hit_rate"]
+        depth = np.asarray(hit["relative_depth"], dtype=np.float64)
+        mean, std = _as_float(hit["mean"]), _as_float(hit["std"])
+        null, null_std = _as_float(hit["null_mean"]), _as_float(hit["null_std"])
+        constant = _as_float(hit.get("constant_pairs") or [None] * len(depth)) / max(hit.get("pairs") or 1, 1)
+        if np.nan_to_num(constant).any():
+            ax.bar(depth, np.nan_to_num(constant), width=0.03, color="#d4d4d4", zorder=0,
+                   label="share of maps constant (left out)")
+        ax.axhline(hit.get("chance", 0.25), color="black", linestyle=":", linewidth=1, label="chance")
+        ax.fill_between(depth, null - null_std, null + null_std, color="#888888", alpha=0.18, linewidth=0)
+        ax.plot(depth, null, "x--", color="#666666", linewidth=1, label="null (random, same open counts) ± std")
+        ax.errorbar(depth, mean, yerr=std, fmt="o-", color=colours[name], ecolor=colours[name], elinewidth=1,
+                    capsize=2.5, label="sub-architectures ± std")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    for ax in axes[(rows - 1) * cols:]:
+        ax.set_xlabel("relative depth")
+    for ax in axes[::cols]:
+        ax.set_ylabel("hit rate")
+    handles = {}
+    for ax in axes[:len(names)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle("Mosaic hit rate per gate point", fontsize=11)
+    fig.subplots_adjust(bottom=0.22 if rows == 1 else 0.12)
     return _png(fig)
 
 
@@ -128,11 +175,13 @@ def similarity_figure(name: str, res: dict) -> str:
 
 
 def mosaic_figure(name: str, res: dict, example: int) -> str:
-    """One mosaic and, for one of its classes, the per-gate-point activation maps."""
+    """One mosaic and, for one of its classes, the per-gate-point activation maps; a panel
+    whose map is constant says why instead of showing a flat map."""
     hit = res["hit_rate"]
     ex = hit["examples"][example]
     q = example % 4
     layers = [i for i, m in enumerate(ex["maps"][q]) if m is not None]
+    constant = (ex.get("constant") or [[None] * len(ex["maps"][q])] * 4)[q]
     cols = 1 + len(layers)
     fig = Figure(figsize=(1.9 * cols, 2.3))
     axes = np.atleast_1d(fig.subplots(1, cols))
@@ -142,15 +191,33 @@ def mosaic_figure(name: str, res: dict, example: int) -> str:
     axes[0].add_patch(_rect((q % 2) * s - 0.5, (q // 2) * s - 0.5, s))
     axes[0].set_title(f"target: {ex['classes'][q]}", fontsize=8)
     for ax, layer in zip(axes[1:], layers):
+        point = hit["gate_points"][layer]
+        if constant[layer]:
+            ax.imshow(mosaic, alpha=0.15)
+            ax.set_facecolor("#eeeeee")
+            ax.text(0.5, 0.5, _wrap(constant[layer]), transform=ax.transAxes, ha="center", va="center",
+                    fontsize=7, color="#333333")
+            ax.set_title(f"{point}\nno hit (left out)", fontsize=7)
+            continue
         ax.imshow(mosaic, alpha=0.35)
         ax.imshow(np.asarray(ex["maps"][q][layer]), cmap="inferno", alpha=0.75, vmin=0, vmax=1)
         ax.add_patch(_rect((q % 2) * s - 0.5, (q // 2) * s - 0.5, s))
-        value = ex["hits"][q][layer]
-        ax.set_title(f"{hit['gate_points'][layer]}\nhit {_fmt(value, 2)}", fontsize=7)
+        ax.set_title(f"{point}\nhit {_fmt(ex['hits'][q][layer], 2)}", fontsize=7)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     return _png(fig)
+
+
+def _wrap(text: str, width: int = 14) -> str:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join(lines + [line])
 
 
 def _rect(x, y, side):
@@ -181,19 +248,49 @@ def _confusion_section(name: str, res: dict) -> str:
                       "overlap"], rows))
 
 
+_MEASURES = [(analysis.OWN_CLASS_ACCURACY, "own_class_accuracy"), (analysis.FALSE_POSITIVES, "false_positive_rate"),
+             (analysis.BALANCED_ACCURACY, "balanced_accuracy")]
+
+
+def _measures_table(first: str, rows: list[tuple[str, list, dict]]) -> str:
+    """A table of (label, leading cells, measures) rows: each measure for the sub-architectures
+    and the original network side by side, under one header per measure."""
+    lead = rows[0][1] if rows else []
+    head1 = (f"<tr><th rowspan='2'>{html.escape(first)}</th>"
+             + "".join(f"<th rowspan='2'>{html.escape(h)}</th>" for h, _ in lead)
+             + "".join(f"<th colspan='2'>{html.escape(n)}</th>" for n, _ in _MEASURES) + "</tr>")
+    head2 = "<tr>" + "<th>sub-architecture</th><th>original</th>" * len(_MEASURES) + "</tr>"
+    body = ""
+    for label, cells, values in rows:
+        tds = [f"<td>{html.escape(label)}</td>"] + [f"<td class='num'>{_fmt(v) if h == 'images' else _percent(v)}</td>"
+                                                     for h, v in cells]
+        for _, key in _MEASURES:
+            tds += [f"<td class='num'>{_percent(values.get(key))}</td>",
+                    f"<td class='num'>{_percent(values.get('original_' + key))}</td>"]
+        body += "<tr>" + "".join(tds) + "</tr>"
+    return f"<table>{head1}{head2}{body}</table>"
+
+
 def _accuracy_section(name: str, res: dict) -> str:
     acc = res["masked_accuracy"]
     overall = {t["task"]: t["overall"] for t in res["stats"]["per_task"]}
-    rows = [[t["task"], t["images"], overall.get(t["task"]), t["accuracy"], t["original_accuracy"],
-             t["rejection"], t["original_rejection"]] for t in acc["tasks"]]
-    m = acc["mean"]
-    rows.append(["mean", None, res["stats"]["overall"], m["accuracy"], m["original_accuracy"], m["rejection"],
-                 m["original_rejection"]])
-    objective = res.get("objective", "paper")  # results from before the selective variant: paper
-    return (f"<h3>{html.escape(name)}</h3><p>Objective: {html.escape(objective)}</p>"
-            + _table(["task", "images", "open channels", "sub-arch. accuracy", "original accuracy",
-                      "sub-arch. rejection", "original rejection"], rows)
-            + f"<p class='note'>{html.escape(acc['definition'])}. Rejection: lower is better.</p>")
+    rows = [(t["task"], [("images", t["images"]), (analysis.OPEN_CHANNELS, overall.get(t["task"]))], t)
+            for t in acc["tasks"]]
+    rows.append(("mean", [("images", None), (analysis.OPEN_CHANNELS, res["stats"]["overall"])], acc["mean"]))
+    return (f"<h3>{html.escape(name)}</h3><p>Objective: {html.escape(_objective(res))}</p>"
+            + _measures_table("task", rows))
+
+
+def _objective(res: dict) -> str:
+    """The objective that made the results' bank (results from before the selective variant: paper)."""
+    return res.get("objective", "paper")
+
+
+def _summary_section(results_by_network: dict) -> str:
+    """One row per network: open channels and the three measures, means over tasks."""
+    rows = [(f"{name}: {_objective(res)} objective", [(analysis.OPEN_CHANNELS, res["stats"]["overall"])],
+             res["masked_accuracy"]["mean"]) for name, res in results_by_network.items()]
+    return _measures_table("network", rows)
 
 
 def _metadata_section(metadata: dict, results_by_network: dict) -> str:
@@ -220,21 +317,33 @@ def write_report(results_by_network: dict[str, dict], out_path: str | Path, meta
     parts = ["<h1>Neural Architecture Disentanglement report</h1>",
              f"<p>{len(results_by_network)} network(s): {html.escape(', '.join(results_by_network))}.</p>",
              "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in SECTIONS) + "</nav>"]
+    parts.append('<h2 id="summary">Summary</h2>')
+    parts.append(_summary_section(results_by_network))
+    parts.append(f"<p class='note'>Means over tasks. {html.escape(MEANINGS)}</p>")
     parts.append('<h2 id="curves">Layer-wise curves</h2>')
-    parts.append("<p class='note'>x: gate point position / (number of gate points - 1). Hit rate: share of the "
-                 "top activations inside the target class's quadrant; dashed: random sub-architectures with the "
-                 "same per-layer open counts; dotted: chance.</p>")
+    parts.append("<p class='note'>x: gate point position / (number of gate points - 1). Open-channel ratio per "
+                 f"gate point; the legend gives each network's {html.escape(analysis.OPEN_CHANNELS)}.</p>")
     parts.append(curves_figure(results_by_network))
+    parts.append('<h2 id="hit-rate">Hit rate</h2>')
+    parts.append("<p class='note'>Share of the top activations inside the target class's quadrant of a 2x2 "
+                 "mosaic (chance 0.25), one panel per network. Dashed grey: random sub-architectures with the "
+                 "same per-layer open counts. Grey bars: share of (mosaic, class) pairs whose activation map is "
+                 "constant (every channel closed there or upstream); they have no top activations and are left "
+                 "out of the mean.</p>")
+    parts.append(hit_rate_figure(results_by_network))
     for name, res in results_by_network.items():
-        notes = res["hit_rate"].get("notes") or {}
-        if notes:
-            parts.append(f"<p class='note'>{html.escape(name)}: no hit rate at "
-                         f"{html.escape(', '.join(notes))} (output not spatial).</p>")
+        by_note = {}
+        for point, note in (res["hit_rate"].get("notes") or {}).items():
+            by_note.setdefault(note, []).append(point)
+        for note, points in by_note.items():
+            parts.append(f"<p class='note'>{html.escape(name)}: {html.escape(', '.join(points))}: "
+                         f"{html.escape(note)}.</p>")
     parts.append('<h2 id="similarity">Task similarity</h2>')
     parts += [similarity_figure(name, res) for name, res in results_by_network.items()]
     parts.append('<h2 id="mosaics">Mosaic examples</h2>')
     parts.append("<p class='note'>Each row: a mosaic (target quadrant boxed) and the target class's "
-                 "activation map at each spatial gate point, with its hit.</p>")
+                 "activation map at each spatial gate point, with its hit; a constant map is not drawn, the "
+                 "panel says why.</p>")
     for name, res in results_by_network.items():
         parts.append(f"<h3>{html.escape(name)}</h3>")
         examples = res["hit_rate"]["examples"]
@@ -243,6 +352,7 @@ def write_report(results_by_network: dict[str, dict], out_path: str | Path, meta
     parts.append('<h2 id="confusion">Confusion versus similarity</h2>')
     parts += [_confusion_section(name, res) for name, res in results_by_network.items()]
     parts.append('<h2 id="accuracy">Masked accuracy</h2>')
+    parts.append(f"<p class='note'>{html.escape(MEANINGS)} Predictions are the top-1 over all classes.</p>")
     parts += [_accuracy_section(name, res) for name, res in results_by_network.items()]
     parts.append('<h2 id="metadata">Run metadata</h2>')
     parts.append(_metadata_section(metadata, results_by_network))

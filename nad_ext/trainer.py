@@ -10,31 +10,29 @@ Two modes give the same gates (tested):
 Data order and augmentation of task t in epoch e come from a generator seeded by (seed, e, t),
 and task t's initial gates from one seeded by (seed, t): the results depend neither on the
 mode nor on how many tasks share a step, and a resumed run continues exactly where it stopped.
+The run folder's epoch commits and repair are :mod:`nad_ext.rundir`'s; under torchrun the
+tasks are shared out by :mod:`nad_ext.distributed`.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from nad_ext import data as nad_data
+from nad_ext import distributed, faults
+from nad_ext import pipeline as nad_pipeline
+from nad_ext import progress as nad_progress
 from nad_ext.gates import GatedModel, propose_gate_points
-from nad_ext.maskbank import MaskBank, Task, atomic_write
+from nad_ext.maskbank import MaskBank, Task
 from nad_ext.negatives import add_negatives, task_class_matrix
 from nad_ext.objective import nad_loss
 from nad_ext.ops import _checks, normalized_gradient_step_
-
-BANK_FILE = "masks.safetensors"
-LOG_FILE = "log.json"
+from nad_ext.rundir import BANK_FILE, LOG_FILE  # noqa: F401  (the run folder's file names)
 
 
 @dataclass
@@ -42,10 +40,12 @@ class NADConfig:
     """Training settings; the defaults are the paper's (METHOD.md).
 
     ``beta`` None takes the model preset's value; ``image_size`` None takes the preset's input
-    size (224 for the ImageNet networks). ``negatives`` r > 0 and ``negative_weight`` gamma > 0
-    choose the selective objective (:mod:`nad_ext.objective`; not the paper's): each task batch
-    of own-class images is joined by round(r x its size) images of other classes, whose
-    prediction as the task is penalised with weight gamma. 0 and 0 (default) is the paper's.
+    size (224 for the ImageNet networks). ``data_pipeline`` and ``on_bad_image``: see
+    :mod:`nad_ext.pipeline` ("auto": the fast pipeline). ``negatives`` r > 0 and
+    ``negative_weight`` gamma > 0 choose the selective objective (:mod:`nad_ext.objective`; not
+    the paper's): each task batch of own-class images is joined by round(r x its size) images of
+    other classes, whose prediction as the task is penalised with weight gamma. 0 and 0
+    (default) is the paper's.
     """
 
     beta: float | None = None
@@ -62,6 +62,8 @@ class NADConfig:
     fuse: str = "auto"
     precision: str = "auto"
     cuda_graph: str = "auto"
+    data_pipeline: str = "auto"
+    on_bad_image: str = "skip"
     negatives: float = 0.0
     negative_weight: float = 0.0
 
@@ -83,6 +85,12 @@ class NADConfig:
         for name in ("fuse", "cuda_graph"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
+        if self.data_pipeline not in nad_pipeline.PIPELINES:
+            raise ValueError(f"data_pipeline must be one of {', '.join(nad_pipeline.PIPELINES)}, "
+                             f"got {self.data_pipeline!r}")
+        if self.on_bad_image not in nad_pipeline.BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {', '.join(nad_pipeline.BAD_IMAGE_POLICIES)}, "
+                             f"got {self.on_bad_image!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("negatives", "negative_weight"):
@@ -110,13 +118,12 @@ class NADConfig:
 PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # Settings that change how a run executes but not its result; a run may resume with others.
 EXECUTION_SETTINGS = ("epochs", "device", "mode", "tasks_per_step", "keep_every_epoch", "fuse", "precision",
-                      "cuda_graph")
+                      "cuda_graph", "data_pipeline", "on_bad_image")
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device of this process: ``name``, "auto" resolved; under torchrun, cuda:LOCAL_RANK."""
+    return distributed.setup(name).device
 
 
 def default_tasks(images: nad_data.ImageSet) -> list[Task]:
@@ -141,11 +148,11 @@ def _epoch_generator(seed: int, epoch: int, task: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + task)
 
 
-def _prefetched_steps(streams, group: int):
-    """Yields ``(first task of a new group or None, active tasks, their loaded batches)`` per
-    step, the next step's batches loading in worker threads while the current step runs.
+def _prefetched_steps(streams, group: int, loader: nad_pipeline.BatchLoader):
+    """Yields ``(first task of a new group or None, active tasks, their batch)`` per step, the
+    next steps' batches made by ``loader`` in the background while the current step runs.
 
-    Step by step, each task's batches are loaded in order by one thread at a time, so its
+    The loader takes each task's batches in order, augmented from the task's generator, so the
     generator gives the same images and augmentations as a sequential loop would.
     """
     plan = []
@@ -153,28 +160,21 @@ def _prefetched_steps(streams, group: int):
         members = range(first, min(first + group, len(streams)))
         for j in range(max(len(streams[t].batches) for t in members)):
             plan.append((first if j == 0 else None, [t for t in members if j < len(streams[t].batches)], j))
-    workers = max(1, min(group, os.cpu_count() or 1, 8))
-    with ThreadPoolExecutor(workers, thread_name_prefix="nad-data") as pool:
-        submit = lambda k: [pool.submit(streams[t].load, plan[k][2]) for t in plan[k][1]]  # noqa: E731
-        pending = submit(0) if plan else []
-        for k, (first, active, _) in enumerate(plan):
-            loaded = [f.result() for f in pending]
-            pending = submit(k + 1) if k + 1 < len(plan) else []
-            yield first, active, loaded
+    requests = ([(streams[t].batches[j], streams[t].generator) for t in active] for _, active, j in plan)
+    for (first, active, _), batch in zip(plan, loader.prefetch(requests)):
+        yield first, active, batch
 
 
 class _TaskStream:
-    """Task t's batches in one epoch: a seeded permutation, augmentation from the same generator."""
+    """Task t's batches in one epoch: a seeded permutation, then (selective objective) each
+    batch's negatives, drawn from the same generator; the loader augments them from it too."""
 
-    def __init__(self, images, indices, batch_size, size, generator, negatives=0.0):
+    def __init__(self, indices, batch_size, generator, num_images=0, negatives=0.0):
         order = torch.randperm(len(indices), generator=generator).tolist()
         self.batches = [[indices[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
-        if negatives:  # the selective objective: other classes' images after the own ones
-            self.batches = add_negatives(self.batches, indices, len(images), negatives, generator)
-        self.images, self.size, self.generator = images, size, generator
-
-    def load(self, j):
-        return nad_data.load_batch(self.images, self.batches[j], self.size, generator=self.generator)
+        if negatives:  # own images first, then the other classes' images
+            self.batches = add_negatives(self.batches, indices, num_images, negatives, generator)
+        self.generator = generator
 
 
 def build_gated_model(
@@ -230,11 +230,16 @@ def disentangle(
             its beta and input size are then the defaults).
         tasks: default one per class.
         config: :class:`NADConfig`, default the paper's settings.
-        out_dir: where ``masks.safetensors`` (after every epoch, atomically), per-epoch copies
-            and ``log.json`` (loss curves) go. None keeps everything in memory.
-        resume: continue from the bank in ``out_dir``.
-        overwrite: replace an existing bank in ``out_dir`` instead of refusing to.
-        progress: show a tqdm bar per epoch.
+        out_dir: the run folder (:mod:`nad_ext.rundir`): ``masks.safetensors`` committed after
+            every epoch, per-epoch copies and ``log.json`` (loss curves). None keeps everything in
+            memory. Locked while the run writes it.
+        resume: continue the run in ``out_dir`` from its last committed epoch (a folder without
+            a bank starts a new run, with a note; ``"strict"`` refuses to).
+        overwrite: replace an existing run in ``out_dir`` instead of refusing to.
+        progress: show a tqdm bar per epoch (rank 0 only under torchrun).
+
+    Under torchrun the tasks are shared out among the processes (:mod:`nad_ext.distributed`);
+    every process returns the same bank, bit-identical to a single-process run's.
     """
     from nad_ext import models
 
@@ -251,19 +256,29 @@ def disentangle(
     if not tasks:
         raise ValueError("tasks is empty")
     indices = _task_indices(train, tasks)
-    device = resolve_device(config.device)
-    task_classes = None
     if config.negatives:
         for task, idx in zip(tasks, indices):
             if len(idx) == len(train):
                 raise ValueError(f"task {task.name!r} covers every class of {train.name}: the selective "
                                  f"objective (negatives > 0) needs other classes' images as its negatives")
-        task_classes = task_class_matrix([t.classes for t in tasks], len(train.classes), device)
-    out_dir = Path(out_dir) if out_dir is not None else None
-    bank_path = out_dir / BANK_FILE if out_dir is not None else None
-    if bank_path is not None and bank_path.exists() and not (resume or overwrite):
-        raise FileExistsError(f"{bank_path} exists: pass resume=True (--resume) to continue it or overwrite=True")
+    ctx = distributed.setup(config.device)
+    device = ctx.device
+    progress = progress and ctx.rank == 0
+    run = distributed.open_run(ctx, out_dir, resume=resume, overwrite=overwrite,
+                               keep_every_epoch=config.keep_every_epoch)
+    try:
+        with nad_pipeline.make_loader(train, config.image_size, device, config.data_pipeline,
+                                      config.on_bad_image) as loader:
+            return _disentangle(model, gate_points, model_id, tasks, indices, config, ctx, run, loader, progress,
+                                len(train), len(train.classes))
+    finally:
+        distributed.close_run(ctx, run)
 
+
+def _disentangle(model, gate_points, model_id, tasks, indices, config, ctx, run, loader, progress, num_images,
+                 num_classes) -> MaskBank:
+    device = ctx.device
+    task_classes = task_class_matrix([t.classes for t in tasks], num_classes, device) if config.negatives else None
     fuse, dtype, graph = config.execution(device)
     gated = build_gated_model(
         model, gate_points, len(tasks), config.image_size, model_id=model_id,
@@ -273,73 +288,67 @@ def disentangle(
         path = ", ".join((["fused"] if fuse else []) + [str(dtype).replace("torch.", "")]
                          + (["CUDA graphs"] if graph else []))
         print(f"{model_id}: {len(gated.gate_points)} gate points, {sum(gated.layer_sizes)} channels, "
-              f"{len(tasks)} tasks ({config.mode} mode) on {device} ({path})")
+              f"{len(tasks)} tasks ({config.mode} mode) on {device} ({path}; {loader.kind} data pipeline)")
         for i, point in enumerate(gated.gate_points):
             where = "  (in masked_conv2d)" if i in gated.fused_points else ""
             print(f"  {point.name:36s} {point.channels:5d}{where}")
     config_record = asdict(config)
-    start_epoch, log = 0, []
-    if resume and bank_path is not None and bank_path.exists():
-        bank = MaskBank.load(bank_path)
+    start_epoch = 0
+    if run.bank is not None:
+        bank, where = run.bank, run.file(BANK_FILE)
         bank.apply_to(gated)
         if [t.name for t in bank.tasks] != [t.name for t in tasks]:
-            raise ValueError(f"{bank_path} was trained for other tasks; cannot resume it")
+            raise ValueError(f"{where} was trained for other tasks; cannot resume it")
         older = asdict(NADConfig())  # a bank from before a setting existed was made with its default
         changed = {k: (bank.config.get(k, older[k]), v) for k, v in config_record.items()
                    if k not in EXECUTION_SETTINGS and bank.config.get(k, older[k]) != v}
         if changed:
-            raise ValueError(f"{bank_path} was trained with other settings {changed}; cannot resume it")
+            raise ValueError(f"{where} was trained with other settings {changed}; cannot resume it")
         start_epoch = bank.epoch
-        if (out_dir / LOG_FILE).exists():
-            log = json.loads((out_dir / LOG_FILE).read_text())["epochs"][:start_epoch]
 
-    bank = MaskBank.from_gated(gated, tasks, config_record, start_epoch)
     step = lambda *batch: train_step(gated, *batch, config, task_classes)  # noqa: E731
     if graph:
         from nad_ext.step_graph import GraphedSteps
 
         step = GraphedSteps(gated, lambda g, *batch: train_step(g, *batch, config, task_classes))
     group = 1 if config.mode == "paper" else config.tasks_per_step
+    mine = ctx.my_tasks([len(i) for i in indices], group)  # every task, unless under torchrun
     for epoch in range(start_epoch, config.epochs):
-        streams = [
-            _TaskStream(train, idx, config.batch_size, config.image_size, _epoch_generator(config.seed, epoch, t),
-                        config.negatives)
-            for t, idx in enumerate(indices)
-        ]
-        stats = _train_epoch(step, streams, config, group, epoch, progress, device)
-        log.append(stats)
+        streams = [_TaskStream(indices[t], config.batch_size, _epoch_generator(config.seed, epoch, t), num_images,
+                               config.negatives) for t in mine]
+        stats = _train_epoch(step, streams, mine, len(tasks), loader, config, group, epoch, progress, device)
         bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1)
-        if out_dir is not None:
-            bank.save(bank_path)
-            if config.keep_every_epoch:
-                bank.save(out_dir / f"masks_epoch{epoch + 1:02d}.safetensors")
-            payload = json.dumps({"model_id": model_id, "tasks": [t.name for t in tasks], "epochs": log}, indent=1)
-            atomic_write(out_dir / LOG_FILE, lambda tmp: Path(tmp).write_text(payload))
-    return bank
+        distributed.commit_epoch(ctx, run, bank, stats, mine, config.keep_every_epoch)
+    return distributed.finish(ctx, run) or MaskBank.from_gated(gated, tasks, config_record, start_epoch)
 
 
-def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progress: bool, device):
-    """One epoch over every task's batches (``step(x, labels, task_ids, tasks)`` per batch);
-    returns the epoch's per-task mean loss terms.
+def _train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, group: int, epoch: int,
+                 progress: bool, device):
+    """One epoch over the batches of tasks ``task_of`` (``streams[i]`` is task ``task_of[i]``'s;
+    ``step(x, labels, task_ids, tasks)`` per batch); returns the epoch's per-task mean loss terms
+    (lists over all ``num_tasks`` tasks; zeros for tasks not in ``task_of``), where the time went
+    (waiting for data or in the step) and the images skipped as unreadable.
 
     The running sums stay on the device; the progress bar reads them about once a second, so
     that steps are not serialised by device syncs.
     """
-    num_tasks = len(streams)
     keys = ("ce", "mse", "sparse", "loss") + (("negative",) if config.negatives else ())
     sums = {k: torch.zeros(num_tasks, device=device) for k in keys}
     steps = torch.zeros(num_tasks, device=device)
     skipped = torch.zeros(num_tasks, device=device)
     total_batches = sum(len(s.batches) for s in streams)
-    bar = tqdm(total=total_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-               disable=not progress, leave=False)
-    images_seen, start, tasks_done, shown = 0, time.perf_counter(), 0, 0.0
-    for first, active, loaded in _prefetched_steps(streams, group):
+    bar = nad_progress.bar(total_batches, f"epoch {epoch + 1}/{config.epochs}", unit="batch", enabled=progress)
+    images_seen, start, tasks_done, shown, wait0 = 0, time.perf_counter(), 0, 0.0, loader.wait_s
+    for k, (first, active, batch) in enumerate(_prefetched_steps(streams, group, loader)):
+        faults.step_event(epoch + 1, k + 1)
         if first is not None:
             tasks_done = first
-        x = torch.cat([b[0] for b in loaded]).to(device, non_blocking=True)
-        labels = torch.cat([b[1] for b in loaded]).to(device, non_blocking=True)
-        task_ids = torch.cat([torch.full((len(b[1]),), t, dtype=torch.int64) for t, b in zip(active, loaded)])
+        active = [task_of[i] for i in active]
+        x, labels = batch.x, batch.labels
+        task_ids = torch.repeat_interleave(torch.tensor(active), torch.tensor(batch.counts))
+        if not len(labels):  # every image of this step was unreadable and skipped
+            bar.update(len(active))
+            continue
         terms = step(x, labels, task_ids, torch.tensor(active))
         for k in sums:
             sums[k] += torch.where(terms.counted, getattr(terms, k).detach(), 0.0)
@@ -353,17 +362,34 @@ def _train_epoch(step, streams, config: NADConfig, group: int, epoch: int, progr
         if progress and elapsed - shown >= 1.0:
             shown = elapsed
             n = steps.clamp(min=1)
-            bar.set_postfix(tasks=f"{tasks_done}/{num_tasks}", img_s=f"{images_seen / elapsed:.0f}",
+            bar.set_postfix(tasks=f"{tasks_done}/{len(task_of)}", img_s=f"{images_seen / elapsed:.0f}",
+                            data_wait=f"{(loader.wait_s - wait0) / elapsed:.0%}",
                             ce=f"{(sums['ce'] / n).mean():.3f}", mse=f"{(sums['mse'] / n).mean():.3f}",
                             sparse=f"{(sums['sparse'] / n).mean():.3f}")
-    bar.close()
     n = steps.clamp(min=1)
     means = {k: (v / n).tolist() for k, v in sums.items()}  # waits for the device's last step
+    seconds, wait = max(time.perf_counter() - start, 1e-9), loader.wait_s - wait0
+    bar.set_postfix(tasks=f"{len(task_of)}/{len(task_of)}", img_s=f"{images_seen / seconds:.0f}",
+                    data_wait=f"{wait / seconds:.0%}",
+                    **{k: f"{sum(means[k][t] for t in task_of) / max(len(task_of), 1):.3f}"
+                       for k in ("ce", "mse", "sparse")})
+    bar.close()  # off a terminal: the epoch's one line
+    bad_images, bad_files = loader.bad.take()
+    if bad_images and progress:
+        print(f"epoch {epoch + 1}: skipped {bad_images} unreadable images (listed in log.json)")
     return {
         "epoch": epoch + 1,
-        "images_per_second": images_seen / max(time.perf_counter() - start, 1e-9),
+        "images_per_second": images_seen / seconds,
         "skipped_batches": skipped.tolist(),
+        # Where the time went: waiting for the loader, and everything else (the steps).
+        "data_pipeline": loader.kind,
+        "data_wait_s": wait,
+        "step_s": seconds - wait,
+        "bad_images": bad_images,
+        "bad_image_files": bad_files,
         **means,
+        "images": images_seen,
+        "seconds": seconds,
     }
 
 

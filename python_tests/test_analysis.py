@@ -155,17 +155,22 @@ def test_masked_accuracy_all_open_equals_original_and_all_closed_is_chance():
     open_bank = make_bank([torch.full((4, c), 5.0) for c in (4, 6, 6)])
     res = analysis.masked_accuracy(gated, open_bank, val, SIZE, batch_size=7)
     for row in res["tasks"]:
-        assert row["accuracy"] == row["original_accuracy"] == 1.0
-        assert row["rejection"] == row["original_rejection"] == 0.0
+        assert row["own_class_accuracy"] == row["original_own_class_accuracy"] == 1.0
+        assert row["false_positive_rate"] == row["original_false_positive_rate"] == 0.0
+        assert row["balanced_accuracy"] == row["original_balanced_accuracy"] == 1.0
         assert row["images"] == 5 and row["other_images"] == 15
     closed = make_bank([torch.full((4, c), -5.0) for c in (4, 6, 6)])
-    res = analysis.masked_accuracy(gated, closed, val, SIZE, rejection_per_class=2)
+    res = analysis.masked_accuracy(gated, closed, val, SIZE, other_images_per_class=2)
     assert [r["other_images"] for r in res["tasks"]] == [6] * 4
-    # constant logits: every image is predicted as class 0
-    assert [r["accuracy"] for r in res["tasks"]] == [1.0, 0.0, 0.0, 0.0]
-    assert res["mean"]["accuracy"] == pytest.approx(0.25)
-    assert res["mean"]["rejection"] == pytest.approx(0.25)
-    assert res["mean"]["original_accuracy"] == 1.0
+    # constant logits: every image is predicted as class 0, so task 0's sub-architecture calls
+    # every image its own: own-class accuracy 1 but all false positives, balanced accuracy 0.5
+    assert [r["own_class_accuracy"] for r in res["tasks"]] == [1.0, 0.0, 0.0, 0.0]
+    assert [r["false_positive_rate"] for r in res["tasks"]] == [1.0, 0.0, 0.0, 0.0]
+    assert [r["balanced_accuracy"] for r in res["tasks"]] == [0.5] * 4
+    assert res["mean"]["own_class_accuracy"] == pytest.approx(0.25)
+    assert res["mean"]["false_positive_rate"] == pytest.approx(0.25)
+    assert res["mean"]["original_own_class_accuracy"] == 1.0
+    assert analysis.OWN_CLASS_ACCURACY in res["definition"] and analysis.FALSE_POSITIVES in res["definition"]
 
 
 def test_hit_rate_is_one_where_the_map_lights_the_quadrant():
@@ -183,6 +188,26 @@ def test_hit_rate_is_one_where_the_map_lights_the_quadrant():
     assert sorted(ex["class_indices"]) == [0, 1, 2, 3]
     # the gates were restored after the null runs
     torch.testing.assert_close(gated.logits[0].detach(), bank.logits[0])
+
+
+def test_constant_maps_are_left_out_of_the_hit_rate_and_explained():
+    gated, val = make_gated(), colour_set()
+    bank = own_channel_bank()
+    bank.logits[0][0] = -5.0  # task 0 (class col0): every channel closed at relu1
+    res = analysis.hit_rate(gated, bank, val, SIZE, num_mosaics=6, seed=3, null_samples=0, batch_size=8)
+    # every mosaic holds all four classes: 6 of the 24 (mosaic, class) pairs are class 0's
+    assert res["constant_pairs"] == [6, 6, None]
+    # the other pairs light their quadrant; counting class 0's flat maps would give 0.8125
+    assert res["mean"][0] == 1.0 and res["mean"][1] == 1.0
+    ex = res["examples"][0]
+    q = ex["class_indices"].index(0)
+    # relu2 of task 0 only sees zeros: its open channels carry a constant
+    assert ex["constant"][q] == ["all channels closed", "all channels closed at relu1", None]
+    assert all(ex["constant"][o] == [None, None, None] for o in range(4) if o != q)
+    everything_closed = make_bank([torch.full((4, c), -5.0) for c in (4, 6, 6)])
+    res = analysis.hit_rate(gated, everything_closed, val, SIZE, num_mosaics=2, null_samples=1)
+    assert res["mean"][0] is None and res["null_mean"][0] is None and res["constant_pairs"][0] == 8
+    assert res["notes"]["relu1"] == analysis.ALL_CONSTANT_NOTE
 
 
 def test_hit_rate_null_of_a_permuted_single_channel_is_near_chance():

@@ -1,5 +1,8 @@
 """The `nad` command line on small generated data: ImageFolder trees, weights files, errors."""
+import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,7 +48,7 @@ def test_disentangle_resume_and_similarity(tree, weights, tmp_path, capsys):
     bank = MaskBank.load(tmp_path / "run" / "masks.safetensors")
     assert bank.task_names == sorted(bank.task_names) and len(bank.tasks) == 4 and bank.epoch == 1
     code, _, err = run(capsys, "disentangle", *common, "--epochs", 2)
-    assert code == 2 and "pass resume=True (--resume)" in err
+    assert code == 2 and "pass --resume to continue that run, or --overwrite" in err and "resume=True" not in err
     code, out, err = run(capsys, "disentangle", *common, "--epochs", 2, "--resume")
     assert code == 0, err
     assert MaskBank.load(tmp_path / "run" / "masks.safetensors").epoch == 2
@@ -145,3 +148,162 @@ def test_analyze_then_report(tree, weights, tmp_path, capsys):
     assert "Objective: selective (negatives 0.5" in html  # the report says which objective made the bank
     code, _, err = run(capsys, "report", tmp_path / "nothing-here", "--out", tmp_path / "r2.html")
     assert code == 2 and "results.json does not exist" in err
+
+
+def _disentangle_args(tree, weights, out, *extra):
+    return ["disentangle", "--model", "zoo_plain", "--weights", weights, "--data", tree, "--out", out,
+            "--image-size", 32, "--beta", 1.0, "--epochs", 1, *extra]
+
+
+def test_resume_without_a_bank_says_so_in_one_line(tree, weights, tmp_path, capsys):
+    code, _, err = run(capsys, *_disentangle_args(tree, weights, tmp_path / "new", "--resume"))
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "note" in line or "bank" in line]  # the rest: progress bars
+    assert notes == [f"note: resume: {tmp_path / 'new'} has no mask bank yet: starting a new run"]
+    code, _, err = run(capsys, *_disentangle_args(tree, weights, tmp_path / "other", "--strict-resume"))
+    assert code == 2 and "cannot resume" in err and "has no mask bank" in err
+    assert not (tmp_path / "other" / "masks.safetensors").exists()
+
+
+def test_a_full_disk_is_reported_without_a_traceback(tree, weights, tmp_path, capsys):
+    from nad_ext import faults
+
+    out = tmp_path / "run"
+    assert run(capsys, *_disentangle_args(tree, weights, out))[0] == 0
+    faults.configure("at=write:5,action=enospc")  # epoch 2: log.json written, not yet in place
+    try:
+        code, _, err = run(capsys, *_disentangle_args(tree, weights, out, "--epochs", 2, "--resume"))
+    finally:
+        faults.configure(None)
+    assert code == 2 and "Traceback" not in err
+    assert f"error: cannot write {out / 'log.json'}: No space left on device" in err
+    assert "intact at its last committed epoch 1" in err and "rerun the same command with --resume" in err
+    assert MaskBank.load(out / "masks.safetensors").epoch == 1
+    code, _, err = run(capsys, *_disentangle_args(tree, weights, out, "--epochs", 2, "--resume"))
+    assert code == 0, err
+    assert MaskBank.load(out / "masks.safetensors").epoch == 2
+
+
+def test_a_second_run_in_one_folder_is_refused(tree, weights, tmp_path, capsys):
+    import os
+
+    from nad_ext.rundir import RunDir
+
+    with RunDir.open(tmp_path / "run"):
+        code, _, err = run(capsys, *_disentangle_args(tree, weights, tmp_path / "run"))
+    assert code == 2 and f"is in use by process {os.getpid()}" in err and "Traceback" not in err
+
+
+def test_damaged_and_old_banks(tree, weights, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    assert run(capsys, *_disentangle_args(tree, weights, tmp_path / "run"))[0] == 0
+    bank = tmp_path / "run" / "masks.safetensors"
+    with safe_open(str(bank), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={k: v for k, v in meta.items() if k != "crc32"})
+    code, out, err = run(capsys, "similarity", "--bank", old)
+    assert code == 0 and len(out.splitlines()) == 5
+    assert err.startswith("note: mask bank") and "has no checksums" in err and len(err.splitlines()) == 1
+    raw = bytearray(bank.read_bytes())
+    raw[-6:-1] = bytes(b ^ 0x5A for b in raw[-6:-1])
+    bank.write_bytes(bytes(raw))
+    code, _, err = run(capsys, "similarity", "--bank", bank)
+    last = f"logits.{len(tensors) - 1:03d}"
+    assert code == 2 and f"tensor '{last}' (gate point '" in err and "fails its CRC-32 check" in err
+
+
+def test_python_m_nad_ext_is_the_nad_command(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "nad_ext", "similarity", "--bank", str(tmp_path / "none.safetensors")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("error: mask bank") and "does not exist" in result.stderr
+def test_parsing_and_help_do_not_import_torch():
+    """`nad --help` and argument errors answer before torch (seconds to import) is loaded."""
+    code = ("import sys\n"
+            "import nad_ext.cli as cli\n"
+            "cli.build_parser().parse_args(['disentangle', '--model', 'vgg16', '--out', 'x', '--lr', '0.2'])\n"
+            "try:\n"
+            "    cli.main(['--help'])\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0\n"
+            "heavy = sorted(m for m in ('torch', 'numpy', 'torchvision', 'matplotlib') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out and "usage: nad" in out
+
+
+def test_version(capsys):
+    import nad_ext
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"nad {nad_ext.__version__}"
+
+
+def _options():
+    parser = cli.build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for verb, sub in verbs.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                yield verb, sub, action
+
+
+def test_every_option_has_help_and_shows_its_default():
+    for verb, sub, action in _options():
+        name = f"{verb} {action.option_strings or action.dest}"
+        assert action.help, f"{name} has no help text"
+        text = " ".join(sub.format_help().split())
+        help_text = " ".join(action.help.split())
+        assert help_text in text, name
+        if action.option_strings and not action.required and action.nargs != 0:
+            shown = f"(default: {action.default})" if action.default is not None else "(default: "
+            after = text[text.index(help_text):][:len(help_text) + 40]
+            assert shown in after, f"{name} does not show its default"
+
+
+def test_defaults_shown_are_the_ones_used():
+    from nad_ext import demo
+    from nad_ext.trainer import NADConfig
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x"])
+    assert cli._config_from_args(args) == NADConfig()
+    from nad_ext.objective import SELECTIVE_DEFAULTS
+
+    assert cli._SELECTIVE == SELECTIVE_DEFAULTS  # what --help says --selective means
+    args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x", "--selective"])
+    assert cli._config_from_args(args) == NADConfig(**SELECTIVE_DEFAULTS)
+    args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x", "--selective", "--negative-weight", "7"])
+    assert cli._config_from_args(args) == NADConfig(**{**SELECTIVE_DEFAULTS, "negative_weight": 7.0})
+    args = parser.parse_args(["demo"])
+    assert (args.epochs, args.mosaics) == (demo.DEMO_EPOCHS, demo.DEMO_MOSAICS)
+
+
+def test_unknown_model_is_named_first_with_the_known_ones(tmp_path, capsys):
+    code, _, err = run(capsys, "disentangle", "--model", "nosuchmodel", "--out", tmp_path / "x")
+    assert code == 2 and "unknown model 'nosuchmodel'" in err and "zoo_plain" in err and "weights" not in err
+    code, _, err = run(capsys, "disentangle", "--model", "vgg16", "--out", tmp_path / "x")
+    assert code == 2 and "--weights is required for vgg16" in err
+
+
+def test_a_corrupt_weights_file_is_named_without_unsafe_advice(tree, tmp_path, capsys):
+    for name, content in (("garbage.pth", b"\x80\x02garbage"), ("model.pth", None)):
+        path = tmp_path / name
+        if content is None:
+            torch.save(models.get_spec("zoo_plain").build(4), path)  # a whole pickled model
+        else:
+            path.write_bytes(content)
+        code, _, err = run(capsys, "disentangle", "--model", "zoo_plain", "--weights", path, "--data", tree,
+                           "--out", tmp_path / "x", "--image-size", 32)
+        assert code == 2 and f"weights file {path} is not a valid state dict" in err
+        assert "weights_only" not in err and "issue" not in err and err.count("\n") == 1

@@ -1,11 +1,14 @@
+import errno
 import json
 import struct
+import zlib
 
 import pytest
 import torch
 
 from nad_ext.gates import GatePoint
 from nad_ext.maskbank import MaskBank, Task
+from nad_ext.storage import WriteError
 
 
 def make_bank(tasks=3, epoch=4):
@@ -93,14 +96,57 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "b.safetensors"
     make_bank(epoch=1).save(path)
 
-    import nad_ext.maskbank as mb
+    import safetensors.torch
 
     def broken(tensors, filename, metadata=None):
         open(filename, "wb").write(b"partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mb, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(WriteError, match=r"cannot write .*b\.safetensors: No space left on device"):
         make_bank(epoch=2).save(path)
     assert MaskBank.load(path).epoch == 1  # the earlier bank is intact
     assert [p.name for p in tmp_path.iterdir()] == ["b.safetensors"]  # no temporary left
+
+
+def _flip(path, offset_from_end, count=5):
+    raw = bytearray(path.read_bytes())
+    for i in range(count):
+        raw[len(raw) - offset_from_end + i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+def test_checksums_are_stored_and_verified(tmp_path):
+    path = tmp_path / "b.safetensors"
+    bank = make_bank()
+    bank.save(path)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    sums = json.loads(header["__metadata__"]["crc32"])
+    assert sorted(sums) == ["logits.000", "logits.001", "logits.002"]
+    for name, info in header.items():
+        if name != "__metadata__":
+            begin, end = info["data_offsets"]
+            assert sums[name] == f"{zlib.crc32(raw[8 + n + begin: 8 + n + end]):08x}"
+    # Five bytes of the last tensor (avgpool, 3 x 7 float32 at the end of the file) flipped.
+    _flip(path, 12)
+    with pytest.raises(ValueError, match=r"tensor 'logits.002' \(gate point 'avgpool'\) fails its CRC-32 check"):
+        MaskBank.load(path)
+
+
+def test_bank_without_checksums_loads_with_a_note(tmp_path):
+    from safetensors.torch import save_file
+
+    bank = make_bank()
+    path = tmp_path / "old.safetensors"
+    bank.save(path)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    meta = json.loads(raw[8 : 8 + n])["__metadata__"]
+    del meta["crc32"]
+    save_file({f"logits.{i:03d}": m for i, m in enumerate(bank.logits)}, str(path), metadata=meta)  # as /1 did
+    with pytest.warns(UserWarning, match="has no checksums"):
+        old = MaskBank.load(path)
+    for a, b in zip(old.logits, bank.logits):
+        assert torch.equal(a, b)

@@ -132,6 +132,15 @@ def test_train_zoo_model_and_cache(tmp_path, monkeypatch):
     other = data.generated_shapes("train", num_classes=3, images_per_class=8, seed=1)
     with pytest.raises(AssertionError, match="retrained"):
         models.load_zoo(tmp_path, other, val, names=["zoo_dense"], progress=False, epochs=1)
-    (tmp_path / "zoo_dense.safetensors").write_bytes(b"garbage")
-    with pytest.raises(AssertionError, match="retrained"):
-        models.load_zoo(tmp_path, train, val, names=["zoo_dense"], progress=False, epochs=1)
+    # Flipped bytes fail a tensor's checksum: named, then retrained.
+    cache = tmp_path / "zoo_dense.safetensors"
+    raw = bytearray(cache.read_bytes())
+    raw[-40:-35] = bytes(b ^ 0x5A for b in raw[-40:-35])
+    cache.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=r"zoo cache .* tensor '.*' fails its CRC-32 check .*: training zoo_dense again"):
+        with pytest.raises(AssertionError, match="retrained"):
+            models.load_zoo(tmp_path, train, val, names=["zoo_dense"], progress=False, epochs=1)
+    cache.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="corrupted or not a safetensors file"):
+        with pytest.raises(AssertionError, match="retrained"):
+            models.load_zoo(tmp_path, train, val, names=["zoo_dense"], progress=False, epochs=1)

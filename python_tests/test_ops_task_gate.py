@@ -153,3 +153,47 @@ def test_fake_tensor_shapes():
         y = torch.ops.nad.task_gate(x, torch.empty(2, 3), torch.zeros(4, dtype=torch.int64))
         gx, gl = torch.ops.nad.task_gate_backward(y, x, torch.empty(2, 3), torch.zeros(4, dtype=torch.int64))
     assert y.shape == (4, 3, 5, 5) and gx.shape == x.shape and gl.shape == (2, 3)
+
+
+class _RecordBackward:
+    """Records the x_grad flag of every nad::task_gate_backward call (a dispatch mode)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        flags = self.flags = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.ops.nad.task_gate_backward.default:
+                    flags.append(args[4] if len(args) > 4 else kwargs.get("x_grad", True))
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_x_is_not_computed_when_x_needs_none(device):
+    """The first gate point's input needs no gradient: backward computes the logits gradient
+    only (masked_conv2d's x_grad flag, through autograd)."""
+    x, logits, ids = _inputs(device, dtype=torch.float32, shape=(6, 5, 9, 9))
+    grad_y = torch.randn_like(x)
+    gx, gl = torch.ops.nad.task_gate_backward(grad_y, x, logits, ids, False)
+    assert gx.numel() == 0
+    full_gx, full_gl = torch.ops.nad.task_gate_backward(grad_y, x, logits, ids)
+    assert torch.equal(gl, full_gl) and full_gx.shape == x.shape
+    for needs_x in (False, True):
+        xs = x.clone().requires_grad_(needs_x)
+        ls = logits.clone().requires_grad_(True)
+        y = task_gate(xs, ls, ids)
+        with _RecordBackward() as record:
+            y.backward(grad_y)
+        assert record.flags == [needs_x]
+        assert torch.equal(ls.grad, full_gl)
+        assert (xs.grad is not None) == needs_x

@@ -156,6 +156,16 @@ def test_beta_is_required_without_a_preset():
                     config=NADConfig(image_size=16))
 
 
+def test_progress_off_a_terminal_is_one_line_per_epoch(capsys):
+    images = colour_images(per_class=8)
+    disentangle(small_cnn().eval(), images, ["1", "4"], model_id="cnn", progress=True,
+                config=NADConfig(**CFG))
+    err = capsys.readouterr().err  # not a terminal under pytest
+    lines = err.splitlines()
+    assert "\r" not in err and [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all("batches in" in line and "ce " in line and "sparse " in line for line in lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # The selective objective (negatives of other classes)
 

@@ -68,6 +68,10 @@ MaskBank MaskBank::load(const std::string& path) {
 
   MaskBank bank;
   bank.path_ = path;
+  bank.verified_ = file.verified;
+  if (!file.verified)
+    TORCH_WARN("mask bank ", path, " has no checksums (written by an earlier nad-ext): loaded ",
+               "without verifying its tensors");
   const auto model_id = file.metadata.find("model_id");
   TORCH_CHECK(model_id != file.metadata.end(), path, ": metadata \"model_id\" is missing");
   bank.model_id_ = model_id->second;

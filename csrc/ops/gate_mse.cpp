@@ -1,5 +1,7 @@
 #include "gate_mse.h"
 
+#include <c10/util/accumulate.h>
+
 #include "task_ids.h"
 
 namespace nad {
@@ -10,17 +12,18 @@ constexpr const char* kOp = "gate_mse";
 // Both inputs as (N, E) rows in one memory order in which every sample is a contiguous block:
 // the sum over a sample does not care about the order inside it, so a channels_last pair is
 // viewed, not copied (channels_last is set then). Other layouts are copied to contiguous.
+// E is computed, not inferred (-1): a reshape cannot infer it when N = 0 or E = 0.
 std::pair<at::Tensor, at::Tensor> as_rows(const at::Tensor& masked, const at::Tensor& original,
                                           bool& channels_last) {
+  const int64_t N = masked.size(0), E = c10::multiply_integers(masked.sizes().slice(1));
   channels_last = masked.dim() == 4 && !masked.is_contiguous() &&
                   masked.is_contiguous(at::MemoryFormat::ChannelsLast) &&
                   masked.strides() == original.strides();
   if (channels_last) {
-    auto rows = [](const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({t.size(0), -1}); };
+    auto rows = [&](const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({N, E}); };
     return {rows(masked), rows(original)};
   }
-  return {masked.reshape({masked.size(0), -1}).contiguous(),
-          original.reshape({original.size(0), -1}).contiguous()};
+  return {masked.reshape({N, E}).contiguous(), original.reshape({N, E}).contiguous()};
 }
 
 // k_t * E per task (0 where k_t = 0), in the accumulation dtype.
@@ -75,6 +78,7 @@ at::Tensor gate_mse_backward_with(GateMseApply apply, const at::Tensor& grad,
   check_gate_mse_args(masked, original, counts, task_ids, num_tasks);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == num_tasks, "gate_mse_backward: grad must have shape (",
               num_tasks, ",), got ", grad.sizes());
+  check_ids_in_range(task_ids, num_tasks, kOp, "task_ids");
   const auto acc = masked.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   bool cl = false;
   auto [m, o] = as_rows(masked, original, cl);

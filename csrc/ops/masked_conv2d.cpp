@@ -7,13 +7,6 @@ namespace {
 
 constexpr const char* kOp = "masked_conv2d";
 
-// The layout of y and act; the fake impl in nad_ext/ops/masked_conv2d.py uses the same rule.
-at::MemoryFormat format_of(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
-
 }  // namespace
 
 void check_masked_conv2d_args(const at::Tensor& x, const at::Tensor& weight,
@@ -58,13 +51,13 @@ void check_masked_conv2d_args(const at::Tensor& x, const at::Tensor& weight,
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward_with(
-    MaskedConvEpilogue epilogue, const at::Tensor& x, const at::Tensor& weight,
+    GateForwardPass epilogue, const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& logits, const at::Tensor& task_ids,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     bool relu, bool save_act) {
   check_masked_conv2d_args(x, weight, bias, logits, task_ids, stride, padding, dilation, groups);
   check_ids_in_range(task_ids, logits.size(0), kOp, "task_ids");
-  const auto fmt = format_of(x);
+  const auto fmt = gate_format(x);
   // Usually a no-op: the convolution backends already return x's layout.
   const auto conv = at::convolution(x, weight, c10::nullopt, stride, padding, dilation,
                                     /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
@@ -79,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward_with(
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_conv2d_backward_with(
-    MaskedConvBackwardPass pass, const at::Tensor& grad_y, const at::Tensor& x,
+    GateBackwardPass pass, const at::Tensor& grad_y, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& act, const at::Tensor& logits,
     const at::Tensor& task_ids, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool relu, bool x_grad) {
@@ -88,22 +81,25 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_backward_with(
               "masked_conv2d_backward: grad_y and act must have the output's shape, got ",
               grad_y.sizes(), " and ", act.sizes());
   TORCH_CHECK(act.scalar_type() == x.scalar_type(), "masked_conv2d_backward: act must have x's dtype");
-  const auto fmt = format_of(x);
+  check_ids_in_range(task_ids, logits.size(0), kOp, "task_ids");
+  const auto fmt = gate_format(x);
   const auto a = act.contiguous(fmt);
   const auto gy = grad_y.to(a.scalar_type()).contiguous(fmt);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto sums = at::zeros(logits.sizes(), logits.options().dtype(acc));
-  auto grad_pre = at::empty_like(a, fmt);
+  // grad_pre feeds only the input gradient: not even written when x needs none.
+  auto grad_pre = x_grad ? at::empty_like(a, fmt) : at::Tensor();
   if (a.numel() > 0)
     pass(gy, a, logits.contiguous(), task_ids.contiguous(), relu,
          fmt == at::MemoryFormat::ChannelsLast, grad_pre, sums);
   const auto gate = logits.to(acc).sigmoid();
   auto grad_logits = (sums * gate * (1 - gate)).to(logits.scalar_type());
-  // Only the input gradient: the weights are frozen (output_mask {true, false, false}).
+  // Only the input gradient: the weights are frozen (output_mask {true, false, false}). In x's
+  // layout by the gate_format rule, as the fake says (the backends usually return it already).
   auto grad_x = x_grad ? std::get<0>(at::convolution_backward(
                              grad_pre, x, weight, c10::nullopt, stride, padding, dilation,
                              /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
-                             {true, false, false}))
+                             {true, false, false})).contiguous(fmt)
                        : at::empty({0}, x.options());
   return {grad_x, grad_logits};
 }

@@ -9,8 +9,11 @@
 //   grad_pre = grad_y * g * (act > 0 if relu)   and   sum over (task samples, space) of grad_y * act,
 // the latter times g (1 - g) is the logits gradient; grad_x comes from at::convolution_backward
 // with output_mask {true, false, false}.
-// y and act are channels_last when x is, contiguous (N, C, H, W) otherwise.
+// y, act and grad_x are channels_last when x is (gate_format), contiguous (N, C, H, W)
+// otherwise. The passes around the convolution are the gate passes of gate_passes.h.
 #include <ATen/ATen.h>
+
+#include "gate_passes.h"
 
 namespace nad {
 
@@ -19,29 +22,16 @@ void check_masked_conv2d_args(const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& task_ids, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
-// Device parts of the op. Every tensor is in the layout of y (`channels_inner`: channels_last).
-// epilogue: y = g * relu?(conv + bias); writes act too when it is defined. bias may be undefined.
-using MaskedConvEpilogue = void (*)(const at::Tensor& conv, const at::Tensor& bias,
-                                    const at::Tensor& logits, const at::Tensor& task_ids,
-                                    bool relu, bool channels_inner, const at::Tensor& y,
-                                    const at::Tensor& act);
-// backward pass: writes grad_pre and adds sum grad_y * act into gate_sums (T, C), which is
-// zero-initialised in the accumulation type (float32, float64 for float64 inputs).
-using MaskedConvBackwardPass = void (*)(const at::Tensor& grad_y, const at::Tensor& act,
-                                        const at::Tensor& logits, const at::Tensor& task_ids,
-                                        bool relu, bool channels_inner,
-                                        const at::Tensor& grad_pre, const at::Tensor& gate_sums);
-
 // The device-independent parts (checks, convolution, layouts), shared by the CPU and CUDA
 // registrations. save_act=false leaves act undefined and skips writing it.
 std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward_with(
-    MaskedConvEpilogue epilogue, const at::Tensor& x, const at::Tensor& weight,
+    GateForwardPass epilogue, const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& logits, const at::Tensor& task_ids,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     bool relu, bool save_act);
 
 std::tuple<at::Tensor, at::Tensor> masked_conv2d_backward_with(
-    MaskedConvBackwardPass pass, const at::Tensor& grad_y, const at::Tensor& x,
+    GateBackwardPass pass, const at::Tensor& grad_y, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& act, const at::Tensor& logits,
     const at::Tensor& task_ids, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool relu, bool x_grad);

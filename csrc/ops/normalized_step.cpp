@@ -25,12 +25,8 @@ void check_normalized_step_args(at::TensorList logits, at::TensorList grads, con
     TORCH_CHECK(m.device() == tasks.device() && g.device() == tasks.device(), op,
                 ": logits, grads and tasks must be on one device");
   }
-  // On CUDA, the index_fill_ of selected_rows asserts the range on the device.
+  // CPU tensors only; the CUDA kernel asserts the range on the device.
   check_ids_in_range(tasks, first.size(0), op, "tasks");
-}
-
-at::Tensor selected_rows(const at::Tensor& tasks, int64_t num_rows) {
-  return at::zeros({num_rows}, tasks.options().dtype(at::kBool)).index_fill_(0, tasks, true);
 }
 
 }  // namespace nad

@@ -3,14 +3,16 @@
 //   for every gate point l and task t in `tasks`:  m_l[t] -= lr * g_l[t] / ||g_l[t]||_2
 // (rows with a zero gradient norm are left unchanged; a task listed twice is updated once).
 // logits[l]: (T, C_l) float32 or float64, any strides, one T, dtype and device for all;
-// grads[l]: shaped like logits[l]; tasks: (K,) int64 in [0, T).
+// grads[l]: shaped like logits[l]; tasks: (K,) int64 in [0, T) (checked on the host for CPU
+// tensors, asserted on the device for CUDA ones: CUDA's index_fill_ would wrap -T <= t < 0).
+// The squared norm is summed in double on both backends (step_acc_t), then rounded once.
 #include <ATen/ATen.h>
 
 namespace nad {
 
 void check_normalized_step_args(at::TensorList logits, at::TensorList grads, const at::Tensor& tasks);
 
-// (T,) bool, true for the rows to update; duplicates in tasks collapse here.
-at::Tensor selected_rows(const at::Tensor& tasks, int64_t num_rows);
+// Accumulation type of the squared norms (float32 or float64 logits): double, on both backends.
+using step_acc_t = double;
 
 }  // namespace nad

@@ -6,9 +6,10 @@
 TORCH_LIBRARY(nad, m) {
   // y[n, c, ...] = x[n, c, ...] * sigmoid(logits[task_ids[n], c])
   m.def("task_gate(Tensor x, Tensor logits, Tensor task_ids) -> Tensor");
+  // grad_x is an empty tensor when x_grad is false (x needs no gradient).
   m.def(
-      "task_gate_backward(Tensor grad_y, Tensor x, Tensor logits, Tensor task_ids) "
-      "-> (Tensor grad_x, Tensor grad_logits)");
+      "task_gate_backward(Tensor grad_y, Tensor x, Tensor logits, Tensor task_ids, "
+      "bool x_grad=True) -> (Tensor grad_x, Tensor grad_logits)");
   // All-pairs overlap of binary sub-architectures (see csrc/ops/mask_overlap.h).
   m.def(
       "mask_overlap(Tensor a, Tensor b, int[] layer_sizes, str metric, bool per_layer) "

@@ -1,5 +1,7 @@
 #include "task_gate.h"
 
+#include "task_ids.h"
+
 namespace nad {
 
 void check_task_gate_args(const at::Tensor& x, const at::Tensor& logits,
@@ -27,6 +29,42 @@ void check_task_gate_args(const at::Tensor& x, const at::Tensor& logits,
   TORCH_CHECK(x.device() == logits.device() && x.device() == task_ids.device(),
               "task_gate: x, logits and task_ids must be on one device, got ", x.device(), ", ",
               logits.device(), " and ", task_ids.device());
+}
+
+at::Tensor task_gate_with(GateForwardPass forward, const at::Tensor& x_in,
+                          const at::Tensor& logits, const at::Tensor& task_ids) {
+  check_task_gate_args(x_in, logits, task_ids);
+  check_ids_in_range(task_ids, logits.size(0), "task_gate", "task_ids");
+  const auto fmt = gate_format(x_in);
+  const auto x = x_in.contiguous(fmt);
+  auto y = at::empty(x.sizes(), x.options().memory_format(fmt));
+  if (x.numel() > 0)
+    forward(x, at::Tensor(), logits.contiguous(), task_ids.contiguous(), /*relu=*/false,
+            fmt == at::MemoryFormat::ChannelsLast, y, at::Tensor());
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> task_gate_backward_with(GateBackwardPass backward,
+                                                           const at::Tensor& grad_y,
+                                                           const at::Tensor& x_in,
+                                                           const at::Tensor& logits,
+                                                           const at::Tensor& task_ids, bool x_grad) {
+  check_task_gate_args(x_in, logits, task_ids);
+  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "task_gate_backward: grad_y must have the shape of x ",
+              x_in.sizes(), ", got ", grad_y.sizes());
+  check_ids_in_range(task_ids, logits.size(0), "task_gate", "task_ids");
+  const auto fmt = gate_format(x_in);
+  const auto x = x_in.contiguous(fmt);
+  const auto gy = grad_y.to(x.scalar_type()).contiguous(fmt);
+  // Summed in float32 (float64 for float64 x), whatever the logits' dtype.
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto sums = at::zeros(logits.sizes(), logits.options().dtype(acc));
+  auto grad_x = x_grad ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
+  if (x.numel() > 0)
+    backward(gy, x, logits.contiguous(), task_ids.contiguous(), /*relu=*/false,
+             fmt == at::MemoryFormat::ChannelsLast, x_grad ? grad_x : at::Tensor(), sums);
+  const auto gate = logits.to(acc).sigmoid();  // d sigmoid(m) / dm = g (1 - g)
+  return {grad_x, (sums * gate * (1 - gate)).to(logits.scalar_type())};
 }
 
 }  // namespace nad

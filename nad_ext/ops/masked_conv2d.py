@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, _layout
 
 IntPair = Union[int, Sequence[int]]
 
@@ -103,9 +103,7 @@ def _output_like(x, weight, stride, padding, dilation):
     for i, extent in enumerate((h, w)):
         size.append((extent + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1)
     # Same rule as the kernels: channels_last output for a channels_last input.
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(size, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return _layout.empty_in_gate_format(x, size)
 
 
 @torch.library.register_fake("nad::masked_conv2d")
@@ -120,5 +118,5 @@ def _(x, weight, bias, logits, task_ids, stride, padding, dilation, groups, relu
 
 @torch.library.register_fake("nad::masked_conv2d_backward")
 def _(grad_y, x, weight, act, logits, task_ids, stride, padding, dilation, groups, relu, x_grad):
-    grad_x = torch.empty_like(x) if x_grad else x.new_empty((0,))
+    grad_x = _layout.empty_in_gate_format(x) if x_grad else x.new_empty((0,))
     return grad_x, torch.empty_like(logits, memory_format=torch.contiguous_format)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
+from . import _checks, _layout
 
 
 def task_gate(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -13,13 +13,17 @@ def task_gate(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor) -> 
 
     Args:
         x: activations, shape (N, C, ...), float32/float16/bfloat16 (float64 for gradcheck).
-            Contiguous and channels_last layouts are both supported.
+            Contiguous and channels_last layouts are read in place; others are copied.
         logits: gate logits, shape (T, C), float32 (float64 only with float64 ``x``).
         task_ids: the task of each sample, shape (N,), int64 with values in [0, T).
 
     Returns:
-        A tensor shaped like ``x``. Differentiable with respect to ``x`` and ``logits``; the
-        logits gradient is accumulated in float32, summed over each task's samples and space.
+        A tensor shaped like ``x``: channels_last when ``x`` is 4-D channels_last, contiguous
+        otherwise. Differentiable with respect to ``x`` and ``logits``; the logits gradient is
+        accumulated in float32, summed over each task's samples and space (in a fixed order on
+        the CPU, and on CUDA under ``torch.use_deterministic_algorithms(True)``; with float
+        atomics, fast but not bit-reproducible, on CUDA otherwise). Where ``x`` needs no
+        gradient, backward does not compute one.
     """
     _checks.tensor("x", x, min_dims=2, dtypes=_checks.FLOAT_TYPES)
     _checks.tensor("logits", logits, dims=2, dtypes=(torch.float32, torch.float64))
@@ -49,9 +53,10 @@ def task_gate_reference(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.T
 
 @torch.library.register_fake("nad::task_gate")
 def _(x, logits, task_ids):
-    return torch.empty_like(x)
+    return _layout.empty_in_gate_format(x)
 
 
 @torch.library.register_fake("nad::task_gate_backward")
-def _(grad_y, x, logits, task_ids):
-    return torch.empty_like(x), torch.empty_like(logits, memory_format=torch.contiguous_format)
+def _(grad_y, x, logits, task_ids, x_grad=True):
+    grad_x = _layout.empty_in_gate_format(x) if x_grad else x.new_empty((0,))
+    return grad_x, torch.empty_like(logits, memory_format=torch.contiguous_format)

@@ -18,7 +18,9 @@ class MaskBank {
  public:
   static constexpr const char* kFormat = "nad-ext.maskbank/1";
 
-  // Reads and validates a bank; throws c10::Error naming the file and what is wrong.
+  // Reads and validates a bank; throws c10::Error naming the file and what is wrong (a tensor
+  // that fails its checksum is named). A bank without checksums (written before nad-ext stored
+  // them) loads with a warning (TORCH_WARN), and verified() is false.
   static MaskBank load(const std::string& path);
 
   const std::string& model_id() const { return model_id_; }
@@ -28,6 +30,7 @@ class MaskBank {
   const std::vector<std::vector<int64_t>>& task_classes() const { return task_classes_; }
   const std::string& config_json() const { return config_json_; }  // the NADConfig, as JSON
   int64_t epoch() const { return epoch_; }
+  bool verified() const { return verified_; }  // every tensor matched its stored checksum
   int64_t num_tasks() const { return static_cast<int64_t>(tasks_.size()); }
 
   // Gate logits of each gate point, (T, C_l) float32, in gate-point order.
@@ -54,6 +57,7 @@ class MaskBank {
   std::vector<std::vector<int64_t>> task_classes_;
   std::string config_json_;
   int64_t epoch_ = 0;
+  bool verified_ = false;
   std::vector<at::Tensor> logits_;
 };
 

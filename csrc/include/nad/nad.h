@@ -61,25 +61,26 @@ inline at::Tensor task_gate(const at::Tensor& x, const at::Tensor& logits,
   return handle.call(x, logits, task_ids);
 }
 
-// nad::task_gate_backward(Tensor grad_y, Tensor x, Tensor logits, Tensor task_ids)
-//     -> (Tensor grad_x, Tensor grad_logits)
+// nad::task_gate_backward(Tensor grad_y, Tensor x, Tensor logits, Tensor task_ids,
+//                         bool x_grad=True) -> (Tensor grad_x, Tensor grad_logits)
 //
 // The gradients of task_gate: grad_x = grad_y * gate, grad_logits[t, c] = sum over the samples
 // of task t and over space of grad_y * x, times gate * (1 - gate); grad_y has x's shape.
-// grad_logits has logits' shape and dtype. Normally reached through autograd; not itself
-// differentiable.
+// grad_logits has logits' shape and dtype; grad_x is an empty tensor, not computed, when x_grad
+// is false. Normally reached through autograd; not itself differentiable.
 inline std::tuple<at::Tensor, at::Tensor> task_gate_backward(const at::Tensor& grad_y,
                                                              const at::Tensor& x,
                                                              const at::Tensor& logits,
-                                                             const at::Tensor& task_ids) {
+                                                             const at::Tensor& task_ids,
+                                                             bool x_grad = true) {
   detail::check_defined(grad_y, "task_gate_backward", "grad_y");
   detail::check_defined(x, "task_gate_backward", "x");
   detail::check_defined(logits, "task_gate_backward", "logits");
   detail::check_defined(task_ids, "task_gate_backward", "task_ids");
   static const auto handle = detail::op<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>(
       "nad::task_gate_backward");
-  return handle.call(grad_y, x, logits, task_ids);
+  return handle.call(grad_y, x, logits, task_ids, x_grad);
 }
 
 // nad::mask_overlap(Tensor a, Tensor b, int[] layer_sizes, str metric, bool per_layer) -> Tensor

@@ -17,13 +17,14 @@ at::Tensor call_task_gate(const at::Tensor& x, const at::Tensor& logits,
 std::tuple<at::Tensor, at::Tensor> call_task_gate_backward(const at::Tensor& grad_y,
                                                            const at::Tensor& x,
                                                            const at::Tensor& logits,
-                                                           const at::Tensor& task_ids) {
+                                                           const at::Tensor& task_ids,
+                                                           bool x_grad) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nad::task_gate_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&)>();
-  return op.call(grad_y, x, logits, task_ids);
+                           const at::Tensor&, bool)>();
+  return op.call(grad_y, x, logits, task_ids, x_grad);
 }
 
 class TaskGateFunction : public torch::autograd::Function<TaskGateFunction> {
@@ -38,7 +39,12 @@ class TaskGateFunction : public torch::autograd::Function<TaskGateFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    auto [grad_x, grad_logits] = call_task_gate_backward(grads[0], saved[0], saved[1], saved[2]);
+    // Where x needs no gradient (the first gate point), grad_x is neither computed nor written.
+    const bool x_grad = ctx->needs_input_grad(0);
+    auto [grad_x, grad_logits] =
+        call_task_gate_backward(grads[0], saved[0], saved[1], saved[2], x_grad);
+    if (!x_grad) grad_x = at::Tensor();
+    if (!ctx->needs_input_grad(1)) grad_logits = at::Tensor();
     return {grad_x, grad_logits, at::Tensor()};
   }
 };
@@ -49,9 +55,9 @@ class TaskGateBackwardFunction : public torch::autograd::Function<TaskGateBackwa
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const at::Tensor& grad_y, const at::Tensor& x,
                                                 const at::Tensor& logits,
-                                                const at::Tensor& task_ids) {
+                                                const at::Tensor& task_ids, bool x_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [grad_x, grad_logits] = call_task_gate_backward(grad_y, x, logits, task_ids);
+    auto [grad_x, grad_logits] = call_task_gate_backward(grad_y, x, logits, task_ids, x_grad);
     return {grad_x, grad_logits};
   }
 
@@ -69,8 +75,9 @@ at::Tensor task_gate_autograd(const at::Tensor& x, const at::Tensor& logits,
 std::tuple<at::Tensor, at::Tensor> task_gate_backward_autograd(const at::Tensor& grad_y,
                                                                const at::Tensor& x,
                                                                const at::Tensor& logits,
-                                                               const at::Tensor& task_ids) {
-  auto out = TaskGateBackwardFunction::apply(grad_y, x, logits, task_ids);
+                                                               const at::Tensor& task_ids,
+                                                               bool x_grad) {
+  auto out = TaskGateBackwardFunction::apply(grad_y, x, logits, task_ids, x_grad);
   return {out[0], out[1]};
 }
 

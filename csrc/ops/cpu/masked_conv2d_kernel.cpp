@@ -1,185 +1,39 @@
-// CPU kernels of nad::masked_conv2d: the fused epilogue and the fused backward pass (the
-// convolutions themselves are ATen's, see ../masked_conv2d.cpp). Layouts: (N, C, S) rows per
-// (n, c), or channels_last (N, S, C) rows per (n, s).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
+// CPU registration of nad::masked_conv2d: the convolutions are ATen's (../masked_conv2d.cpp),
+// the fused passes around them are the shared gate passes (gate_passes.cpp).
 #include <torch/library.h>
 
+#include "../gate_passes.h"
 #include "../masked_conv2d.h"
 
 namespace nad {
 namespace cpu {
 namespace {
 
-template <typename acc_t>
-at::Tensor acc_copy(const at::Tensor& t) {
-  return t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-}
-
-// One row of the epilogue: y = g * act, act = relu(conv + b). kSave, kRelu and __restrict__ let
-// the compiler vectorise the loop (a run-time test per element or possible aliasing kept it
-// scalar). The gate multiplies the rounded activation, so y == g * act exactly as backward sees.
-template <bool kSave, bool kRelu, typename scalar_t, typename acc_t, typename Gate, typename Bias>
-inline void epilogue_row(const scalar_t* __restrict__ src, scalar_t* __restrict__ y,
-                         scalar_t* __restrict__ act, int64_t len, Gate gate, Bias bias) {
-  for (int64_t k = 0; k < len; ++k) {
-    acc_t v = static_cast<acc_t>(src[k]) + bias(k);
-    if (kRelu) v = v > acc_t(0) ? v : acc_t(0);
-    const scalar_t a = static_cast<scalar_t>(v);
-    if (kSave) act[k] = a;
-    y[k] = static_cast<scalar_t>(gate(k) * static_cast<acc_t>(a));
-  }
-}
-
-template <bool kSave, bool kRelu, typename scalar_t, typename acc_t>
-void epilogue_rows(const scalar_t* cp, const acc_t* gp, const acc_t* bp, const int64_t* ids,
-                   scalar_t* yp, scalar_t* ap, int64_t N, int64_t C, int64_t S, bool inner) {
-  // (N, C, S): a row per (n, c) with one gate and one bias; (N, S, C): a row per (n, s).
-  const int64_t row = inner ? C : S, rows = N * (inner ? S : C);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / row), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      scalar_t* act = kSave ? ap + r * row : nullptr;
-      if (inner) {
-        const acc_t* g = gp + ids[r / S] * C;
-        epilogue_row<kSave, kRelu, scalar_t, acc_t>(
-            cp + r * row, yp + r * row, act, row, [g](int64_t c) { return g[c]; },
-            [bp](int64_t c) { return bp[c]; });
-      } else {
-        const int64_t c = r % C;
-        const acc_t g = gp[ids[r / C] * C + c], b = bp[c];
-        epilogue_row<kSave, kRelu, scalar_t, acc_t>(
-            cp + r * row, yp + r * row, act, row, [g](int64_t) { return g; }, [b](int64_t) { return b; });
-      }
-    }
-  });
-}
-
-void epilogue(const at::Tensor& conv, const at::Tensor& bias, const at::Tensor& logits,
-              const at::Tensor& task_ids, bool relu, bool inner, const at::Tensor& y,
-              const at::Tensor& act) {
-  const int64_t N = conv.size(0), C = conv.size(1), S = conv.numel() / (N * C);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv.scalar_type(), "masked_conv2d_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto gate = acc_copy<acc_t>(logits).sigmoid();
-    const auto b = bias.defined() ? acc_copy<acc_t>(bias) : at::zeros({C}, gate.options());
-    const acc_t* gp = gate.const_data_ptr<acc_t>();
-    const acc_t* bp = b.const_data_ptr<acc_t>();
-    const int64_t* ids = task_ids.const_data_ptr<int64_t>();
-    const scalar_t* cp = conv.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    scalar_t* ap = act.defined() ? act.data_ptr<scalar_t>() : nullptr;
-    if (ap && relu) epilogue_rows<true, true>(cp, gp, bp, ids, yp, ap, N, C, S, inner);
-    else if (ap) epilogue_rows<true, false>(cp, gp, bp, ids, yp, ap, N, C, S, inner);
-    else if (relu) epilogue_rows<false, true>(cp, gp, bp, ids, yp, ap, N, C, S, inner);
-    else epilogue_rows<false, false>(cp, gp, bp, ids, yp, ap, N, C, S, inner);
-  });
-}
-
-// grad_pre = (act > 0 or no ReLU) ? grad_y * g : 0 over one row; returns sum(grad_y * act).
-// Eight partial sums (a fixed order, so results do not depend on the thread count) let the
-// compiler vectorise the row.
-template <bool kRelu, typename scalar_t, typename acc_t>
-inline acc_t backward_row(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ act,
-                          scalar_t* __restrict__ grad_pre, int64_t len, acc_t g) {
-  constexpr int kLanes = 8;
-  acc_t part[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= len; k += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const acc_t d = static_cast<acc_t>(gy[k + j]), a = static_cast<acc_t>(act[k + j]);
-      grad_pre[k + j] = static_cast<scalar_t>(!kRelu || a > acc_t(0) ? d * g : acc_t(0));
-      part[j] += d * a;
-    }
-  }
-  for (; k < len; ++k) {
-    const acc_t d = static_cast<acc_t>(gy[k]), a = static_cast<acc_t>(act[k]);
-    grad_pre[k] = static_cast<scalar_t>(!kRelu || a > acc_t(0) ? d * g : acc_t(0));
-    part[0] += d * a;
-  }
-  acc_t dot = 0;
-  for (int j = 0; j < kLanes; ++j) dot += part[j];
-  return dot;
-}
-
-// channels_last: one (n, s) position over the channels [c0, c1); gate sums accumulate per channel.
-template <bool kRelu, typename scalar_t, typename acc_t>
-inline void backward_channels(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ act,
-                              scalar_t* __restrict__ grad_pre, const acc_t* __restrict__ g,
-                              acc_t* __restrict__ sums, int64_t len) {
-  for (int64_t c = 0; c < len; ++c) {
-    const acc_t d = static_cast<acc_t>(gy[c]), a = static_cast<acc_t>(act[c]);
-    grad_pre[c] = static_cast<scalar_t>(!kRelu || a > acc_t(0) ? d * g[c] : acc_t(0));
-    sums[c] += d * a;
-  }
-}
-
-template <bool kRelu, typename scalar_t, typename acc_t>
-void backward_rows(const scalar_t* gyp, const scalar_t* ap, const acc_t* gp, const int64_t* ids,
-                   scalar_t* gpp, acc_t* sp, int64_t N, int64_t C, int64_t S, bool inner) {
-  // Each thread owns a block of channels, hence whole columns of gate_sums: no atomics.
-  at::parallel_for(0, C, inner ? 16 : 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t t = ids[n];
-      if (inner) {
-        for (int64_t s = 0; s < S; ++s) {
-          const int64_t i = (n * S + s) * C + c0;
-          backward_channels<kRelu>(gyp + i, ap + i, gpp + i, gp + t * C + c0, sp + t * C + c0, c1 - c0);
-        }
-      } else {
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t i = (n * C + c) * S;
-          sp[t * C + c] += backward_row<kRelu>(gyp + i, ap + i, gpp + i, S, gp[t * C + c]);
-        }
-      }
-    }
-  });
-}
-
-void backward_pass(const at::Tensor& grad_y, const at::Tensor& act, const at::Tensor& logits,
-                   const at::Tensor& task_ids, bool relu, bool inner, const at::Tensor& grad_pre,
-                   const at::Tensor& gate_sums) {
-  const int64_t N = act.size(0), C = act.size(1), S = act.numel() / (N * C);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "masked_conv2d_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto gate = acc_copy<acc_t>(logits).sigmoid();
-    const acc_t* gp = gate.const_data_ptr<acc_t>();
-    const int64_t* ids = task_ids.const_data_ptr<int64_t>();
-    const scalar_t* gyp = grad_y.const_data_ptr<scalar_t>();
-    const scalar_t* ap = act.const_data_ptr<scalar_t>();
-    scalar_t* gpp = grad_pre.data_ptr<scalar_t>();
-    acc_t* sp = gate_sums.data_ptr<acc_t>();
-    if (relu) backward_rows<true>(gyp, ap, gp, ids, gpp, sp, N, C, S, inner);
-    else backward_rows<false>(gyp, ap, gp, ids, gpp, sp, N, C, S, inner);
-  });
-}
-
-}  // namespace
-
 at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const at::Tensor& logits,
                          const at::Tensor& task_ids, at::IntArrayRef stride, at::IntArrayRef padding,
                          at::IntArrayRef dilation, int64_t groups, bool relu) {
-  return std::get<0>(masked_conv2d_forward_with(&epilogue, x, weight, bias, logits, task_ids, stride,
-                                                padding, dilation, groups, relu, false));
+  return std::get<0>(masked_conv2d_forward_with(&gate_forward, x, weight, bias, logits, task_ids,
+                                                stride, padding, dilation, groups, relu, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& logits, const at::Tensor& task_ids, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
-  return masked_conv2d_forward_with(&epilogue, x, weight, bias, logits, task_ids, stride, padding,
-                                    dilation, groups, relu, true);
+  return masked_conv2d_forward_with(&gate_forward, x, weight, bias, logits, task_ids, stride,
+                                    padding, dilation, groups, relu, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_conv2d_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& act,
     const at::Tensor& logits, const at::Tensor& task_ids, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu, bool x_grad) {
-  return masked_conv2d_backward_with(&backward_pass, grad_y, x, weight, act, logits, task_ids,
+  return masked_conv2d_backward_with(&gate_backward, grad_y, x, weight, act, logits, task_ids,
                                      stride, padding, dilation, groups, relu, x_grad);
 }
 
+}  // namespace
 }  // namespace cpu
 }  // namespace nad
 

@@ -13,10 +13,13 @@ void normalized_gradient_step_(at::TensorList logits, at::TensorList grads, cons
                                double lr) {
   check_normalized_step_args(logits, grads, tasks);
   const int64_t T = logits[0].size(0), L = static_cast<int64_t>(logits.size());
-  const auto sel = selected_rows(tasks, T);
+  // The rows to update, in order; a task listed twice is updated once. (The ids are in range.)
+  const auto ids = tasks.contiguous();
+  std::vector<char> selected(T, 0);
+  for (int64_t k = 0; k < ids.numel(); ++k) selected[ids.const_data_ptr<int64_t>()[k]] = 1;
   std::vector<int64_t> rows;
   for (int64_t t = 0; t < T; ++t)
-    if (sel.const_data_ptr<bool>()[t]) rows.push_back(t);
+    if (selected[t]) rows.push_back(t);
   std::vector<at::Tensor> g(grads.begin(), grads.end());
   for (auto& x : g) x = x.contiguous();
   AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "normalized_gradient_step_cpu", [&] {
@@ -25,8 +28,8 @@ void normalized_gradient_step_(at::TensorList logits, at::TensorList grads, cons
       for (int64_t i = begin; i < end; ++i) {
         const int64_t l = i / R, t = rows[i % R], C = logits[l].size(1);
         const scalar_t* gr = g[l].const_data_ptr<scalar_t>() + t * C;
-        double sq = 0;
-        for (int64_t c = 0; c < C; ++c) sq += static_cast<double>(gr[c]) * gr[c];
+        step_acc_t sq = 0;
+        for (int64_t c = 0; c < C; ++c) sq += static_cast<step_acc_t>(gr[c]) * gr[c];
         const scalar_t norm = static_cast<scalar_t>(std::sqrt(sq));
         if (!(norm > 0)) continue;
         scalar_t* m = logits[l].data_ptr<scalar_t>();

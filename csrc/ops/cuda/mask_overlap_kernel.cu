@@ -4,7 +4,7 @@
 //    (layers start on word boundaries, so they never share a word). Words are stored
 //    word-major, (W_total, T), so a tile of rows of one word is one coalesced load.
 //    sizes_kernel then sums each (layer, row)'s popcounts.
-// 2. overlap_kernel: one launch for all layers. A block of 16 x 16 threads owns a 64 x 64 tile
+// 2. overlap_kernel: one launch for all layers (of a group, below). A block of 16 x 16 threads owns a 64 x 64 tile
 //    of the output, each thread 4 x 4 pairs (rows ty + 16 r of a, columns tx + 16 c of b, so a
 //    warp reads consecutive words of b: no shared-memory bank conflicts). Layer by layer, up to
 //    kChunk words of the tile's 64 rows of a and b go to shared memory, every thread ANDs and
@@ -12,6 +12,11 @@
 //    the mean (no per-layer matrices), or written to (L, Ta, Tb) when per_layer.
 //    The grid is (tiles of b) x (tiles of a, at most 65535, looping over the rest), so any
 //    Ta x Tb that fits in memory works.
+// The layers' channel and word offsets travel by value in a kernel-argument struct
+// (LayerGroup, as normalized_step's Layers): no host-to-device copy, so a call neither waits
+// for the stream nor breaks CUDA-graph capture. A group holds up to kGroupLayers layers; more
+// layers take one group (pack + overlap launches) each, the mean carried over in `out` between
+// groups and divided by L after the last: the same additions in the same order as one launch.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -30,24 +35,29 @@ constexpr int kSide = 16;    // threads per side of the block (kSide x kSide thr
 constexpr int kPer = kTile / kSide;  // pairs per thread per side
 constexpr int kChunk = 8;    // words of a layer staged in shared memory at a time
 constexpr int kThreads1d = 256;
+constexpr int kGroupLayers = 192;  // 2 x 193 x 8 bytes + the rest: inside 4 KB of kernel arguments
 
-// meta (device, int64): [0, L]: channel offsets, [L + 1, 2L + 1]: word offsets.
-// One warp per (row, word): lanes read 2 x 32 consecutive bytes (coalesced) and two ballots
-// make the word. The loop bound depends on the warp index only, so warps stay converged.
-__global__ void pack_kernel(const uint8_t* __restrict__ m, const int64_t* __restrict__ meta,
-                            int64_t L, int64_t T, int64_t K, int64_t total_words,
-                            uint64_t* __restrict__ packed) {
-  const int64_t* chan_off = meta;
-  const int64_t* word_off = meta + L + 1;
+// Layers [first, first + count): their channel and word offsets (absolute, count + 1 each).
+struct LayerGroup {
+  int64_t first, count;
+  int64_t chan[kGroupLayers + 1];
+  int64_t word[kGroupLayers + 1];
+};
+
+// One warp per (row, word of the group): lanes read 2 x 32 consecutive bytes (coalesced) and two
+// ballots make the word. The loop bound depends on the warp index only, so warps stay converged.
+__global__ void pack_kernel(const uint8_t* __restrict__ m, const LayerGroup group, int64_t T,
+                            int64_t K, uint64_t* __restrict__ packed) {
   const int lane = threadIdx.x % 32;
+  const int64_t words = group.word[group.count] - group.word[0];
   const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32;
-  for (int64_t idx = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32;
-       idx < total_words * T; idx += warps) {
-    const int64_t r = idx / total_words, wg = idx % total_words;
-    int64_t l = 0;  // layer of word wg (L is small)
-    while (word_off[l + 1] <= wg) ++l;
-    const int64_t first = chan_off[l] + 64 * (wg - word_off[l]);
-    const int64_t left = chan_off[l + 1] - first;
+  for (int64_t idx = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; idx < words * T;
+       idx += warps) {
+    const int64_t r = idx / words, wg = group.word[0] + idx % words;
+    int64_t l = 0;  // layer of word wg within the group
+    while (group.word[l + 1] <= wg) ++l;
+    const int64_t first = group.chan[l] + 64 * (wg - group.word[l]);
+    const int64_t left = group.chan[l + 1] - first;
     const int count = left < 64 ? static_cast<int>(left) : 64;
     const uint8_t* src = m + r * K + first;
     const unsigned lo = __ballot_sync(0xffffffffu, lane < count && (src[lane] & 1));
@@ -56,15 +66,15 @@ __global__ void pack_kernel(const uint8_t* __restrict__ m, const int64_t* __rest
   }
 }
 
-__global__ void sizes_kernel(const uint64_t* __restrict__ packed, const int64_t* __restrict__ meta,
-                             int64_t L, int64_t T, int32_t* __restrict__ sizes) {
-  const int64_t* word_off = meta + L + 1;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < L * T;
+// sizes[l, r]: the set size of row r at layer l of the group.
+__global__ void sizes_kernel(const uint64_t* __restrict__ packed, const LayerGroup group, int64_t T,
+                             int32_t* __restrict__ sizes) {
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < group.count * T;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t l = idx / T, r = idx % T;
     int32_t s = 0;
-    for (int64_t w = word_off[l]; w < word_off[l + 1]; ++w) s += __popcll(packed[w * T + r]);
-    sizes[idx] = s;
+    for (int64_t w = group.word[l]; w < group.word[l + 1]; ++w) s += __popcll(packed[w * T + r]);
+    sizes[(group.first + l) * T + r] = s;
   }
 }
 
@@ -72,20 +82,32 @@ template <OverlapMetric M, bool kPerLayer>
 __global__ void __launch_bounds__(kSide * kSide)
     overlap_kernel(const uint64_t* __restrict__ pa, const uint64_t* __restrict__ pb,
                    const int32_t* __restrict__ sa, const int32_t* __restrict__ sb,
-                   const int64_t* __restrict__ meta, int64_t L, int64_t Ta, int64_t Tb,
-                   int64_t tiles_a, float* __restrict__ out) {
+                   const LayerGroup group, int64_t L, int64_t Ta, int64_t Tb, int64_t tiles_a,
+                   bool carry_in, bool last, float* __restrict__ out) {
+  // carry_in: the mean's running sum of the earlier groups is in out; last: divide by L.
   __shared__ uint64_t as[kChunk][kTile];
   __shared__ uint64_t bs[kChunk][kTile];
-  const int64_t* word_off = meta + L + 1;
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kSide + tx;
   const int64_t j0 = (int64_t)blockIdx.x * kTile;
   for (int64_t tile_a = blockIdx.y; tile_a < tiles_a; tile_a += gridDim.y) {
     const int64_t i0 = tile_a * kTile;
     float acc[kPer][kPer] = {};
-    for (int64_t l = 0; l < L; ++l) {
+    if (!kPerLayer && carry_in) {
+#pragma unroll
+      for (int r = 0; r < kPer; ++r) {
+        const int64_t i = i0 + ty + kSide * r;
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) {
+          const int64_t j = j0 + tx + kSide * c;
+          if (i < Ta && j < Tb) acc[r][c] = out[i * Tb + j];
+        }
+      }
+    }
+    for (int64_t gl = 0; gl < group.count; ++gl) {
+      const int64_t l = group.first + gl;
       int32_t cnt[kPer][kPer] = {};
-      for (int64_t w0 = word_off[l]; w0 < word_off[l + 1]; w0 += kChunk) {
-        const int64_t left = word_off[l + 1] - w0;
+      for (int64_t w0 = group.word[gl]; w0 < group.word[gl + 1]; w0 += kChunk) {
+        const int64_t left = group.word[gl + 1] - w0;
         const int nw = left < kChunk ? static_cast<int>(left) : kChunk;
         __syncthreads();  // the previous chunk is no longer read
         for (int e = tid; e < nw * kTile; e += kSide * kSide) {
@@ -133,7 +155,7 @@ __global__ void __launch_bounds__(kSide * kSide)
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
           const int64_t j = j0 + tx + kSide * c;
-          if (i < Ta && j < Tb) out[i * Tb + j] = acc[r][c] / static_cast<float>(L);
+          if (i < Ta && j < Tb) out[i * Tb + j] = last ? acc[r][c] / static_cast<float>(L) : acc[r][c];
         }
       }
     }
@@ -145,26 +167,23 @@ int blocks_for(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 65535LL * 8)));
 }
 
-// Packs (T, K) bool into (W_total, T) words and computes the (L, T) set sizes.
-std::pair<at::Tensor, at::Tensor> pack(const at::Tensor& m, const at::Tensor& meta, int64_t L,
-                                       int64_t total_words, cudaStream_t stream) {
+// Packs the group's words of (T, K) bool into packed (W_total, T) and its (L, T) set sizes.
+void pack(const at::Tensor& m, const LayerGroup& group, at::Tensor& packed, at::Tensor& sizes,
+          cudaStream_t stream) {
   const int64_t T = m.size(0), K = m.size(1);
-  auto packed = at::empty({total_words, T}, m.options().dtype(at::kLong));
-  auto sizes = at::empty({L, T}, m.options().dtype(at::kInt));
-  auto* words = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
-  pack_kernel<<<blocks_for(total_words * T * 32), kThreads1d, 0, stream>>>(
-      reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>()), meta.const_data_ptr<int64_t>(),
-      L, T, K, total_words, words);
+  const int64_t words = group.word[group.count] - group.word[0];
+  auto* w = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
+  pack_kernel<<<blocks_for(words * T * 32), kThreads1d, 0, stream>>>(
+      reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>()), group, T, K, w);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sizes_kernel<<<blocks_for(L * T), kThreads1d, 0, stream>>>(words, meta.const_data_ptr<int64_t>(),
-                                                              L, T, sizes.data_ptr<int32_t>());
+  sizes_kernel<<<blocks_for(group.count * T), kThreads1d, 0, stream>>>(w, group, T,
+                                                                      sizes.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {packed, sizes};
 }
 
 template <OverlapMetric M>
 void launch_overlap(const at::Tensor& pa, const at::Tensor& pb, const at::Tensor& sa,
-                    const at::Tensor& sb, const at::Tensor& meta, int64_t L, int64_t Ta,
+                    const at::Tensor& sb, const LayerGroup& group, int64_t L, int64_t Ta,
                     int64_t Tb, bool per_layer, at::Tensor& out, cudaStream_t stream) {
   const int64_t tiles_a = (Ta + kTile - 1) / kTile, tiles_b = (Tb + kTile - 1) / kTile;
   TORCH_CHECK(tiles_b <= INT32_MAX, "mask_overlap: b has too many rows (", Tb, ")");
@@ -174,9 +193,10 @@ void launch_overlap(const at::Tensor& pa, const at::Tensor& pb, const at::Tensor
   const auto* a_words = reinterpret_cast<const uint64_t*>(pa.const_data_ptr<int64_t>());
   const auto* b_words = reinterpret_cast<const uint64_t*>(pb.const_data_ptr<int64_t>());
   auto kernel = per_layer ? overlap_kernel<M, true> : overlap_kernel<M, false>;
+  const bool carry_in = group.first > 0, last = group.first + group.count == L;
   kernel<<<grid, block, 0, stream>>>(a_words, b_words, sa.const_data_ptr<int32_t>(),
-                                     sb.const_data_ptr<int32_t>(), meta.const_data_ptr<int64_t>(),
-                                     L, Ta, Tb, tiles_a, out.data_ptr<float>());
+                                     sb.const_data_ptr<int32_t>(), group, L, Ta, Tb, tiles_a,
+                                     carry_in, last, out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -193,28 +213,39 @@ at::Tensor mask_overlap(const at::Tensor& a_in, const at::Tensor& b_in,
                        : at::empty({Ta, Tb}, a.options().dtype(at::kFloat));
   if (Ta == 0 || Tb == 0) return out;
 
-  std::vector<int64_t> host(2 * (L + 1), 0);  // channel offsets, then word offsets
+  // Channel and word offsets of every layer (layers start on word boundaries).
+  std::vector<int64_t> chan(L + 1, 0), word(L + 1, 0);
   for (int64_t l = 0; l < L; ++l) {
-    host[l + 1] = host[l] + layer_sizes[l];
-    host[L + 2 + l] = host[L + 1 + l] + (layer_sizes[l] + 63) / 64;
+    chan[l + 1] = chan[l] + layer_sizes[l];
+    word[l + 1] = word[l] + (layer_sizes[l] + 63) / 64;
   }
-  const int64_t total_words = host[2 * L + 1];
-  const auto meta = at::tensor(host, at::TensorOptions().dtype(at::kLong)).to(a.device());
+  auto pa = at::empty({word[L], Ta}, a.options().dtype(at::kLong));
+  auto pb = at::empty({word[L], Tb}, a.options().dtype(at::kLong));
+  auto sa = at::empty({L, Ta}, a.options().dtype(at::kInt));
+  auto sb = at::empty({L, Tb}, a.options().dtype(at::kInt));
   auto stream = at::cuda::getCurrentCUDAStream();
-  const auto [pa, sa] = pack(a, meta, L, total_words, stream);
-  const auto [pb, sb] = pack(b, meta, L, total_words, stream);
-  switch (kind) {
-    case OverlapMetric::kIoU:
-      launch_overlap<OverlapMetric::kIoU>(pa, pb, sa, sb, meta, L, Ta, Tb, per_layer, out, stream);
-      break;
-    case OverlapMetric::kIoMin:
-      launch_overlap<OverlapMetric::kIoMin>(pa, pb, sa, sb, meta, L, Ta, Tb, per_layer, out,
-                                            stream);
-      break;
-    case OverlapMetric::kIntersection:
-      launch_overlap<OverlapMetric::kIntersection>(pa, pb, sa, sb, meta, L, Ta, Tb, per_layer, out,
-                                                   stream);
-      break;
+  for (int64_t first = 0; first < L; first += kGroupLayers) {
+    LayerGroup group{};
+    group.first = first;
+    group.count = std::min<int64_t>(kGroupLayers, L - first);
+    for (int64_t k = 0; k <= group.count; ++k) {
+      group.chan[k] = chan[first + k];
+      group.word[k] = word[first + k];
+    }
+    pack(a, group, pa, sa, stream);
+    pack(b, group, pb, sb, stream);
+    switch (kind) {
+      case OverlapMetric::kIoU:
+        launch_overlap<OverlapMetric::kIoU>(pa, pb, sa, sb, group, L, Ta, Tb, per_layer, out, stream);
+        break;
+      case OverlapMetric::kIoMin:
+        launch_overlap<OverlapMetric::kIoMin>(pa, pb, sa, sb, group, L, Ta, Tb, per_layer, out, stream);
+        break;
+      case OverlapMetric::kIntersection:
+        launch_overlap<OverlapMetric::kIntersection>(pa, pb, sa, sb, group, L, Ta, Tb, per_layer, out,
+                                                     stream);
+        break;
+    }
   }
   return out;
 }

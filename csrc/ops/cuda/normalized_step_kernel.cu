@@ -2,11 +2,14 @@
 // of up to kMaxLayers gate points (more are done in further launches). The per-layer pointers,
 // widths and strides travel in a kernel-argument struct (as in PyTorch's multi_tensor_apply),
 // so there is no host-to-device copy and no sync; one block per row: norm, then update.
+// The task ids are marked in a (T,) mask by select_kernel, which asserts 0 <= t < T on the
+// device (ATen's index_fill_ would accept -T <= t < 0 and update row T + t).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../launch.h"
 #include "../normalized_step.h"
 #include "common.cuh"
 
@@ -23,6 +26,13 @@ struct Layers {
   int64_t width[kMaxLayers], stride0[kMaxLayers], stride1[kMaxLayers];
 };
 
+__global__ void select_kernel(const int64_t* __restrict__ tasks, int64_t K, int64_t T,
+                              bool* __restrict__ selected) {
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < K;
+       k += (int64_t)gridDim.x * blockDim.x)
+    selected[task_of(tasks, k, T)] = true;  // duplicates write the same value
+}
+
 template <typename scalar_t>
 __global__ void step_kernel(Layers<scalar_t> layers, const bool* __restrict__ selected, scalar_t lr) {
   const int64_t t = blockIdx.x;
@@ -30,18 +40,12 @@ __global__ void step_kernel(Layers<scalar_t> layers, const bool* __restrict__ se
   const int l = blockIdx.y;
   const int64_t C = layers.width[l];
   const scalar_t* g = layers.grads[l] + t * C;
-  scalar_t sq = 0;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) sq += g[c] * g[c];
-  __shared__ scalar_t warp_sums[kThreads / 32];
+  // The squared norm in step_acc_t (double), as on the CPU, whatever the logits' dtype.
+  step_acc_t sq = 0;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) sq += static_cast<step_acc_t>(g[c]) * g[c];
+  sq = block_sum<step_acc_t>(sq);
   __shared__ scalar_t norm;
-  for (int offset = 16; offset > 0; offset >>= 1) sq += __shfl_down_sync(0xffffffff, sq, offset);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sq;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    scalar_t total = 0;
-    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-    norm = sqrt(total);
-  }
+  if (threadIdx.x == 0) norm = static_cast<scalar_t>(sqrt(sq));
   __syncthreads();
   if (!(norm > 0)) return;
   scalar_t* m = layers.logits[l] + t * layers.stride0[l];
@@ -54,13 +58,17 @@ void normalized_gradient_step_(at::TensorList logits, at::TensorList grads, cons
                                double lr) {
   check_normalized_step_args(logits, grads, tasks);
   c10::cuda::CUDAGuard guard(tasks.device());
-  const int64_t T = logits[0].size(0), L = static_cast<int64_t>(logits.size());
+  const int64_t T = logits[0].size(0), L = static_cast<int64_t>(logits.size()), K = tasks.numel();
   TORCH_CHECK(T <= INT32_MAX, "normalized_gradient_step_: too many tasks");
-  if (T == 0 || tasks.numel() == 0) return;
-  const auto sel = selected_rows(tasks, T);
+  if (T == 0 || K == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto ids = tasks.contiguous();
+  auto sel = at::zeros({T}, tasks.options().dtype(at::kBool));
+  select_kernel<<<static_cast<unsigned>(launch::blocks_for(K, kThreads)), kThreads, 0, stream>>>(
+      ids.const_data_ptr<int64_t>(), K, T, sel.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   std::vector<at::Tensor> g(grads.begin(), grads.end());
   for (auto& x : g) x = x.contiguous();  // kept alive until the launches are queued
-  auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "normalized_gradient_step_cuda", [&] {
     for (int64_t l0 = 0; l0 < L; l0 += kMaxLayers) {
       const int64_t count = std::min<int64_t>(kMaxLayers, L - l0);
