@@ -70,14 +70,16 @@ def evaluate(name, model, accuracy, train, val, r, gamma, epochs, seed, out_dir:
     result = {
         "network": name, "settings": extra, "negatives": r, "negative_weight": gamma, "epochs": epochs, "seed": seed,
         "beta": beta, "validation_accuracy": accuracy,
-        "original_accuracy": masked["mean"]["original_accuracy"],
-        "own_class_accuracy": masked["mean"]["accuracy"],
-        "original_false_positives": masked["mean"]["original_rejection"],
+        "original_accuracy": masked["mean"]["original_own_class_accuracy"],
+        "own_class_accuracy": masked["mean"]["own_class_accuracy"],
+        "original_false_positives": masked["mean"]["original_false_positive_rate"],
+        "false_positives": masked["mean"]["false_positive_rate"],
+        "balanced_accuracy": masked["mean"]["balanced_accuracy"],
+        "original_balanced_accuracy": masked["mean"]["original_balanced_accuracy"],
+        "worst_false_positives": max(t["false_positive_rate"] for t in masked["tasks"]),
+        "worst_own_class_accuracy": min(t["own_class_accuracy"] for t in masked["tasks"]),
         "open_ratio_per_gate_point": stats["per_gate_point"]["mean"],
         "constant_tasks": _constant_tasks(masked),
-        "false_positives": masked["mean"]["rejection"],
-        "worst_false_positives": max(t["rejection"] for t in masked["tasks"]),
-        "worst_own_class_accuracy": min(t["accuracy"] for t in masked["tasks"]),
         "open_ratio": stats["overall"],
         "mean_iou": float(sim[pairs].mean()),
         "confused_within_top3": confusion["fraction_rank_le_k"], "confused_chance": confusion["chance"],
@@ -92,20 +94,22 @@ def evaluate(name, model, accuracy, train, val, r, gamma, epochs, seed, out_dir:
 
 def _constant_tasks(masked: dict) -> int:
     """Tasks whose binary sub-architecture gives the same answer (t, or not t) on every image."""
-    return sum(1 for t in masked["tasks"] if (t["accuracy"], t["rejection"]) in ((1.0, 1.0), (0.0, 0.0)))
+    return sum(1 for t in masked["tasks"]
+               if (t["own_class_accuracy"], t["false_positive_rate"]) in ((1.0, 1.0), (0.0, 0.0)))
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| network (beta) | objective (r, gamma) | own-class accuracy (original) | false positives on other classes "
-            "(worst task) | open-channel ratio | mean IoU | confusions in top-3 similar (chance) | NAD s |\n"
-            "|---|---|---|---|---|---|---|---|")
+    head = ("| network (beta) | objective (r, gamma) | epochs | own-class accuracy (original) | false positives on other "
+            "classes (worst task) | balanced accuracy | open channels (weighted) | mean IoU | confusions in top-3 "
+            "similar (chance) | NAD s |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         objective = "paper" if r["negatives"] == 0 else f"selective ({r['negatives']:g}, {r['negative_weight']:g})"
         lines.append(
-            f"| {r['network']} ({r['beta']:g}) | {objective} | {r['own_class_accuracy']:.1%} ({r['original_accuracy']:.1%}) | "
-            f"{r['false_positives']:.1%} ({r['worst_false_positives']:.1%}) | {r['open_ratio']:.0%} | "
-            f"{r['mean_iou']:.2f} | {r['confused_within_top3']:.2f} ({r['confused_chance']:.2f}) | "
+            f"| {r['network']} ({r['beta']:g}) | {objective} | {r['epochs']} | "
+            f"{r['own_class_accuracy']:.1%} ({r['original_accuracy']:.1%}) | "
+            f"{r['false_positives']:.1%} ({r['worst_false_positives']:.1%}) | {r.get('balanced_accuracy', float('nan')):.1%} | "
+            f"{r['open_ratio']:.1%} | {r['mean_iou']:.2f} | {r['confused_within_top3']:.2f} ({r['confused_chance']:.2f}) | "
             f"{r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
