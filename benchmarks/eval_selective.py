@@ -18,6 +18,9 @@ is printed as Markdown. The zoo trains once into ``--cache`` (about 2.5 minutes 
 
     nice python benchmarks/eval_selective.py --cache .nad_cache --out nad_output/eval_selective \\
         --objectives 0:0 1:1 --networks zoo_plain zoo_residual zoo_dense zoo_nas
+
+``--beta`` replaces the demo's beta of the given networks, ``--set lr=0.2`` other settings
+(the selective demo's: ``--objectives 0.25:2 --set lr=0.2``, and ``--beta 0.1`` for zoo_plain).
 """
 from __future__ import annotations
 
@@ -78,6 +81,7 @@ def evaluate(name, model, accuracy, train, val, r, gamma, epochs, seed, out_dir:
         "original_balanced_accuracy": masked["mean"]["original_balanced_accuracy"],
         "worst_false_positives": max(t["false_positive_rate"] for t in masked["tasks"]),
         "worst_own_class_accuracy": min(t["own_class_accuracy"] for t in masked["tasks"]),
+        "per_task": [{k: t[k] for k in ("task", "own_class_accuracy", "false_positive_rate")} for t in masked["tasks"]],
         "open_ratio_per_gate_point": stats["per_gate_point"]["mean"],
         "constant_tasks": _constant_tasks(masked),
         "open_ratio": stats["overall"],
@@ -99,16 +103,18 @@ def _constant_tasks(masked: dict) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| network (beta) | objective (r, gamma) | epochs | own-class accuracy (original) | false positives on other "
+    head = ("| network (beta) | objective (r, gamma) | epochs (lr) | own-class accuracy (original) | false positives on other "
             "classes (worst task) | balanced accuracy | open channels (weighted) | mean IoU | confusions in top-3 "
             "similar (chance) | NAD s |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         objective = "paper" if r["negatives"] == 0 else f"selective ({r['negatives']:g}, {r['negative_weight']:g})"
+        lr = (r.get("settings") or {}).get("lr", NADConfig.lr)
+        balanced = r.get("balanced_accuracy", (r["own_class_accuracy"] + 1 - r["false_positives"]) / 2)  # older runs
         lines.append(
-            f"| {r['network']} ({r['beta']:g}) | {objective} | {r['epochs']} | "
+            f"| {r['network']} ({r['beta']:g}) | {objective} | {r['epochs']} ({lr:g}) | "
             f"{r['own_class_accuracy']:.1%} ({r['original_accuracy']:.1%}) | "
-            f"{r['false_positives']:.1%} ({r['worst_false_positives']:.1%}) | {r.get('balanced_accuracy', float('nan')):.1%} | "
+            f"{r['false_positives']:.1%} ({r['worst_false_positives']:.1%}) | {balanced:.1%} | "
             f"{r['open_ratio']:.1%} | {r['mean_iou']:.2f} | {r['confused_within_top3']:.2f} ({r['confused_chance']:.2f}) | "
             f"{r['train_seconds']:.0f} |")
     return "\n".join(lines)

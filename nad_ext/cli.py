@@ -27,7 +27,7 @@ BUILTIN = "builtin"
 USER_ERROR = 2  # argparse's own exit status for usage errors; used for every user error
 # objective.SELECTIVE_DEFAULTS, written out so that --help shows them without importing torch
 # (python_tests/test_cli.py checks that they agree).
-_SELECTIVE = {"negatives": 1.0, "negative_weight": 1.0}
+_SELECTIVE = {"negatives": 0.25, "negative_weight": 2.0}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -372,7 +372,7 @@ def _train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, g
     bar.set_postfix(tasks=f"{len(task_of)}/{len(task_of)}", img_s=f"{images_seen / seconds:.0f}",
                     data_wait=f"{wait / seconds:.0%}",
                     **{k: f"{sum(means[k][t] for t in task_of) / max(len(task_of), 1):.3f}"
-                       for k in ("ce", "mse", "sparse")})
+                       for k in ("ce", "mse", "sparse", "negative") if k in means})
     bar.close()  # off a terminal: the epoch's one line
     bad_images, bad_files = loader.bad.take()
     if bad_images and progress:
