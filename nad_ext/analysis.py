@@ -29,6 +29,7 @@ from nad_ext.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, eval_transform, 
 from nad_ext import progress as nad_progress
 from nad_ext.gates import GatedModel, GatePoint
 from nad_ext.maskbank import MaskBank, atomic_write
+from nad_ext.objective import describe_objective
 from nad_ext.ops.mask_overlap import mask_overlap
 
 CHANCE_HIT = 0.25
@@ -707,6 +708,7 @@ def run_all(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size:
     iou, iomin = similarity(bank, "iou"), similarity(bank, "iomin")
     results = {
         "model_id": bank.model_id,
+        "objective": describe_objective(bank.config),
         "tasks": bank.task_names,
         "stats": subarchitecture_stats(bank),
         "similarity": {"iou": iou, "iomin": iomin, "order": cluster_order(iou)},

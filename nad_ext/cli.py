@@ -18,13 +18,16 @@ import functools
 import json
 import sys
 import warnings
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from nad_ext import __version__
 
 BUILTIN = "builtin"
 USER_ERROR = 2  # argparse's own exit status for usage errors; used for every user error
+# objective.SELECTIVE_DEFAULTS, written out so that --help shows them without importing torch
+# (python_tests/test_cli.py checks that they agree).
+_SELECTIVE = {"negatives": 0.25, "negative_weight": 2.0}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -130,9 +133,12 @@ def cmd_gate_points(args) -> None:
 
 
 def _config_from_args(args):
+    from nad_ext.objective import SELECTIVE_DEFAULTS
     from nad_ext.trainer import NADConfig
 
     values = {f.name: getattr(args, f.name) for f in fields(NADConfig) if getattr(args, f.name, None) is not None}
+    if getattr(args, "selective", False):  # explicit --negatives / --negative-weight win over the switch's defaults
+        values = {**SELECTIVE_DEFAULTS, **values}
     return NADConfig(**values)
 
 
@@ -174,6 +180,7 @@ def _beta(value: str):
 
 
 def cmd_disentangle(args) -> None:
+    from nad_ext.objective import describe_objective
     from nad_ext.trainer import BANK_FILE, disentangle
 
     existing = Path(args.out) / BANK_FILE
@@ -186,7 +193,10 @@ def cmd_disentangle(args) -> None:
     tasks = _load_tasks(args.tasks, train.classes) if args.tasks else None
     ctx = _setup(args)
     resume = "strict" if args.strict_resume else args.resume
-    bank = disentangle(model, train, gate_points, model_id=args.model, config=_config_from_args(args), tasks=tasks,
+    config = _config_from_args(args)
+    if ctx.rank == 0:
+        print(f"objective: {describe_objective(asdict(config))}")
+    bank = disentangle(model, train, gate_points, model_id=args.model, config=config, tasks=tasks,
                        out_dir=args.out, resume=resume, overwrite=args.overwrite, units=args.units)
     if ctx.rank == 0:
         print(f"{len(bank.tasks)} tasks x {len(bank.gate_points)} gate points, epoch {bank.epoch}: "
@@ -288,7 +298,8 @@ def cmd_similarity(args) -> None:
 def cmd_demo(args) -> None:
     from nad_ext.demo import run_demo
 
-    run_demo(args.out, cache_dir=args.cache, epochs=args.epochs, num_mosaics=args.mosaics, device=args.device)
+    run_demo(args.out, cache_dir=args.cache, epochs=args.epochs, num_mosaics=args.mosaics, device=args.device,
+             selective=args.selective)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8, help="NAD epochs")
     p.add_argument("--mosaics", type=int, default=40, help="mosaics for the hit rate")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ..., or auto: cuda when available")
+    p.add_argument("--selective", action="store_true",
+                   help="learn with the selective objective (not the paper's; its settings tuned on this zoo, "
+                        "see `nad disentangle --help`): sub-architectures that also reject other classes")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("gate-points", help="list a model's gate points (its preset, or --auto proposals)")
@@ -346,6 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
                    help="replay the step from CUDA graphs (auto: on with the fused CUDA path)")
     _add_pipeline_args(p, bad_images=True)
+    p.add_argument("--negatives", type=float, metavar="R",
+                   help="selective objective (not the paper's): R x batch size images of other classes join each "
+                        f"task batch (default: 0, the paper's objective; {_SELECTIVE['negatives']:g} with --selective)")
+    p.add_argument("--negative-weight", type=float, metavar="GAMMA",
+                   help="selective objective: weight of the term that keeps a task from predicting itself on "
+                        f"other classes' images (default: 0; {_SELECTIVE['negative_weight']:g} with --selective)")
+    p.add_argument("--selective", action="store_true",
+                   help="the selective objective with the settings tuned on the demo zoo (the --negatives and "
+                        "--negative-weight above); either option given explicitly overrides its value")
     p.add_argument("--tasks", help='JSON file {"task": ["class", ...]} (default: one task per class)')
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last committed epoch (starts a new run, with a note, "

@@ -43,6 +43,7 @@ from nad_ext.storage import load_safetensors, save_safetensors
 DEFAULT_TIMEOUT_S = 1800
 SHARD_FORMAT = "nad-ext.shard/1"
 PER_TASK = ("skipped_batches", "ce", "mse", "sparse", "loss")  # the log's per-task lists
+OPTIONAL_PER_TASK = ("negative",)  # the selective objective's term, in its runs' logs only
 
 
 class PeerError(RuntimeError):
@@ -282,7 +283,7 @@ def commit_epoch(ctx: Context, run: RunDir, bank: MaskBank, stats: dict, tasks: 
     shard = run.shard_path(bank.epoch, ctx.rank)
     if error is None:
         try:
-            record = {k: [stats[k][t] for t in tasks] for k in PER_TASK}
+            record = {k: [stats[k][t] for t in tasks] for k in PER_TASK + OPTIONAL_PER_TASK if k in stats}
             # Since the last shard: the collectives, and the epoch's wall time (with rank 0's commit).
             record.update(images=stats["images"], seconds=stats["seconds"], wait_seconds=ctx.wait_seconds,
                           data_pipeline=stats.get("data_pipeline"), data_wait_s=stats.get("data_wait_s", 0.0),
@@ -323,6 +324,7 @@ def _assemble(ctx: Context, run: RunDir, bank: MaskBank) -> tuple[MaskBank, dict
     logits = [m.clone() for m in bank.logits]
     T = len(bank.tasks)
     per_task = {k: [None] * T for k in PER_TASK}
+    optional = []  # per-task lists that this run logs beyond PER_TASK (from rank 0's shard)
     ranks, bad_images, bad_files, pipeline = [], 0, [], None
     for r in range(ctx.world_size):
         path = run.shard_path(bank.epoch, r)
@@ -332,9 +334,12 @@ def _assemble(ctx: Context, run: RunDir, bank: MaskBank) -> tuple[MaskBank, dict
         if wrong:
             raise ValueError(f"{path} is not the shard expected ({expected}): it has {wrong}")
         ids, record = json.loads(meta["tasks"]), json.loads(meta["stats"])
+        if r == 0:
+            optional = [k for k in OPTIONAL_PER_TASK if k in record]
+            per_task.update({k: [None] * T for k in optional})
         for i, m in enumerate(logits):
             m[ids] = tensors[f"logits.{i:03d}"]
-        for k in PER_TASK:
+        for k in PER_TASK + tuple(optional):
             for t, v in zip(ids, record[k], strict=True):
                 per_task[k][t] = v
         ranks.append({"rank": r, "tasks": len(ids), "images": record["images"], "seconds": record["seconds"],

@@ -277,13 +277,19 @@ def _accuracy_section(name: str, res: dict) -> str:
     rows = [(t["task"], [("images", t["images"]), (analysis.OPEN_CHANNELS, overall.get(t["task"]))], t)
             for t in acc["tasks"]]
     rows.append(("mean", [("images", None), (analysis.OPEN_CHANNELS, res["stats"]["overall"])], acc["mean"]))
-    return f"<h3>{html.escape(name)}</h3>" + _measures_table("task", rows)
+    return (f"<h3>{html.escape(name)}</h3><p>Objective: {html.escape(_objective(res))}</p>"
+            + _measures_table("task", rows))
+
+
+def _objective(res: dict) -> str:
+    """The objective that made the results' bank (results from before the selective variant: paper)."""
+    return res.get("objective", "paper")
 
 
 def _summary_section(results_by_network: dict) -> str:
     """One row per network: open channels and the three measures, means over tasks."""
-    rows = [(name, [(analysis.OPEN_CHANNELS, res["stats"]["overall"])], res["masked_accuracy"]["mean"])
-            for name, res in results_by_network.items()]
+    rows = [(f"{name}: {_objective(res)} objective", [(analysis.OPEN_CHANNELS, res["stats"]["overall"])],
+             res["masked_accuracy"]["mean"]) for name, res in results_by_network.items()]
     return _measures_table("network", rows)
 
 

@@ -30,6 +30,7 @@ from nad_ext import progress as nad_progress
 from nad_ext.calibration import DEFAULT_TARGET, CalibrationSettings, check_target
 from nad_ext.gates import GatedModel, GatePoint, resolve_gate_points
 from nad_ext.maskbank import MaskBank, Task
+from nad_ext.negatives import add_negatives, task_class_matrix
 from nad_ext.objective import nad_loss
 from nad_ext.ops import _checks, normalized_gradient_step_
 from nad_ext.rundir import BANK_FILE, LOG_FILE  # noqa: F401  (the run folder's file names)
@@ -43,7 +44,10 @@ class NADConfig:
     :func:`nad_ext.calibration.calibrate_beta`) for a mean open ratio near
     ``target_open_ratio``; ``image_size`` None takes the preset's input size (224 for the
     ImageNet networks). ``data_pipeline`` and ``on_bad_image``: see :mod:`nad_ext.pipeline`
-    ("auto": the fast pipeline).
+    ("auto": the fast pipeline). ``negatives`` r > 0 and ``negative_weight`` gamma > 0 choose
+    the selective objective (:mod:`nad_ext.objective`; not the paper's): each task batch of
+    own-class images is joined by round(r x its size) images of other classes, whose prediction
+    as the task is penalised with weight gamma. 0 and 0 (default) is the paper's.
     """
 
     beta: float | str | None = None
@@ -63,6 +67,8 @@ class NADConfig:
     cuda_graph: str = "auto"
     data_pipeline: str = "auto"
     on_bad_image: str = "skip"
+    negatives: float = 0.0
+    negative_weight: float = 0.0
 
     def validate(self) -> None:
         for name in ("beta", "lr", "init_std"):
@@ -91,6 +97,14 @@ class NADConfig:
         check_target(self.target_open_ratio)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("negatives", "negative_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if (self.negatives > 0) != (self.negative_weight > 0):
+            raise ValueError(f"the selective objective needs both negatives > 0 and negative_weight > 0 "
+                             f"(0 and 0: the paper's); got negatives={self.negatives!r}, "
+                             f"negative_weight={self.negative_weight!r}")
 
     def execution(self, device: torch.device) -> tuple[bool, torch.dtype, bool]:
         """(fuse, dtype, CUDA graph) of the step on ``device``, with "auto" resolved."""
@@ -157,12 +171,14 @@ def _prefetched_steps(streams, group: int, loader: nad_pipeline.BatchLoader):
 
 
 class _TaskStream:
-    """Task t's batches in one epoch: a seeded permutation; the loader augments them from the
-    same generator."""
+    """Task t's batches in one epoch: a seeded permutation, then (selective objective) each
+    batch's negatives, drawn from the same generator; the loader augments them from it too."""
 
-    def __init__(self, indices, batch_size, generator):
+    def __init__(self, indices, batch_size, generator, num_images=0, negatives=0.0):
         order = torch.randperm(len(indices), generator=generator).tolist()
         self.batches = [[indices[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
+        if negatives:  # own images first, then the other classes' images
+            self.batches = add_negatives(self.batches, indices, num_images, negatives, generator)
         self.generator = generator
 
 
@@ -254,7 +270,8 @@ def disentangle(
             config.beta, found = _auto_beta(ctx, run, net, train, tasks, config, calibration, progress)
         with nad_pipeline.make_loader(train, config.image_size, ctx.device, config.data_pipeline,
                                       config.on_bad_image) as loader:
-            return _disentangle(net, tasks, indices, config, ctx, run, loader, progress, found)
+            return _disentangle(net, tasks, indices, config, ctx, run, loader, progress, found, len(train),
+                                len(train.classes))
     finally:
         distributed.close_run(ctx, run)
 
@@ -281,7 +298,7 @@ def train_in_memory(
     net = _Network(model, gate_points, model_id, units, channel_axis)
     with nad_pipeline.make_loader(train, config.image_size, ctx.device, config.data_pipeline,
                                   config.on_bad_image) as loader:
-        return _disentangle(net, tasks, indices, config, ctx, run, loader, False, None)
+        return _disentangle(net, tasks, indices, config, ctx, run, loader, False, None, len(train), len(train.classes))
 
 
 @dataclass
@@ -319,7 +336,13 @@ def _settings(train, model_id, tasks, config, beta, target_open_ratio):
     tasks = list(tasks) if tasks is not None else default_tasks(train)
     if not tasks:
         raise ValueError("tasks is empty")
-    return config, tasks, _task_indices(train, tasks)
+    indices = _task_indices(train, tasks)
+    if config.negatives:
+        for task, idx in zip(tasks, indices):
+            if len(idx) == len(train):
+                raise ValueError(f"task {task.name!r} covers every class of {train.name}: the selective "
+                                 f"objective (negatives > 0) needs other classes' images as its negatives")
+    return config, tasks, indices
 
 
 def _auto_beta(ctx, run, net: _Network, train, tasks, config, settings, progress) -> tuple[float, dict | None]:
@@ -343,8 +366,10 @@ def _auto_beta(ctx, run, net: _Network, train, tasks, config, settings, progress
     return found["beta"], found
 
 
-def _disentangle(net: _Network, tasks, indices, config, ctx, run, loader, progress, found) -> MaskBank:
+def _disentangle(net: _Network, tasks, indices, config, ctx, run, loader, progress, found, num_images,
+                 num_classes) -> MaskBank:
     device = ctx.device
+    task_classes = task_class_matrix([t.classes for t in tasks], num_classes, device) if config.negatives else None
     fuse, dtype, graph = config.execution(device)
     gated = build_gated_model(
         net.model, net.gate_points, len(tasks), config.image_size, model_id=net.model_id, units=net.units,
@@ -369,22 +394,24 @@ def _disentangle(net: _Network, tasks, indices, config, ctx, run, loader, progre
         bank.apply_to(gated)
         if [t.name for t in bank.tasks] != [t.name for t in tasks]:
             raise ValueError(f"{where} was trained for other tasks; cannot resume it")
-        changed = {k: (bank.config.get(k), v) for k, v in config_record.items()
-                   if k not in EXECUTION_SETTINGS and bank.config.get(k) != v}
+        older = asdict(NADConfig())  # a bank from before a setting existed was made with its default
+        changed = {k: (bank.config.get(k, older[k]), v) for k, v in config_record.items()
+                   if k not in EXECUTION_SETTINGS and bank.config.get(k, older[k]) != v}
         if changed:
             raise ValueError(f"{where} was trained with other settings {changed}; cannot resume it")
         start_epoch = bank.epoch
         found = found or bank.calibration  # a calibrated run resumed with its beta given
 
-    step = lambda *batch: train_step(gated, *batch, config)  # noqa: E731
+    step = lambda *batch: train_step(gated, *batch, config, task_classes)  # noqa: E731
     if graph:
         from nad_ext.step_graph import GraphedSteps
 
-        step = GraphedSteps(gated, lambda g, *batch: train_step(g, *batch, config))
+        step = GraphedSteps(gated, lambda g, *batch: train_step(g, *batch, config, task_classes))
     group = 1 if config.mode == "paper" else config.tasks_per_step
     mine = ctx.my_tasks([len(i) for i in indices], group)  # every task, unless under torchrun
     for epoch in range(start_epoch, config.epochs):
-        streams = [_TaskStream(indices[t], config.batch_size, _epoch_generator(config.seed, epoch, t)) for t in mine]
+        streams = [_TaskStream(indices[t], config.batch_size, _epoch_generator(config.seed, epoch, t), num_images,
+                               config.negatives) for t in mine]
         stats = _train_epoch(step, streams, mine, len(tasks), loader, config, group, epoch, progress, device)
         bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1, found)
         distributed.commit_epoch(ctx, run, bank, stats, mine, config.keep_every_epoch)
@@ -401,7 +428,8 @@ def _train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, g
     The running sums stay on the device; the progress bar reads them about once a second, so
     that steps are not serialised by device syncs.
     """
-    sums = {k: torch.zeros(num_tasks, device=device) for k in ("ce", "mse", "sparse", "loss")}
+    keys = ("ce", "mse", "sparse", "loss") + (("negative",) if config.negatives else ())
+    sums = {k: torch.zeros(num_tasks, device=device) for k in keys}
     steps = torch.zeros(num_tasks, device=device)
     skipped = torch.zeros(num_tasks, device=device)
     total_batches = sum(len(s.batches) for s in streams)
@@ -440,7 +468,7 @@ def _train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, g
     bar.set_postfix(tasks=f"{len(task_of)}/{len(task_of)}", img_s=f"{images_seen / seconds:.0f}",
                     data_wait=f"{wait / seconds:.0%}",
                     **{k: f"{sum(means[k][t] for t in task_of) / max(len(task_of), 1):.3f}"
-                       for k in ("ce", "mse", "sparse")})
+                       for k in ("ce", "mse", "sparse", "negative") if k in means})
     bar.close()  # off a terminal: the epoch's one line
     bad_images, bad_files = loader.bad.take()
     if bad_images and progress:
@@ -461,8 +489,11 @@ def _train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, g
     }
 
 
-def train_step(gated: GatedModel, x, labels, task_ids, tasks, config: NADConfig):
+def train_step(gated: GatedModel, x, labels, task_ids, tasks, config: NADConfig, task_classes=None):
     """One NAD step: original forward, masked forward, backward to the gates, update.
+
+    ``task_classes`` ((T, classes) bool, on the device) is needed by the selective objective
+    (``config.negatives`` > 0): a sample whose label is none of its task's classes is a negative.
 
     ``task_ids`` are checked once by ``gated`` (on the CPU, without a device sync); ``tasks``
     lists the tasks present. The step never waits for the device: tasks without a correctly
@@ -476,8 +507,12 @@ def train_step(gated: GatedModel, x, labels, task_ids, tasks, config: NADConfig)
     logits = list(gated.logits)
     with _checks.ids_checked():
         task_ids = task_ids.to(x.device, non_blocking=True)
+        selective = {}
+        if config.negatives:
+            selective = dict(negative=~task_classes[task_ids, labels], task_classes=task_classes,
+                             negative_weight=config.negative_weight)
         terms = nad_loss(masked_out, labels, masked_acts, original_acts, correct, task_ids, logits, config.beta,
-                         [p.channel_axis for p in gated.gate_points])
+                         [p.channel_axis for p in gated.gate_points], **selective)
         grads = torch.autograd.grad(terms.total, logits)
         normalized_gradient_step_(logits, grads, tasks.to(x.device, non_blocking=True), config.lr)
     return terms

@@ -97,6 +97,7 @@ def _residual_weights(folder):
     (["--gate-points", "features.99"], "gate point 'features.99' is not a module"),
     (["--beta", "-2"], "beta must be a positive number"),
     (["--lr", "0"], "lr must be a positive number"),
+    (["--negatives", "1"], "needs both negatives > 0 and negative_weight > 0"),
 ])
 def test_bad_input_is_reported(tree, weights, tmp_path, capsys, args, message):
     base = {"--data": tree, "--gate-points": None, "--beta": 1.0, "--lr": None}
@@ -126,9 +127,15 @@ def test_bank_for_another_model_is_refused(tree, weights, tmp_path, capsys):
 
 
 def test_analyze_then_report(tree, weights, tmp_path, capsys):
-    code, _, err = run(capsys, "disentangle", "--model", "zoo_plain", "--weights", weights, "--data", tree,
-                       "--out", tmp_path / "run", "--image-size", 32, "--beta", 1.0, "--epochs", 1)
+    from nad_ext.objective import SELECTIVE_DEFAULTS
+
+    code, out, err = run(capsys, "disentangle", "--model", "zoo_plain", "--weights", weights, "--data", tree,
+                         "--out", tmp_path / "run", "--image-size", 32, "--beta", 1.0, "--epochs", 1,
+                         "--selective", "--negatives", 0.5)
     assert code == 0, err
+    config = MaskBank.load(tmp_path / "run" / "masks.safetensors").config
+    assert (config["negatives"], config["negative_weight"]) == (0.5, SELECTIVE_DEFAULTS["negative_weight"])
+    assert "objective: selective (negatives 0.5" in out
     code, out, err = run(capsys, "analyze", "--model", "zoo_plain", "--weights", weights, "--data", tree,
                          "--bank", tmp_path / "run" / "masks.safetensors", "--out", tmp_path / "zoo_plain",
                          "--mosaics", 2)
@@ -138,6 +145,7 @@ def test_analyze_then_report(tree, weights, tmp_path, capsys):
     assert code == 0, err
     html = (tmp_path / "report.html").read_text()
     assert "zoo_plain" in html and html.count('src="data:image/png;base64,') >= 3
+    assert "Objective: selective (negatives 0.5" in html  # the report says which objective made the bank
     code, _, err = run(capsys, "report", tmp_path / "nothing-here", "--out", tmp_path / "r2.html")
     assert code == 2 and "results.json does not exist" in err
 
@@ -308,6 +316,13 @@ def test_defaults_shown_are_the_ones_used():
     parser = cli.build_parser()
     args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x"])
     assert cli._config_from_args(args) == NADConfig()
+    from nad_ext.objective import SELECTIVE_DEFAULTS
+
+    assert cli._SELECTIVE == SELECTIVE_DEFAULTS  # what --help says --selective means
+    args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x", "--selective"])
+    assert cli._config_from_args(args) == NADConfig(**SELECTIVE_DEFAULTS)
+    args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x", "--selective", "--negative-weight", "7"])
+    assert cli._config_from_args(args) == NADConfig(**{**SELECTIVE_DEFAULTS, "negative_weight": 7.0})
     args = parser.parse_args(["demo"])
     assert (args.epochs, args.mosaics) == (demo.DEMO_EPOCHS, demo.DEMO_MOSAICS)
 

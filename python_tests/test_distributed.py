@@ -141,6 +141,20 @@ def test_two_processes_give_the_single_process_bank_and_analyses(tree, weights, 
 
 
 @pytest.mark.slow
+def test_two_processes_give_the_single_process_bank_with_the_selective_objective(tree, weights, tmp_path):
+    # Each task's negatives come from its own generator: the sharding of tasks changes nothing.
+    selective = ["--negatives", "0.5", "--negative-weight", "2"]
+    single, out = tmp_path / "single", tmp_path / "run"
+    assert in_process(*disentangle_args(tree, weights, single), *selective) == 0
+    code, log = torchrun("--standalone", "--nproc-per-node=2", "-m", "nad_ext",
+                         *disentangle_args(tree, weights, out), *selective)
+    assert code == 0, log
+    assert_same_folder(out, single)
+    epochs = json.loads((out / "log.json").read_text())["epochs"]
+    assert len(epochs[-1]["negative"]) == len(SIZES) and any(v > 0 for v in epochs[-1]["negative"])  # logged
+
+
+@pytest.mark.slow
 def test_a_killed_rank_is_restarted_and_the_run_resumes_from_the_last_epoch(tree, weights, reference, tmp_path):
     out = tmp_path / "run"
     code, log = torchrun("--standalone", "--nproc-per-node=2", "--max-restarts=1", "--monitor-interval=0.2",

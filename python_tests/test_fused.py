@@ -202,18 +202,22 @@ def test_execution_settings_resolve_per_device_and_bad_ones_are_named():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("selective", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_replays_compute_the_eager_steps(dtype):
+def test_cuda_graph_replays_compute_the_eager_steps(dtype, selective):
+    from nad_ext.negatives import task_class_matrix
     from nad_ext.step_graph import GraphedSteps
     from nad_ext.trainer import build_gated_model, train_step
 
     model, points = zoo("zoo_plain")
-    config = NADConfig(beta=4.5)
+    # selective: task t owns class t; samples labelled with another class are its negatives
+    config = NADConfig(beta=4.5, negatives=1.0, negative_weight=2.0) if selective else NADConfig(beta=4.5)
+    classes = task_class_matrix([(t,) for t in range(4)], 10, "cuda") if selective else None
     runs = []
     for graphed in (False, True):
         gated = build_gated_model(model, points, 4, 64, model_id="zoo_plain", device="cuda", fuse=True, dtype=dtype)
-        step = (GraphedSteps(gated, lambda g, *b: train_step(g, *b, config)) if graphed
-                else lambda *b: train_step(gated, *b, config))
+        step = (GraphedSteps(gated, lambda g, *b: train_step(g, *b, config, classes)) if graphed
+                else lambda *b: train_step(gated, *b, config, classes))
         gen = torch.Generator().manual_seed(0)
         losses = []
         for _ in range(3):  # new data every step: the replays must read the new inputs
@@ -222,6 +226,8 @@ def test_cuda_graph_replays_compute_the_eager_steps(dtype):
                 labels = gated.original(x, record=False)[0].argmax(1)
             labels[:4] = (labels[:4] + 1) % 10  # some samples do not count
             ids = torch.arange(4).repeat_interleave(8)
+            if selective:  # the rest of each task's samples are its negatives
+                labels[4::2] = ids[4::2].cuda()
             losses.append(step(x, labels, ids, torch.arange(4)).loss.clone())
         if graphed:
             assert len(step.graphs) == 1 and not step.failed
@@ -231,3 +237,12 @@ def test_cuda_graph_replays_compute_the_eager_steps(dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for a, b in zip(graph_losses + graph_logits, eager_losses + eager_logits):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_fused_training_gives_the_eager_paths_gates_with_the_selective_objective(eager_run):
+    images, model, _ = eager_run
+    selective = dict(negatives=0.5, negative_weight=2.0)
+    eager, fused = (disentangle(model, images, ["1", "4"], model_id="small", progress=False,
+                                config=NADConfig(fuse=fuse, **selective, **TRAIN)) for fuse in ("off", "on"))
+    for a, b in zip(fused.logits, eager.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -136,3 +136,88 @@ def test_gradcheck_of_the_mse_views_of_token_nhwc_and_strided_head_layouts(shape
     torch.autograd.gradcheck(term, (m,))
     torch.testing.assert_close(term(m), gate_mse_reference(masked.movedim(axis, 1), original.movedim(axis, 1),
                                                            correct, task_ids, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# The selective variant
+
+
+def selective_loss_one_task(out, labels, masked_acts, original_acts, correct, negative, classes_t, logits_t,
+                            beta, gamma):
+    """The selective loss for one task's samples, written plainly: the paper's terms on the
+    own-class samples, plus gamma * mean over the negatives of -log(1 - p_t), inside the 1/L."""
+    L = len(logits_t)
+    own = ~negative
+    ce = F.cross_entropy(out[own], labels[own])
+    k = correct & own
+    mse = sum(F.mse_loss(m[k], o[k]) for m, o in zip(masked_acts, original_acts))
+    p_t = out[negative].softmax(dim=1)[:, classes_t].sum(dim=1)
+    neg = -torch.log1p(-p_t).mean() if negative.any() else out.sum() * 0
+    sparse = sum(torch.sigmoid(m).pow(2).mean() for m in logits_t) / L
+    return (ce + gamma * neg + mse) / L + beta * sparse
+
+
+def selective_batch():
+    out, labels, masked, original, correct, task_ids, logits = random_batch(n=24)
+    # task t owns classes {t} (t = 0, 1) and {2, 3} (t = 2); class 4 belongs to no task
+    task_classes = torch.zeros(3, 5, dtype=torch.bool)
+    task_classes[0, 0] = task_classes[1, 1] = task_classes[2, 2] = task_classes[2, 3] = True
+    gen = torch.Generator().manual_seed(5)
+    negative = torch.rand(24, generator=gen) < 0.4
+    negative[:3] = False  # every task keeps an own-class sample
+    for n in range(24):  # own-class samples get one of their task's classes as label, negatives another
+        t = int(task_ids[n])
+        choices = task_classes[t].nonzero().flatten() if not negative[n] else (~task_classes[t]).nonzero().flatten()
+        labels[n] = choices[torch.randint(len(choices), (1,), generator=gen)]
+    correct[:3] = True
+    return out, labels, masked, original, correct, task_ids, logits, negative, task_classes
+
+
+def test_selective_terms_match_the_plain_formula_and_the_gradient_stays_per_task():
+    out, labels, masked, original, correct, task_ids, logits, negative, task_classes = selective_batch()
+    out = (out * 4).detach().requires_grad_()  # confident logits: p_t near 1 on some negatives
+    terms = nad_loss(out, labels, masked, original, correct, task_ids, logits, beta=0.4,
+                     negative=negative, task_classes=task_classes, negative_weight=2.5)
+    grads = torch.autograd.grad(terms.total, logits + [out])
+    for t in range(3):
+        sel = task_ids == t
+        classes_t = task_classes[t].nonzero().flatten()
+        expected = selective_loss_one_task(out[sel], labels[sel], [m[sel] for m in masked], [o[sel] for o in original],
+                                           correct[sel], negative[sel], classes_t, [m[t] for m in logits], 0.4, 2.5)
+        torch.testing.assert_close(terms.loss[t], expected)
+        own_grads = torch.autograd.grad(expected, logits)
+        for g, g_own in zip(grads, own_grads):
+            torch.testing.assert_close(g[t], g_own[t])
+    assert terms.counted.all() and torch.isfinite(grads[-1]).all()
+    # The negatives enter no other term: without the negative term, the loss is the paper's on
+    # the own-class samples alone.
+    own = ~negative
+    plain = nad_loss(out[own], labels[own], [m[own] for m in masked], [o[own] for o in original], correct[own],
+                     task_ids[own], logits, beta=0.4)
+    torch.testing.assert_close(terms.loss - 2.5 * terms.negative / len(logits), plain.loss)
+
+
+def test_selective_counted_tasks_need_a_correct_own_class_sample():
+    out, labels, masked, original, correct, task_ids, logits, negative, task_classes = selective_batch()
+    correct[:] = True
+    correct[(task_ids == 1) & ~negative] = False  # task 1: only its negatives are "correct"
+    terms = nad_loss(out, labels, masked, original, correct, task_ids, logits, beta=1.0,
+                     negative=negative, task_classes=task_classes, negative_weight=1.0)
+    assert terms.counted.tolist() == [True, False, True]
+    grads = torch.autograd.grad(terms.total, logits)
+    assert all(torch.all(g[1] == 0) for g in grads)
+
+
+def test_negative_term_is_stable_when_the_task_takes_all_the_probability():
+    out = torch.tensor([[80.0, -80.0, -80.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    task_ids = torch.tensor([0, 0])
+    negative = torch.tensor([True, True])
+    task_classes = torch.tensor([[True, False, False]])
+    from nad_ext.objective import negative_term
+
+    value = negative_term(out, task_ids, negative, task_classes, 1)
+    # -log(1 - p) for p = 1 / (1 + 2 e^-160) is 160 - log 2 (float32 softmax would give inf)
+    expected = ((160 - torch.log(torch.tensor(2.0))) + torch.log(torch.tensor(1.5))) / 2
+    torch.testing.assert_close(value[0], expected)
+    value.sum().backward()
+    assert torch.isfinite(out.grad).all()

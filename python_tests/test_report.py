@@ -31,6 +31,7 @@ def test_report_is_one_html_page_with_embedded_figures(results, tmp_path):
                  "open channels (weighted by channels)"):
         assert name in page
     assert "rejection" not in page
+    assert "Objective: paper" in page and "colour_a: paper objective" in page
     assert [p.name for p in out.parent.iterdir()] == ["report.html"]  # no temporary files left
 
 

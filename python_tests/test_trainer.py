@@ -6,6 +6,7 @@ from torch import nn
 
 from nad_ext.data import ImageSet
 from nad_ext.maskbank import MaskBank, Task
+from nad_ext.objective import SELECTIVE_DEFAULTS
 from nad_ext.trainer import NADConfig, disentangle
 
 
@@ -219,7 +220,9 @@ def test_tasks_made_of_several_classes():
 
 
 @pytest.mark.parametrize("field, value", [("beta", -1.0), ("beta", float("nan")), ("lr", 0), ("lr", "fast"),
-                                          ("epochs", 0), ("batch_size", 1.5), ("mode", "fast")])
+                                          ("epochs", 0), ("batch_size", 1.5), ("mode", "fast"),
+                                          ("negatives", -0.5), ("negative_weight", float("inf")),
+                                          ("negative_weight", 1.0)])
 def test_bad_settings_are_named(field, value):
     images = colour_images(per_class=4)
     with pytest.raises(ValueError, match=field):
@@ -241,3 +244,67 @@ def test_progress_off_a_terminal_is_one_line_per_epoch(capsys):
     lines = err.splitlines()
     assert "\r" not in err and [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
     assert all("batches in" in line and "ce " in line and "sparse " in line for line in lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The selective objective (negatives of other classes)
+
+SELECTIVE = dict(negatives=SELECTIVE_DEFAULTS["negatives"], negative_weight=SELECTIVE_DEFAULTS["negative_weight"])
+
+
+def test_known_channels_are_recovered_by_the_selective_objective():
+    images = colour_images(per_class=48)
+
+    def run(beta, **extra):
+        return disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False,
+                           config=NADConfig(beta=beta, epochs=21, image_size=16, **extra))
+
+    bank = run(2.0, **SELECTIVE)
+    for c in range(3):
+        assert bank.binary()[c].nonzero().flatten().tolist() == [2 * c, 2 * c + 1]
+    assert bank.config["negatives"] == SELECTIVE["negatives"]
+    # Here a class's own channels alone cannot reject another class's image (every logit 0, a
+    # tie), so the negative term pays for keeping the other class's evidence: at beta 1 a task
+    # may keep such a channel, but never loses its own nor opens the dead ones (6, 7).
+    loose, paper = run(1.0, **SELECTIVE), run(1.0)
+    for c in range(3):
+        kept = loose.binary()[c]
+        assert kept[2 * c] and kept[2 * c + 1] and not kept[6:].any()
+    # The negative term acts: those channels close less firmly than with the paper's objective.
+    others = torch.tensor([[c // 2 != t for c in range(6)] for t in range(3)])
+    assert loose.logits[0][:, :6][others].mean() > paper.logits[0][:, :6][others].mean() + 0.5
+
+
+def test_selective_batched_mode_gives_the_gates_of_one_task_at_a_time(tmp_path):
+    images = colour_images(per_class=40)
+    model = fit_small_cnn(images)
+    cfg = dict(CFG, negatives=0.5, negative_weight=2.0)
+    paper = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False, out_dir=tmp_path,
+                        config=NADConfig(mode="paper", **cfg))
+    batched = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+                          config=NADConfig(mode="batched", tasks_per_step=3, **cfg))
+    for p, b in zip(paper.logits, batched.logits):
+        torch.testing.assert_close(b, p, rtol=1e-4, atol=1e-4)
+    plain = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False, config=NADConfig(**CFG))
+    assert not torch.allclose(plain.logits[0], paper.logits[0])  # the negatives changed the gates
+    log = json.loads((tmp_path / "log.json").read_text())["epochs"]
+    assert len(log[-1]["negative"]) == 3  # the negative term's per-task means are logged
+
+
+def test_selective_settings_are_checked_and_recorded(tmp_path):
+    images = colour_images(per_class=8)
+    with pytest.raises(ValueError, match="covers every class"):
+        disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False,
+                    tasks=[Task("all", (0, 1, 2))], config=NADConfig(**CFG, **SELECTIVE))
+    # A bank written before the selective settings existed resumes as the paper's objective.
+    disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False, out_dir=tmp_path,
+                config=NADConfig(**{**CFG, "epochs": 1}))
+    bank = MaskBank.load(tmp_path / "masks.safetensors")
+    assert bank.config["negatives"] == 0 and bank.config["negative_weight"] == 0
+    del bank.config["negatives"], bank.config["negative_weight"]
+    bank.save(tmp_path / "masks.safetensors")
+    assert disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False, out_dir=tmp_path,
+                       resume=True, config=NADConfig(**CFG)).epoch == 2
+    with pytest.raises(ValueError, match="other settings.*negatives"):
+        disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False, out_dir=tmp_path,
+                    resume=True, config=NADConfig(**{**CFG, "epochs": 3}, **SELECTIVE))
