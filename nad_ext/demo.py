@@ -61,14 +61,12 @@ def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, 
     zoo = models.load_zoo(cache_dir, train, val, names=networks, progress=progress, epochs=zoo_epochs)
     summary, results = {}, {}
     objective = SELECTIVE_DEFAULTS if selective else {}
-    betas = DEMO_SELECTIVE_BETAS if selective else DEMO_BETAS
-    lr = DEMO_SELECTIVE_LR if selective else NADConfig.lr
     print(f"objective: {describe_objective(objective)}")
     for name, (model, accuracy) in zoo.items():
         spec = models.get_spec(name)
         print(f"\n{name} ({spec.connection}): validation accuracy {accuracy:.1%}")
-        config = NADConfig(beta=betas.get(name, spec.beta), lr=lr, epochs=epochs, image_size=spec.input_size,
-                           tasks_per_step=len(train.classes), device=str(device), **objective)
+        config = NADConfig(epochs=epochs, image_size=spec.input_size, tasks_per_step=len(train.classes),
+                           device=str(device), **demo_settings(name, selective))
         bank = disentangle(model, train, name, model_id=name, config=config, out_dir=out_dir / name,
                            overwrite=True, progress=progress, calibration=DEMO_CALIBRATION)
         gated = build_gated_model(model, bank.gate_points, len(bank.tasks), spec.input_size, model_id=name,
@@ -83,8 +81,8 @@ def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, 
         _print_summary(summary[name], explain=len(summary) == 1)
     report_path = report.write_report(results, out_dir / "report.html", metadata={
         "data": f"{train.name} ({len(train)} train / {len(val)} val images, {len(train.classes)} classes)",
-        "objective": describe_objective(objective), "nad epochs": epochs, "lr": lr, "mosaics": num_mosaics,
-        "device": str(device),
+        "objective": describe_objective(objective), "nad epochs": epochs, "mosaics": num_mosaics,
+        "device": str(device), "lr": DEMO_SELECTIVE_LR if selective else NADConfig.lr,
         "betas": json.dumps({n: summary[n]["beta"] if "beta_calibration" not in summary[n]
                              else f"{summary[n]['beta']:.3g} (calibrated)" for n in zoo}),
     })
@@ -94,6 +92,15 @@ def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, 
     print(f"results: {out_dir.resolve()}  (mask banks, analyses, summary.json)")
     print(f"report:  {Path(report_path).resolve()}")
     return summary
+
+
+def demo_settings(name: str, selective: bool = False) -> dict:
+    """The demo's NAD settings of network ``name`` that differ between the objectives: beta,
+    lr and (selective) the negatives and their weight."""
+    if not selective:
+        return {"beta": DEMO_BETAS.get(name, models.get_spec(name).beta), "lr": NADConfig.lr}
+    return {"beta": DEMO_SELECTIVE_BETAS.get(name, models.get_spec(name).beta), "lr": DEMO_SELECTIVE_LR,
+            **SELECTIVE_DEFAULTS}
 
 
 def _summarise(name, connection, accuracy, bank, result) -> dict:

@@ -93,3 +93,14 @@ def test_summary_names_the_measures_and_one_open_channel_ratio(capsys):
     weakest = next(line for line in lines if "weakest task" in line)
     assert weakest.strip().startswith("weakest task: a:") and "open" not in weakest
     assert any(line.strip().startswith("(own-class accuracy: ") for line in lines)
+
+
+def test_demo_settings_of_each_objective():
+    from nad_ext.objective import SELECTIVE_DEFAULTS
+
+    assert demo.demo_settings("zoo_plain") == {"beta": 4.5, "lr": NADConfig.lr}  # METHOD.md's lr
+    assert demo.demo_settings("zoo_residual") == {"beta": 0.02, "lr": 0.1}
+    selective = demo.demo_settings("zoo_plain", selective=True)
+    assert selective == {"beta": 0.1, "lr": 0.2, **SELECTIVE_DEFAULTS}
+    assert demo.demo_settings("zoo_nas", selective=True)["beta"] == demo.DEMO_BETAS["zoo_nas"]
+    NADConfig(**selective).validate()
