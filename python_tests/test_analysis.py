@@ -245,6 +245,33 @@ def test_confusion_vs_similarity_on_a_hand_made_case():
     assert res["per_class"][2]["similar"] == ["col3"]
 
 
+def test_each_analysis_progress_bar_counts_every_batch_once(tmp_path, monkeypatch):
+    """The bars of run_all's analyses end at their totals (a batch counted twice showed 16/8)."""
+    from nad_ext import progress as nad_progress
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, desc, **_):
+            self.total, self.desc, self.n = total, desc, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(nad_progress, "bar", Recorder)
+    gated, val, bank = make_gated(), colour_set(), own_channel_bank()
+    analysis.run_all(gated, bank, val, SIZE, tmp_path, num_mosaics=6, batch_size=8, progress=True)
+    assert len(bars) == 3
+    assert [(b.desc.split(": ")[1].split(" (")[0], b.n) for b in bars] == [
+        (f"{analysis.OWN_CLASS_ACCURACY} and {analysis.FALSE_POSITIVES}", 3), ("hit rate", 6),
+        ("confusion versus similarity", 3)]
+    assert all(b.n == b.total for b in bars)
+
+
 def test_single_image_view_highlights_the_class_region():
     gated, bank = make_gated(), own_channel_bank()
     image = torch.zeros(3, 16, 16, dtype=torch.uint8)
