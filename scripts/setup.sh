@@ -68,4 +68,4 @@ fi
 echo "   built in $((SECONDS - build_start)) s"
 .venv/bin/python -c "import nad_ext.ops, nad_ext._extension as e
 print('   nad_ext', nad_ext.__version__, 'is ready; CUDA kernels:', e.has_cuda_kernels())"
-echo "== set-up done in $(elapsed). Next: .venv/bin/nad demo (about 5 minutes on 2 cores the first time)"
+echo "== set-up done in $(elapsed). Next: .venv/bin/nad demo (about 5.5 minutes on 2 cores the first time)"
