@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench_step import timed  # the median of timed runs, synchronised on CUDA
 from nad_ext import batch_transforms as bt
 from nad_ext import data, datacache, pipeline
 
@@ -139,18 +140,9 @@ def resample_table(folder: Path, size: int, device: torch.device, repeats: int, 
     rows = []
     for name, fn in (("image by image (torchvision uint8 kernel)", each), ("batched matrix products", batched),
                      ("roi_align, adaptive sampling (padded batch)", roi)):
-        out = fn()
+        out = fn()  # also the warm-up
         diff = (out.float().cpu() - reference).abs().mean().item()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        rows.append((name, statistics.median(times) / len(images) * 1e3, diff))
+        rows.append((name, timed(fn, device, warmup=0, repeats=repeats) / len(images) * 1e3, diff))
     pool.shutdown()
     return rows
 
