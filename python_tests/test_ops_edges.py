@@ -4,9 +4,8 @@ included), and sizes past the limits the CUDA launches used to have (the index a
 share with the CPU). Runs on the CPU in CI; the [cuda] cases run in scripts/gpu_check.sh."""
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import DEVICES
+from conftest import DEVICES, assert_fake_matches_real
 from nad_ext.ops import (
     _checks,
     gate_mse,
@@ -115,26 +114,6 @@ def _layout(t, name):
 LAYOUTS = ["contiguous", "channels_last", "transposed", "channels_outermost", "sliced", "channels_last_sliced"]
 
 
-def _fake_and_real(op, *args):
-    """Runs op on the real tensors and on fakes of them (same strides); returns both results."""
-    real = op(*args)
-    mode = FakeTensorMode()
-    fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-    with mode:
-        fake = op(*fakes)
-    return real, fake
-
-
-def _same_layout(real, fake, what):
-    reals = real if isinstance(real, (tuple, list)) else (real,)
-    fakes = fake if isinstance(fake, (tuple, list)) else (fake,)
-    assert len(reals) == len(fakes), what
-    for i, (r, f) in enumerate(zip(reals, fakes)):
-        assert r.shape == f.shape, f"{what}[{i}]: shape {tuple(r.shape)} real, {tuple(f.shape)} fake"
-        assert r.dtype == f.dtype, f"{what}[{i}]: dtype {r.dtype} real, {f.dtype} fake"
-        assert r.stride() == f.stride(), f"{what}[{i}]: strides {r.stride()} real, {f.stride()} fake"
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fakes_match_real_strides(device, layout):
@@ -149,7 +128,7 @@ def test_fakes_match_real_strides(device, layout):
         ("task_gate_backward", ops.task_gate_backward, (torch.randn_like(x), x, logits, ids)),
         ("task_gate_backward(x_grad=False)", ops.task_gate_backward, (torch.randn_like(x), x, logits, ids, False)),
     ]:
-        _same_layout(*_fake_and_real(op, *args), f"{name} on {layout}")
+        assert_fake_matches_real(op, *args, what=f"{name} on {layout}")
 
     w = torch.randn(4, 4, 3, 3, device=device)
     y, act = ops.masked_conv2d_forward(x, w, None, logits, ids, *_conv_args())
@@ -161,7 +140,7 @@ def test_fakes_match_real_strides(device, layout):
         ("masked_conv2d_backward(x_grad=False)", ops.masked_conv2d_backward,
          (grad_y, x, w, act, logits, ids, *_conv_args(), False)),
     ]:
-        _same_layout(*_fake_and_real(op, *args), f"{name} on {layout}")
+        assert_fake_matches_real(op, *args, what=f"{name} on {layout}")
 
     original = _layout(torch.randn_like(x0), layout)
     counts = torch.tensor([True, False, True], device=device)
@@ -171,12 +150,12 @@ def test_fakes_match_real_strides(device, layout):
         ("gate_mse_backward (mixed layouts)", ops.gate_mse_backward,
          (torch.ones(2, device=device), x, x0, counts, ids, 2)),
     ]:
-        _same_layout(*_fake_and_real(op, *args), f"{name} on {layout}")
+        assert_fake_matches_real(op, *args, what=f"{name} on {layout}")
 
     a = x.flatten(1)[:, :20] > 0  # a non-contiguous bool view where the layout is not contiguous
     b = x0.flatten(1)[:2, :20] > 0
-    _same_layout(*_fake_and_real(ops.mask_overlap, a, b, [8, 12], "iou", False), f"mask_overlap on {layout}")
-    _same_layout(*_fake_and_real(ops.mask_overlap, a, b, [8, 12], "iomin", True), f"mask_overlap per_layer on {layout}")
+    assert_fake_matches_real(ops.mask_overlap, a, b, [8, 12], "iou", False, what=f"mask_overlap on {layout}")
+    assert_fake_matches_real(ops.mask_overlap, a, b, [8, 12], "iomin", True, what=f"mask_overlap per_layer on {layout}")
 
 
 def test_task_gate_layout_is_the_same_on_every_device():

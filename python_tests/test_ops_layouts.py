@@ -4,9 +4,8 @@ view of (N, L, C) tokens, the (N, C, H, W) view of an NHWC map (channels_last), 
 float64 gradcheck, bfloat16, the fakes' strides, and no copy of the activations."""
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import DEVICES
+from conftest import DEVICES, assert_fake_matches_real
 from nad_ext.ops import gate_mse, gate_mse_reference, task_gate, task_gate_reference
 from nad_ext.ops._layout import channels_inner
 
@@ -125,17 +124,6 @@ def test_bfloat16(device, layout):
                                rtol=1e-4, atol=1e-5)  # bf16 inputs, summed in float32
 
 
-def _fake_and_real(op, *args):
-    real = op(*args)
-    mode = FakeTensorMode()
-    fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-    with mode:
-        fake = op(*fakes)
-    reals = real if isinstance(real, (tuple, list)) else (real,)
-    fakes = fake if isinstance(fake, (tuple, list)) else (fake,)
-    return list(zip(reals, fakes))
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", list(LAYOUTS) + ["sliced_tokens", "one_token", "nhwc_h1"])
 def test_fakes_give_the_real_strides(device, layout):
@@ -161,8 +149,7 @@ def test_fakes_give_the_real_strides(device, layout):
         ("gate_mse_backward (mixed)", ops.gate_mse_backward, (torch.ones(T, device=device), x, o.contiguous(),
                                                               counts, ids, T)),
     ]:
-        for i, (r, f) in enumerate(_fake_and_real(op, *args)):
-            assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride()), f"{name}[{i}] on {layout}"
+        assert_fake_matches_real(op, *args, what=f"{name} on {layout}")
 
 
 # What would copy an activation: a contiguous() / clone / dtype conversion of a tensor of its size.
