@@ -12,6 +12,10 @@ Measured side by side in one run (timings on shared machines drift, ratios hold)
   one ``nad::normalized_gradient_step_``; float32 here, and bf16 + channels_last on CUDA
   (fused-bf16, what ``nad disentangle`` runs on a GPU by default).
 
+TF32 stays as PyTorch sets it, as in ``nad disentangle`` (the trainer never changes it): the
+float32 paths' convolutions run in TF32 on Ampere and later GPUs, their matrix products do not;
+the output says which.
+
 Labels are the original network's own predictions, so that every sample counts (random weights
 would otherwise classify nothing correctly and the step would skip the MSE work).
 
@@ -133,6 +137,17 @@ def fused(model, names, beta, device, size, tasks, dtype=torch.float32, graph=Fa
     return (lambda: train_step(gated, x, y, ids, active, config)), n
 
 
+def tf32_settings() -> str:
+    """TF32 as this process has it: PyTorch's defaults (the trainer changes nothing) are TF32 for
+    cuDNN's float32 convolutions, IEEE float32 for matrix products."""
+    try:
+        conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # set per operator through PyTorch's newer API
+        conv = torch.backends.cudnn.conv.fp32_precision == "tf32"
+        matmul = torch.backends.cuda.matmul.fp32_precision == "tf32"
+    return f"TF32 {'on' if conv else 'off'} for cuDNN convolutions, {'on' if matmul else 'off'} for matrix products"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -146,10 +161,10 @@ def main():
                         "print the operators by device time (by CPU time without a GPU)")
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
           f"{args.tasks} tasks x 16 images per batched step")
+    if cuda:
+        print(f"float32 paths: {tf32_settings()}, as the trainer runs them (it leaves PyTorch's settings alone)")
     print(f"{'model':14s} {'path':16s} {'img/s':>10s} {'x ref':>7s} {'peak MiB':>9s}")
     for name in args.models:
         spec = models.get_spec(name)

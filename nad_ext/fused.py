@@ -5,7 +5,8 @@ keep every module name, so gate points, hooks and weights files still refer to t
 
 - :func:`fold_batchnorm`: an eval-mode BatchNorm2d that reads a Conv2d's output directly is an
   affine map per channel, so it goes into the convolution's weight and bias, and the
-  BatchNorm becomes ``nn.Identity``. The folded network is checked against the unfolded one.
+  BatchNorm becomes ``nn.Identity``. The folded network is checked against the unfolded one,
+  in IEEE float32 (:func:`ieee_float32`: no TF32, whatever the caller's settings).
 - :func:`fuse_gated_convolutions`: a gate point at the end of ``Conv2d [folded BN] [ReLU]
   [pools]`` inside one ``nn.Sequential`` is computed by ``nad::masked_conv2d``: the gate moves
   onto the convolution's output, fused with bias and ReLU. That is exact, not approximate:
@@ -15,6 +16,7 @@ keep every module name, so gate points, hooks and weights files still refer to t
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -30,6 +32,42 @@ _POSITIVELY_HOMOGENEOUS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.
 
 # gate_source() -> (logits, task_ids) for a masked pass, None for the original network.
 GateSource = Callable[[], Optional[tuple]]
+
+
+# The float32 precision settings PyTorch (2.9 on) keeps per backend and operator: TF32 on CUDA
+# (cuDNN convolutions, cuBLAS matrix products), TF32 or bfloat16 in oneDNN on CPUs.
+_FP32_PRECISION = (("cudnn", "conv"), ("cuda", "matmul"), ("mkldnn", "conv"), ("mkldnn", "matmul"))
+
+
+@contextlib.contextmanager
+def ieee_float32():
+    """Inside the block float32 convolutions and matrix products compute in IEEE float32 (no TF32);
+    every setting is restored after it, exactly as it was, by whichever API it was set.
+
+    cuDNN runs float32 convolutions in TF32 by default on Ampere and later GPUs (10-bit mantissa,
+    relative rounding ~5e-4): comparisons meant to see float32 rounding use this.
+    """
+    settings = []
+    for backend, op in _FP32_PRECISION:
+        holder = getattr(getattr(torch.backends, backend, None), op, None)
+        if holder is not None and hasattr(holder, "fp32_precision"):
+            settings.append((holder, holder.fp32_precision))
+    if settings:
+        try:
+            for holder, _ in settings:
+                holder.fp32_precision = "ieee"
+            yield
+        finally:
+            for holder, before in reversed(settings):
+                holder.fp32_precision = before
+        return
+    # PyTorch before 2.9: the two TF32 switches.
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -113,19 +151,23 @@ def fold_batchnorm(model: nn.Module, example_input: torch.Tensor, watch: Sequenc
     The pairs are found by running ``example_input`` once. The folded network is then compared
     with the unfolded one on a random input (logits and the outputs of the modules ``watch``):
     if a convolution's output was also used elsewhere (so that folding changed the function),
-    nothing is folded and a warning says so.
+    nothing is folded and a warning says so. Both passes of the comparison run in IEEE float32
+    (:func:`ieee_float32`), so that what it sees is the fold's float32 rounding (~1e-6), not
+    TF32's (~1e-3 on a deep network, which would refuse every fold on a GPU).
     """
     model.eval()
     pairs = _conv_bn_pairs(model, example_input)
     if not pairs:
         return 0
     probe = torch.randn(example_input.shape, generator=torch.Generator().manual_seed(0)).to(example_input)
-    before = _outputs(model, probe, watch)
+    with ieee_float32():
+        before = _outputs(model, probe, watch)
     originals = {name: model.get_submodule(name) for pair in pairs for name in pair}
     for conv, bn in pairs:
         _set_module(model, conv, _fold(originals[conv], originals[bn]))
         _set_module(model, bn, nn.Identity())
-    after = _outputs(model, probe, watch)
+    with ieee_float32():
+        after = _outputs(model, probe, watch)
     worst = max(_relative_error(a, b) for a, b in zip(after, before))
     if worst > 1e-4:
         for name, module in originals.items():

@@ -1,14 +1,20 @@
 """The fast path: BatchNorm folding, fused gated convolutions, and the fused training step
-against the eager path (float32: same results up to rounding; bfloat16: within its tolerance)."""
+against the eager path (float32: same results up to rounding; bfloat16: within its tolerance).
+
+float32 is IEEE float32 here (conftest turns TF32 off for every test); the fold's check under
+TF32 is shown on the CPU with cuDNN's TF32 rounding simulated (``simulated_tf32``)."""
+import copy
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import DEVICES
+from nad_ext import fused as fused_module
 from nad_ext import models
-from nad_ext.fused import GatedConv2d, fold_batchnorm
+from nad_ext.fused import GatedConv2d, fold_batchnorm, ieee_float32
 from nad_ext.gates import GatedModel
 from nad_ext.trainer import NADConfig, disentangle
 from test_trainer import colour_images, fit_small_cnn
@@ -76,6 +82,100 @@ def test_folded_network_computes_the_same_function(name):
     folded = fold_batchnorm(model, x[:1], watch=points)
     assert folded > 0 and count() == before - folded
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def tf32_round(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (float32) rounded to TF32: 10 explicit mantissa bits, to nearest (relative ~5e-4)."""
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+@pytest.fixture
+def simulated_tf32(monkeypatch):
+    """F.conv2d (so every nn.Conv2d) computes as cuDNN does on an Ampere or later GPU while TF32
+    is on for convolutions (``torch.backends.cudnn.conv.fp32_precision == "tf32"``, set by either
+    API): float32 inputs and weights rounded to TF32, products summed in float32."""
+    conv2d = F.conv2d
+
+    def conv(x, weight, *args, **kwargs):
+        if x.dtype == torch.float32 and torch.backends.cudnn.conv.fp32_precision == "tf32":
+            x, weight = tf32_round(x), tf32_round(weight)
+        return conv2d(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", conv)
+
+
+def enable_tf32(api: str) -> None:
+    if api == "legacy":  # what bench_step.py used to do
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+def relative_error(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def test_tests_run_in_ieee_float32():
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+
+
+@pytest.mark.parametrize("api", ["legacy", "new"])
+@pytest.mark.parametrize("name", ["zoo_plain", "zoo_residual", "zoo_dense", "zoo_nas"])
+def test_folding_check_does_not_depend_on_tf32(simulated_tf32, name, api):
+    """Under TF32 these networks' watched outputs move by 3-5e-4 relative, past the check's 1e-4
+    (on a GPU every Conv+BN network would stay unfolded); the check compares in IEEE float32, so
+    every pair still folds, and the TF32 settings are left as they were."""
+    model, points = zoo(name)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        enable_tf32(api)
+        assert relative_error(model(x), expected) > 1e-5  # the simulation is in effect
+    count = lambda: sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # noqa: E731
+    before = count()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded = fold_batchnorm(model, x[:1], watch=points)
+    assert folded > 0 and count() == before - folded
+    if api == "legacy":
+        assert torch.backends.cudnn.allow_tf32
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    with torch.no_grad(), ieee_float32():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tf32_keeps_the_fused_convolutions(simulated_tf32):
+    model, points = zoo("zoo_plain")
+    enable_tf32("new")
+    fused = GatedModel(model, points, 4, torch.randn(1, 3, 64, 64), fuse=True)
+    assert fused.fused_points == [0, 1, 2, 3, 4]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.model.modules())
+
+
+@pytest.mark.parametrize("wrong", ["eps", "running_var"])
+def test_folding_check_still_refuses_a_wrong_fold_under_tf32(simulated_tf32, monkeypatch, wrong):
+    """A fold with epsilon 1e-3 instead of BatchNorm's 1e-5, or a running variance 0.2% off,
+    moves the outputs by 1-2e-3: as much as TF32 does, so a tolerance widened to TF32's would take
+    it for rounding. The check in IEEE float32 keeps its 1e-4 and refuses it."""
+    real_fold = fused_module._fold
+
+    def wrong_fold(conv, bn):
+        bn = copy.deepcopy(bn)
+        if wrong == "eps":
+            bn.eps = 1e-3
+        else:
+            bn.running_var.mul_(1.002)
+        return real_fold(conv, bn)
+
+    monkeypatch.setattr(fused_module, "_fold", wrong_fold)
+    model, points = zoo("zoo_residual")
+    enable_tf32("new")
+    with pytest.warns(UserWarning, match="left unfolded"):
+        assert fold_batchnorm(model, torch.randn(1, 3, 32, 32), watch=points) == 0
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
 def test_folding_refuses_a_convolution_whose_output_is_used_twice():

@@ -6,23 +6,12 @@ counts. On CUDA the default sums use float atomics (fast, last bits vary from ru
 under torch.use_deterministic_algorithms(True) they take a two-pass path (per-block partial
 sums, then a fixed-order sum), which must be bit-identical across runs and equal the default
 path within rounding. The [cuda] cases run in scripts/gpu_check.sh."""
-import contextlib
-
 import pytest
 import torch
 
 from conftest import DEVICES
+from conftest import deterministic_algorithms as deterministic
 from nad_ext.ops import gate_mse, masked_conv2d, normalized_gradient_step_, task_gate
-
-
-@contextlib.contextmanager
-def deterministic(mode: bool):
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(mode)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 # (N, C, H, W, channels_last): every backward kernel of the gate passes, with few tasks so that

@@ -4,6 +4,7 @@ included), and sizes past the limits the CUDA launches used to have (the index a
 share with the CPU). Runs on the CPU in CI; the [cuda] cases run in scripts/gpu_check.sh."""
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 
 from conftest import DEVICES, assert_fake_matches_real
 from nad_ext.ops import (
@@ -223,6 +224,57 @@ def test_out_of_range_task_ids_are_refused_by_every_op(bad):
     for name, call in _direct_calls("cpu"):
         with pytest.raises(RuntimeError, match=rf"{name.replace('_backward', '')}.*must lie in \[0, 2\)"):
             call(ids)
+
+
+class _DeviceIds(torch.Tensor):
+    """Task ids on a mocked device: the tensor says it is on another device ("meta": its guard
+    needs no driver), keeps its values in a CPU tensor, and records every read of its values by
+    the host (``item()``/``int()``, a copy to the CPU, ``tolist()``): each is a device sync on a
+    GPU."""
+
+    @staticmethod
+    def __new__(cls, values: torch.Tensor, reads: list):
+        t = torch.Tensor._make_wrapper_subclass(cls, values.shape, dtype=values.dtype, device=torch.device("meta"))
+        t.values, t.reads = values, reads
+        return t
+
+    def tolist(self):
+        self.reads.append("tolist")
+        return self.values.tolist()
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        reads = next(a.reads for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _DeviceIds))
+        plain_args, plain_kwargs = pytree.tree_map_only(_DeviceIds, lambda a: a.values, (args, kwargs))
+        out = func(*plain_args, **plain_kwargs)
+        aten = torch.ops.aten
+        to_host = (func is aten._local_scalar_dense.default
+                   or (func is aten._to_copy.default and plain_kwargs.get("device") == torch.device("cpu"))
+                   or (func is aten.copy_.default and not isinstance(args[0], _DeviceIds)))
+        if to_host:
+            reads.append(func.__name__)
+            return out
+        return pytree.tree_map_only(torch.Tensor, lambda o: cls(o, reads), out)
+
+
+@pytest.mark.parametrize("values, error", [([0, 1, 1, 0, 1], None), ([0, -1, 1, 2, 0], r"\[-1, 2\]")])
+def test_id_check_reads_the_device_once(values, error):
+    """The wrappers' id check outside ``ids_checked()`` costs one device sync per op call, not
+    one for the min and another for the max; its message names the argument, the range and the
+    values found."""
+    reads = []
+    ids = _DeviceIds(torch.tensor(values), reads)
+    if error is None:
+        _checks.ids_in_range("task_ids", ids, 2, "one row of logits per task")
+    else:
+        with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\) \(one row of logits per task\); "
+                                             r"got values in " + error):
+            _checks.ids_in_range("task_ids", ids, 2, "one row of logits per task")
+    assert len(reads) == 1, reads
+    with _checks.ids_checked():
+        _checks.ids_in_range("task_ids", ids, 2, "one row of logits per task")
+    assert len(reads) == 1, reads
 
 
 # ---------------------------------------------------------------- sizes past the old CUDA limits

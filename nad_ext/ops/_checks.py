@@ -52,9 +52,10 @@ def _capturing() -> bool:
 
 def ids_in_range(name: str, ids: torch.Tensor, upper: int, what: str) -> None:
     """Values of ``ids`` in [0, upper). Skipped while torch.compile traces or a CUDA graph is
-    captured (a value read is impossible there), and inside :func:`ids_checked`."""
+    captured (a value read is impossible there), and inside :func:`ids_checked`. Reads the
+    device once: min and max come back together (``aminmax``), one sync per call."""
     if ids.numel() == 0 or _IDS_CHECKED.get() or torch.compiler.is_compiling() or _capturing():
         return
-    lo, hi = int(ids.min()), int(ids.max())
+    lo, hi = torch.stack(torch.aminmax(ids)).cpu().tolist()  # one copy to the host
     if lo < 0 or hi >= upper:
         raise ValueError(f"{name} must lie in [0, {upper}) ({what}); got values in [{lo}, {hi}]")
