@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from bench_step import timed  # the median of timed runs, synchronised on CUDA
-from nad_ext import batch_transforms as bt
-from nad_ext import data, datacache, pipeline
+from nad_ext.data import batch_transforms as bt
+from nad_ext import data
+from nad_ext.data import cache as datacache
+from nad_ext.data import pipeline
 
 
 def make_folder(root: Path, count: int, classes: int = 10, seed: int = 0) -> None:
@@ -111,7 +113,7 @@ def resample_table(folder: Path, size: int, device: torch.device, repeats: int, 
     windows = torch.tensor([bt.train_windows(*b, size) for b in boxes])
     on_device = [im.to(device) for im in images]
 
-    pool = pipeline._single_threaded_pool(workers or min(torch.get_num_threads(), 16))
+    pool = pipeline.single_threaded_pool(workers or min(torch.get_num_threads(), 16))
     listed = windows.tolist()
 
     def each():
@@ -244,14 +246,14 @@ def end_to_end(name: str, train, device: torch.device, args) -> None:
     import tempfile
 
     from nad_ext import models
-    from nad_ext.trainer import NADConfig, disentangle
+    from nad_ext.training import NADConfig, Network, disentangle
 
     torch.manual_seed(0)
     model = models.load_model(name, num_classes=len(train.classes))
     config = NADConfig(epochs=3, image_size=args.size, tasks_per_step=args.tasks, device=str(device),
                        data_pipeline="fast", keep_every_epoch=False)
     with tempfile.TemporaryDirectory() as out:
-        disentangle(model, train, name, model_id=name, config=config, out_dir=out, progress=False)
+        disentangle(Network(model, name, name), train, config=config, out_dir=out, progress=False)
         last = json.loads((Path(out) / "log.json").read_text())["epochs"][-1]
     total = last["data_wait_s"] + last["step_s"]
     print(f"\ndisentangle {name} on {device} (fast pipeline, last of 3 epochs): "

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from nad_ext import data, models  # noqa: E402
 from nad_ext.gates import GatePoint  # noqa: E402
-from nad_ext.maskbank import MaskBank, Task  # noqa: E402
-from nad_ext.rundir import RunDir  # noqa: E402
+from nad_ext.gates import MaskBank, Task  # noqa: E402
+from nad_ext.training.rundir import RunDir  # noqa: E402
 
 
 def launch(argv: list[str], threads: int | None, procs: int | None) -> float:

@@ -7,7 +7,7 @@ Measured side by side in one run (timings on shared machines drift, ratios hold)
 - batched: nad_ext's GatedModel + objective, ``tasks`` tasks x 16 images per step, fp32 eager
   (``nad::task_gate`` gates, per-task losses and updates);
 - batched-bf16: the same under bf16 autocast with channels_last (CUDA only);
-- fused: the trainer's fast path (``nad_ext.trainer._step`` on a ``GatedModel(fuse=True)``):
+- fused: the trainer's fast path (``nad_ext.training.train_step`` on a ``GatedModel(fuse=True)``):
   BatchNorm folded, ``nad::masked_conv2d`` where the network allows it, ``nad::gate_mse``,
   one ``nad::normalized_gradient_step_``; float32 here, and bf16 + channels_last on CUDA
   (fused-bf16, what ``nad disentangle`` runs on a GPU by default).
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from nad_ext import models
-from nad_ext.objective import nad_loss, normalized_gradient_step
-from nad_ext.step_graph import GraphedSteps
-from nad_ext.trainer import NADConfig, build_gated_model, train_step
+from nad_ext.training.objective import nad_loss, normalized_gradient_step
+from nad_ext.training.step_graph import GraphedSteps
+from nad_ext.training import NADConfig, build_gated_model, train_step
 
 
 def timed(fn, device, warmup, repeats):

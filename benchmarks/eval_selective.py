@@ -33,8 +33,8 @@ import numpy as np
 
 from nad_ext import analysis, data, models
 from nad_ext.demo import DEMO_BETAS, DEMO_EPOCHS
-from nad_ext.maskbank import atomic_write
-from nad_ext.trainer import NADConfig, build_gated_model, disentangle
+from nad_ext._utils.storage import atomic_write
+from nad_ext.training import NADConfig, Network, build_gated_model, disentangle
 
 
 def parse_objective(text: str) -> tuple[float, float]:
@@ -60,7 +60,7 @@ def evaluate(name, model, accuracy, train, val, r, gamma, epochs, seed, out_dir:
                        keep_every_epoch=False, **extra)
     start = time.perf_counter()
     run_dir = out_dir / stem  # the mask bank and log.json (loss terms per epoch)
-    bank = disentangle(model, train, name, model_id=name, config=config, progress=False, out_dir=run_dir,
+    bank = disentangle(Network(model, name, name), train, config=config, progress=False, out_dir=run_dir,
                        overwrite=True)
     train_seconds = time.perf_counter() - start
     gated = build_gated_model(model, [p.name for p in bank.gate_points], len(bank.tasks), spec.input_size,

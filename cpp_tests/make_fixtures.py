@@ -138,7 +138,7 @@ def export_gated_model(folder: str, library: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from torch import nn
 
-    from nad_ext.export import export_gated, export_task
+    from nad_ext.gates.export import export_gated, export_task
     from nad_ext.gates import GatedModel
 
     torch.manual_seed(0)

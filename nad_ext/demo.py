@@ -6,6 +6,8 @@
 2. Disentangles every class of each network (batched mode, all classes in one pass).
 3. Runs the paper's analyses on each mask bank and writes one HTML report comparing the five
    connection types, with a short text summary.
+
+May import: everything but :mod:`nad_ext.cli` (the demo is the whole path through the code).
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import time
 from pathlib import Path
 
 from nad_ext import analysis, data, models, report
-from nad_ext.calibration import CalibrationSettings
-from nad_ext.maskbank import atomic_write
-from nad_ext.objective import SELECTIVE_DEFAULTS, describe_objective
-from nad_ext.trainer import NADConfig, build_gated_model, disentangle, resolve_device
+from nad_ext._utils.storage import atomic_write
+from nad_ext.distributed import resolve_device
+from nad_ext.gates.maskbank import describe_objective
+from nad_ext.training import (SELECTIVE_DEFAULTS, CalibrationSettings, NADConfig, Network, build_gated_model,
+                              disentangle)
 
 # The demo's NAD settings: the paper's update and defaults, fewer epochs than its 21 (the
 # generated classes are simple and the run must fit in minutes on 2 CPU cores).
@@ -28,7 +31,7 @@ DEMO_BETAS = {"zoo_plain": 4.5, "zoo_residual": 0.02, "zoo_dense": 0.02, "zoo_na
 # own epochs (the open ratio depends on the number of updates), in at most 6 short runs (each
 # about a fifth of the ViT's NAD run; 4 ended outside the tolerance).
 DEMO_CALIBRATION = CalibrationSettings(num_tasks=2, runs=6)
-# The selective demo (``--selective``, objective.SELECTIVE_DEFAULTS), as evaluated in
+# The selective demo (``--selective``, training.objective.SELECTIVE_DEFAULTS), as evaluated in
 # benchmarks/RESULTS.md ("Selective sub-architectures on the zoo"): lr 0.2, so that 8 epochs
 # move the gates as far as 16 at the paper's 0.1 (the negative term needs that distance; the
 # two give the same gates' measures on zoo_residual), and beta 0.1 for the plain network: at
@@ -46,7 +49,7 @@ def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, 
              selective=False) -> dict:
     """Runs the demo; returns the summary that it also writes to ``out_dir/summary.json``.
 
-    ``selective``: learn with the selective objective (``objective.SELECTIVE_DEFAULTS``; not the
+    ``selective``: learn with the selective objective (``training.SELECTIVE_DEFAULTS``; not the
     paper's) instead of the paper's, so that sub-architectures also reject other classes, with
     ``DEMO_SELECTIVE_LR`` and ``DEMO_SELECTIVE_BETAS``.
 
@@ -71,7 +74,7 @@ def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, 
         print(f"\n{name} ({spec.connection}): validation accuracy {accuracy:.1%}")
         config = NADConfig(epochs=epochs, image_size=spec.input_size, tasks_per_step=len(train.classes),
                            device=str(device), **demo_settings(name, selective))
-        bank = disentangle(model, train, name, model_id=name, config=config, out_dir=out_dir / name,
+        bank = disentangle(Network(model, name, name), train, config=config, out_dir=out_dir / name,
                            overwrite=True, progress=progress, calibration=DEMO_CALIBRATION)
         gated = build_gated_model(model, bank.gate_points, len(bank.tasks), spec.input_size, model_id=name,
                                   device=device)

@@ -3,6 +3,8 @@
 The input is ``{network name: analysis.run_all(...) result}``; figures are PNGs drawn with
 matplotlib's Agg canvas (no pyplot, no display) and embedded as base64 data URIs, so the page
 is a single file that opens anywhere. Written atomically.
+
+May import: :mod:`nad_ext.analysis` and what it may import; not :mod:`nad_ext.training`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from nad_ext import analysis
-from nad_ext.storage import atomic_write
+from nad_ext._utils.storage import atomic_write
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1250px;

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from nad_ext.fused import ieee_float32
+from nad_ext.gates.fused import ieee_float32
 
 CUDA = torch.cuda.is_available()
 

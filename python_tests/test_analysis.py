@@ -9,7 +9,7 @@ from torch import nn
 from nad_ext import analysis
 from nad_ext.data import ImageSet
 from nad_ext.gates import GatedModel, GatePoint
-from nad_ext.maskbank import MaskBank, Task
+from nad_ext.gates import MaskBank, Task
 
 # Class c < 3: pure colour channel c; class 3: black.
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0)]
@@ -247,7 +247,7 @@ def test_confusion_vs_similarity_on_a_hand_made_case():
 
 def test_each_analysis_progress_bar_counts_every_batch_once(tmp_path, monkeypatch):
     """The bars of run_all's analyses end at their totals (a batch counted twice showed 16/8)."""
-    from nad_ext import progress as nad_progress
+    from nad_ext._utils import progress as nad_progress
 
     bars = []
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
-from nad_ext.attention import install_head_gate, is_attention
+from nad_ext.gates.attention import install_head_gate, is_attention
 
 
 def _randomised(module):

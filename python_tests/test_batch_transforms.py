@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import DEVICES
-from nad_ext import batch_transforms as bt
+from nad_ext.data import batch_transforms as bt
 from nad_ext import data
 
 
@@ -88,5 +88,5 @@ def test_flip_and_normalise_is_the_exact_paths_arithmetic():
     out = bt.flip_and_normalise(batch, flips)
     for k in range(3):
         image = TF.horizontal_flip(batch[k]) if flips[k] else batch[k]
-        assert torch.equal(out[k], data._normalise(image))
+        assert torch.equal(out[k], data.normalise(image))
     assert torch.equal(bt.flip_and_normalise(batch.float(), flips), out)

@@ -1,13 +1,12 @@
-"""Beta calibration: the log-space bisection on a known curve, and disentangle(beta="auto") on
-a zoo network (short runs), with the curve stored in the bank."""
+"""Beta calibration: the log-space bisection on a known curve, and disentangle with
+NADConfig(beta="auto") on a zoo network (short runs), with the curve stored in the bank."""
 import math
 
 import pytest
 
 from nad_ext import data, models
-from nad_ext.calibration import CalibrationSettings, calibrate_beta, search_beta
-from nad_ext.maskbank import MaskBank
-from nad_ext.trainer import NADConfig, disentangle
+from nad_ext.gates import MaskBank
+from nad_ext.training import CalibrationSettings, NADConfig, Network, calibrate_beta, disentangle, search_beta
 
 
 def falling(beta_half: float):
@@ -66,10 +65,11 @@ def test_beta_auto_calibrates_and_the_bank_says_how(zoo_vit, tmp_path, capsys):
     model, train = zoo_vit
     settings = CalibrationSettings(num_tasks=2, images_per_task=16, epochs=2, runs=3)
     config = NADConfig(epochs=1, image_size=64, tasks_per_step=4)
+    network = Network(model, "zoo_vit", "zoo_vit")
     with pytest.raises(ValueError, match="'zoo_vit' has no tuned beta.*beta='auto'"):
-        disentangle(model, train, "zoo_vit", model_id="zoo_vit", config=config, progress=False)
-    bank = disentangle(model, train, "zoo_vit", model_id="zoo_vit", config=config, beta="auto",
-                       target_open_ratio=0.3, calibration=settings, out_dir=tmp_path / "run")
+        disentangle(network, train, config=config, progress=False)
+    auto = NADConfig(**{**vars(config), "beta": "auto", "target_open_ratio": 0.3})
+    bank = disentangle(network, train, config=auto, calibration=settings, out_dir=tmp_path / "run")
     printed = capsys.readouterr().out
     assert "calibrating beta for zoo_vit" in printed and "open ratio" in printed
     cal = bank.calibration
@@ -82,22 +82,22 @@ def test_beta_auto_calibrates_and_the_bank_says_how(zoo_vit, tmp_path, capsys):
     # The bank on disk says the same; a run with the beta found measures the ratio recorded.
     loaded = MaskBank.load(tmp_path / "run" / "masks.safetensors")
     assert loaded.calibration == cal
-    again = calibrate_beta(model, train, "zoo_vit", model_id="zoo_vit", config=config, progress=False,
+    again = calibrate_beta(network, train, config=config, progress=False,
                            settings=CalibrationSettings(num_tasks=2, images_per_task=16, epochs=2, runs=2,
                                                         bracket=(cal["beta"], cal["beta"] * 10)))
     assert again["curve"][0] == [cal["beta"], cal["open_ratio"]]
     # Resuming keeps the bank's beta (no second calibration).
-    resumed = disentangle(model, train, "zoo_vit", model_id="zoo_vit", config=NADConfig(**{**vars(config), "epochs": 2}),
-                          beta="auto", out_dir=tmp_path / "run", resume=True, progress=False)
+    resumed = disentangle(network, train, config=NADConfig(**{**vars(auto), "epochs": 2}), out_dir=tmp_path / "run",
+                          resume=True, progress=False)
     assert resumed.epoch == 2 and resumed.calibration == cal and resumed.config["beta"] == cal["beta"]
 
 
 def test_calibration_settings_are_checked(zoo_vit):
     model, train = zoo_vit
     with pytest.raises(ValueError, match="images_per_task"):
-        calibrate_beta(model, train, "zoo_vit", model_id="zoo_vit", progress=False,
+        calibrate_beta(Network(model, "zoo_vit", "zoo_vit"), train, progress=False,
                        settings=CalibrationSettings(images_per_task=0))
     with pytest.raises(ValueError, match="target_open_ratio"):
-        calibrate_beta(model, train, "zoo_vit", model_id="zoo_vit", progress=False, target_open_ratio=0.0)
+        calibrate_beta(Network(model, "zoo_vit", "zoo_vit"), train, progress=False, target_open_ratio=0.0)
     with pytest.raises(ValueError, match="target_open_ratio"):
         NADConfig(beta="auto", target_open_ratio=1.0).validate()

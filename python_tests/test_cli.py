@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from nad_ext import cli, data, models
-from nad_ext.maskbank import MaskBank
+from nad_ext.cli import common
+from nad_ext.gates import MaskBank
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_bank_for_another_model_is_refused(tree, weights, tmp_path, capsys):
 
 
 def test_analyze_then_report(tree, weights, tmp_path, capsys):
-    from nad_ext.objective import SELECTIVE_DEFAULTS
+    from nad_ext.training import SELECTIVE_DEFAULTS
 
     code, out, err = run(capsys, "disentangle", "--model", "zoo_plain", "--weights", weights, "--data", tree,
                          "--out", tmp_path / "run", "--image-size", 32, "--beta", 1.0, "--epochs", 1,
@@ -204,7 +205,7 @@ def test_resume_without_a_bank_says_so_in_one_line(tree, weights, tmp_path, caps
 
 
 def test_a_full_disk_is_reported_without_a_traceback(tree, weights, tmp_path, capsys):
-    from nad_ext import faults
+    from nad_ext._utils import faults
 
     out = tmp_path / "run"
     assert run(capsys, *_disentangle_args(tree, weights, out))[0] == 0
@@ -225,7 +226,7 @@ def test_a_full_disk_is_reported_without_a_traceback(tree, weights, tmp_path, ca
 def test_a_second_run_in_one_folder_is_refused(tree, weights, tmp_path, capsys):
     import os
 
-    from nad_ext.rundir import RunDir
+    from nad_ext.training.rundir import RunDir
 
     with RunDir.open(tmp_path / "run"):
         code, _, err = run(capsys, *_disentangle_args(tree, weights, tmp_path / "run"))
@@ -311,18 +312,18 @@ def test_every_option_has_help_and_shows_its_default():
 
 def test_defaults_shown_are_the_ones_used():
     from nad_ext import demo
-    from nad_ext.trainer import NADConfig
+    from nad_ext.training import NADConfig
 
     parser = cli.build_parser()
     args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x"])
-    assert cli._config_from_args(args) == NADConfig()
-    from nad_ext.objective import SELECTIVE_DEFAULTS
+    assert common.config_from_args(args) == NADConfig()
+    from nad_ext.training import SELECTIVE_DEFAULTS
 
-    assert cli._SELECTIVE == SELECTIVE_DEFAULTS  # what --help says --selective means
+    assert common.SELECTIVE == SELECTIVE_DEFAULTS  # what --help says --selective means
     args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x", "--selective"])
-    assert cli._config_from_args(args) == NADConfig(**SELECTIVE_DEFAULTS)
+    assert common.config_from_args(args) == NADConfig(**SELECTIVE_DEFAULTS)
     args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x", "--selective", "--negative-weight", "7"])
-    assert cli._config_from_args(args) == NADConfig(**{**SELECTIVE_DEFAULTS, "negative_weight": 7.0})
+    assert common.config_from_args(args) == NADConfig(**{**SELECTIVE_DEFAULTS, "negative_weight": 7.0})
     args = parser.parse_args(["demo"])
     assert (args.epochs, args.mosaics) == (demo.DEMO_EPOCHS, demo.DEMO_MOSAICS)
 

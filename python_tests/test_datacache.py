@@ -6,8 +6,10 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from nad_ext import cli, data, datacache, models, pipeline
-from nad_ext.trainer import NADConfig, disentangle
+from nad_ext import cli, data, models
+from nad_ext.data import cache as datacache
+from nad_ext.data import pipeline
+from nad_ext.training import NADConfig, Network, disentangle
 from test_pipeline import SIZE, _by_generator, _parts, _record_draws, write_tree
 
 SHORT = round(SIZE * 256 / 224)  # 27: the default stored short side for SIZE
@@ -64,7 +66,7 @@ def test_a_cache_that_stores_full_size_images_trains_exactly(tree, tmp_path):
         assert torch.equal(exact.eval_batch(range(10))[0], fast.eval_batch(range(10))[0])
     model = models.get_spec("zoo_plain").build(4)
     config = dict(epochs=1, image_size=SIZE, beta=1.0, batch_size=4)
-    banks = [disentangle(model, images, "zoo_plain", model_id="zoo_plain", progress=False,
+    banks = [disentangle(Network(model, "zoo_plain", "zoo_plain"), images, progress=False,
                          config=NADConfig(data_pipeline=kind, **config))
              for images, kind in ((folder, "exact"), (big, "auto"))]
     assert all(torch.equal(x, y) for x, y in zip(banks[0].logits, banks[1].logits))

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import CUDA
-from nad_ext import data, decode
+from nad_ext import data
+from nad_ext.data import decode
 from test_pipeline import _save, write_tree
 
 

@@ -7,7 +7,7 @@ import pytest
 from nad_ext import analysis, data, models
 from nad_ext import demo
 from nad_ext.demo import DEMO_CALIBRATION, run_demo
-from nad_ext.trainer import NADConfig, build_gated_model, disentangle
+from nad_ext.training import NADConfig, Network, build_gated_model, disentangle
 
 
 @pytest.mark.slow
@@ -16,7 +16,7 @@ def test_subarchitectures_keep_their_task(tmp_path):
     val = data.generated_shapes("val", images_per_class=30)
     model, accuracy = models.train_zoo_model("zoo_plain", train, val, epochs=6, progress=False)
     assert accuracy > 0.6  # the network has learnt the classes
-    bank = disentangle(model, train, "zoo_plain", model_id="zoo_plain", progress=False,
+    bank = disentangle(Network(model, "zoo_plain", "zoo_plain"), train, progress=False,
                        config=NADConfig(beta=1.0, epochs=8, image_size=64, tasks_per_step=10))
     gated = build_gated_model(model, [p.name for p in bank.gate_points], len(bank.tasks), 64, model_id="zoo_plain")
     result = analysis.masked_accuracy(gated, bank, val, 64)
@@ -96,7 +96,7 @@ def test_summary_names_the_measures_and_one_open_channel_ratio(capsys):
 
 
 def test_demo_settings_of_each_objective():
-    from nad_ext.objective import SELECTIVE_DEFAULTS
+    from nad_ext.training import SELECTIVE_DEFAULTS
 
     assert demo.demo_settings("zoo_plain") == {"beta": 4.5, "lr": NADConfig.lr}  # METHOD.md's lr
     assert demo.demo_settings("zoo_residual") == {"beta": 0.02, "lr": 0.1}

@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nad_ext import cli, data, faults, models
+from nad_ext import cli, data, models
+from nad_ext._utils import faults
 from nad_ext.distributed import Context, shard_groups
 from test_rundir import assert_same_folder
 
@@ -213,7 +214,7 @@ def test_beta_auto_under_torchrun_is_the_single_process_calibration(tree, weight
     assert code == 0, log
     assert log.count("calibrating beta for zoo_plain") == 1  # printed by rank 0 only
     assert_same_folder(out, single)
-    from nad_ext.maskbank import MaskBank
+    from nad_ext.gates import MaskBank
 
     bank = MaskBank.load(out / "masks.safetensors")
     assert bank.calibration is not None and bank.config["beta"] == bank.calibration["beta"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from nad_ext.export import export_gated, export_task
+from nad_ext.gates.export import export_gated, export_task
 from nad_ext.gates import GatedModel
 
 

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import DEVICES
-from nad_ext import fused as fused_module
+from nad_ext.gates import fused as fused_module
 from nad_ext import models
-from nad_ext.fused import GatedConv2d, fold_batchnorm, ieee_float32
+from nad_ext.gates.fused import GatedConv2d, fold_batchnorm, ieee_float32
 from nad_ext.gates import GatedModel
-from nad_ext.trainer import NADConfig, disentangle
+from nad_ext.training import NADConfig, Network, disentangle
 from test_trainer import colour_images, fit_small_cnn
 
 
@@ -263,14 +263,14 @@ def eager_run():
     """A small fitted network, its data, and the gates the float32 eager path learns on them."""
     images = colour_images()
     model = fit_small_cnn(images)
-    bank = disentangle(model, images, ["1", "4"], model_id="small", config=NADConfig(fuse="off", **TRAIN),
+    bank = disentangle(Network(model, ["1", "4"], "small"), images, config=NADConfig(fuse="off", **TRAIN),
                        progress=False)
     return images, model, bank
 
 
 def test_fused_training_gives_the_eager_paths_gates(eager_run):
     images, model, eager = eager_run
-    fused = disentangle(model, images, ["1", "4"], model_id="small", config=NADConfig(fuse="on", **TRAIN),
+    fused = disentangle(Network(model, ["1", "4"], "small"), images, config=NADConfig(fuse="on", **TRAIN),
                         progress=False)
     for a, b in zip(fused.logits, eager.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -278,7 +278,7 @@ def test_fused_training_gives_the_eager_paths_gates(eager_run):
 
 def test_bfloat16_training_stays_close_to_float32(eager_run):
     images, model, f32 = eager_run
-    bf16 = disentangle(model, images, ["1", "4"], model_id="small", progress=False,
+    bf16 = disentangle(Network(model, ["1", "4"], "small"), images, progress=False,
                        config=NADConfig(fuse="on", precision="bfloat16", **TRAIN))
     for a, b in zip(bf16.logits, f32.logits, strict=True):
         assert (a - b).abs().max() < 0.1  # 6 normalised steps of length 0.1: drift well under one step
@@ -305,9 +305,9 @@ def test_execution_settings_resolve_per_device_and_bad_ones_are_named():
 @pytest.mark.parametrize("selective", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_replays_compute_the_eager_steps(dtype, selective):
-    from nad_ext.negatives import task_class_matrix
-    from nad_ext.step_graph import GraphedSteps
-    from nad_ext.trainer import build_gated_model, train_step
+    from nad_ext.training.negatives import task_class_matrix
+    from nad_ext.training.step_graph import GraphedSteps
+    from nad_ext.training import build_gated_model, train_step
 
     model, points = zoo("zoo_plain")
     # selective: task t owns class t; samples labelled with another class are its negatives
@@ -342,7 +342,7 @@ def test_cuda_graph_replays_compute_the_eager_steps(dtype, selective):
 def test_fused_training_gives_the_eager_paths_gates_with_the_selective_objective(eager_run):
     images, model, _ = eager_run
     selective = dict(negatives=0.5, negative_weight=2.0)
-    eager, fused = (disentangle(model, images, ["1", "4"], model_id="small", progress=False,
+    eager, fused = (disentangle(Network(model, ["1", "4"], "small"), images, progress=False,
                                 config=NADConfig(fuse=fuse, **selective, **TRAIN)) for fuse in ("off", "on"))
     for a, b in zip(fused.logits, eager.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

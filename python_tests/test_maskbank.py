@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nad_ext.gates import GatePoint
-from nad_ext.maskbank import MaskBank, Task
-from nad_ext.storage import WriteError
+from nad_ext.gates import MaskBank, Task
+from nad_ext._utils.storage import WriteError
 
 
 def make_bank(tasks=3, epoch=4):

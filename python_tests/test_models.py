@@ -2,7 +2,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nad_ext import darts, data, models
+from nad_ext import data, models
+from nad_ext.models import darts
 from nad_ext.gates import GatedModel
 from nad_ext.ops._layout import channels_inner
 
@@ -105,7 +106,7 @@ def _one_step(gated, x, num_tasks):
     """One NAD step on ``x``; returns the loss terms (the gates must move). Every activation
     reaches the gate ops in a layout they read in place (tokens and NHWC maps as
     channels-innermost views, not copies)."""
-    from nad_ext.trainer import NADConfig, train_step
+    from nad_ext.training import NADConfig, train_step
 
     before = [m.detach().clone() for m in gated.logits]
     with torch.no_grad():
@@ -227,7 +228,7 @@ def test_train_zoo_model_and_cache(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("retrained although the cache is valid")
 
-    monkeypatch.setattr(models, "train_zoo_model", no_training)
+    monkeypatch.setattr(models.zoo, "train_zoo_model", no_training)
     again, accuracy_again = models.load_zoo(tmp_path, train, val, names=["zoo_dense"], progress=False,
                                             epochs=1)["zoo_dense"]
     assert accuracy_again == accuracy

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nad_ext.negatives import add_negatives, draw_negatives, negatives_per_batch, task_class_matrix
+from nad_ext.training.negatives import add_negatives, draw_negatives, negatives_per_batch, task_class_matrix
 
 
 def test_negatives_are_uniform_over_the_other_images_and_seeded():

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nad_ext.objective import nad_loss, normalized_gradient_step
+from nad_ext.training.objective import nad_loss, normalized_gradient_step
 
 
 def paper_loss_one_task(out, labels, masked_acts, original_acts, correct, logits_t, beta):
@@ -213,7 +213,7 @@ def test_negative_term_is_stable_when_the_task_takes_all_the_probability():
     task_ids = torch.tensor([0, 0])
     negative = torch.tensor([True, True])
     task_classes = torch.tensor([[True, False, False]])
-    from nad_ext.objective import negative_term
+    from nad_ext.training.objective import negative_term
 
     value = negative_term(out, task_ids, negative, task_classes, 1)
     # -log(1 - p) for p = 1 / (1 + 2 e^-160) is 160 - log 2 (float32 softmax would give inf)

@@ -217,9 +217,9 @@ def test_cuda_normalized_step_matches_the_cpu():
 
 _NEGATIVE_ID = """
 import torch, nad_ext.ops as ops
-from nad_ext.ops import _checks
+from nad_ext.ops import checks
 logits = [torch.zeros(4, 3, device="cuda")]
-with _checks.ids_checked():  # the trainer's path: no Python check
+with checks.ids_checked():  # the trainer's path: no Python check
     ops.normalized_gradient_step_(logits, [torch.ones(4, 3, device="cuda")],
                                   torch.tensor([{task}], device="cuda"), 1.0)
 torch.cuda.synchronize()

@@ -8,7 +8,7 @@ from torch.utils import _pytree as pytree
 
 from conftest import DEVICES, assert_fake_matches_real
 from nad_ext.ops import (
-    _checks,
+    checks,
     gate_mse,
     gate_mse_reference,
     mask_overlap,
@@ -219,7 +219,7 @@ def test_out_of_range_task_ids_are_refused_by_every_op(bad):
         with pytest.raises(ValueError, match=r"must lie in \[0, 2\)"):
             call(ids)
         # The trainer's path: ids checked once by the caller, so the wrappers skip their check.
-        with _checks.ids_checked(), pytest.raises(RuntimeError, match=r"must lie in \[0, 2\)"):
+        with checks.ids_checked(), pytest.raises(RuntimeError, match=r"must lie in \[0, 2\)"):
             call(ids)
     for name, call in _direct_calls("cpu"):
         with pytest.raises(RuntimeError, match=rf"{name.replace('_backward', '')}.*must lie in \[0, 2\)"):
@@ -266,14 +266,14 @@ def test_id_check_reads_the_device_once(values, error):
     reads = []
     ids = _DeviceIds(torch.tensor(values), reads)
     if error is None:
-        _checks.ids_in_range("task_ids", ids, 2, "one row of logits per task")
+        checks.ids_in_range("task_ids", ids, 2, "one row of logits per task")
     else:
         with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\) \(one row of logits per task\); "
                                              r"got values in " + error):
-            _checks.ids_in_range("task_ids", ids, 2, "one row of logits per task")
+            checks.ids_in_range("task_ids", ids, 2, "one row of logits per task")
     assert len(reads) == 1, reads
-    with _checks.ids_checked():
-        _checks.ids_in_range("task_ids", ids, 2, "one row of logits per task")
+    with checks.ids_checked():
+        checks.ids_in_range("task_ids", ids, 2, "one row of logits per task")
     assert len(reads) == 1, reads
 
 

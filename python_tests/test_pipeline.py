@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from conftest import CUDA
-from nad_ext import cli, data, models, pipeline
-from nad_ext.trainer import NADConfig, disentangle
+from nad_ext import cli, data, models
+from nad_ext.data import pipeline
+from nad_ext.training import NADConfig, Network, disentangle
 
 SIZE = 24
 SHAPES = [(40, 56), (60, 44), (48, 48), (33, 70), (52, 31)]
@@ -84,7 +85,7 @@ def _record_draws(monkeypatch):
         calls.append((generator.initial_seed(), (height, width), out))
         return out
 
-    monkeypatch.setattr(data, "train_crop_params", recording)
+    monkeypatch.setattr(data.transforms, "train_crop_params", recording)
     return calls
 
 
@@ -227,15 +228,16 @@ def test_disentangle_through_the_fast_pipeline(tmp_path, plain_weights):
     for kind in ("exact", "fast"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            banks[kind] = disentangle(model, train, "zoo_plain", model_id="zoo_plain", progress=False,
-                                      config=NADConfig(data_pipeline=kind, **config), out_dir=tmp_path / kind)
+            banks[kind] = disentangle(Network(model, "zoo_plain", "zoo_plain"), train, progress=False,
+                                      config=NADConfig(data_pipeline=kind, **config),
+                                      out_dir=tmp_path / kind)
     assert all(torch.equal(a, b) for a, b in zip(banks["exact"].logits, banks["fast"].logits))
     log = json.loads((tmp_path / "fast" / "log.json").read_text())["epochs"][0]
     assert log["data_pipeline"] == "fast" and log["bad_images"] == 2
     assert any("b_garbage.jpg" in f for f in log["bad_image_files"])
     assert log["data_wait_s"] >= 0 and log["step_s"] > 0
     with pytest.raises(pipeline.BadImageError, match="(a_truncated|b_garbage).jpg"):
-        disentangle(model, train, "zoo_plain", model_id="zoo_plain", progress=False,
+        disentangle(Network(model, "zoo_plain", "zoo_plain"), train, progress=False,
                     config=NADConfig(data_pipeline="fast", on_bad_image="stop", **config))
 
 
@@ -285,7 +287,7 @@ def test_fast_pipeline_on_cuda_same_draws_close_pixels_cuda(tree, monkeypatch):
 def test_disentangle_on_cuda_through_the_fast_pipeline_cuda(tree, plain_weights, tmp_path):
     train = data.image_folder(tree, "train")
     model = models.load_model("zoo_plain", plain_weights, num_classes=4)
-    bank = disentangle(model, train, "zoo_plain", model_id="zoo_plain", progress=False, out_dir=tmp_path,
+    bank = disentangle(Network(model, "zoo_plain", "zoo_plain"), train, progress=False, out_dir=tmp_path,
                        config=NADConfig(epochs=2, image_size=SIZE, beta=1.0, device="cuda", batch_size=4))
     log = json.loads((tmp_path / "log.json").read_text())["epochs"]
     assert bank.epoch == 2 and all(e["data_pipeline"] == "fast" and e["bad_images"] == 0 for e in log)

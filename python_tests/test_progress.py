@@ -1,7 +1,7 @@
 """Progress output off a terminal: plain lines, no carriage-return redraws."""
 import io
 
-from nad_ext import progress
+from nad_ext._utils import progress
 
 
 class FakeTerminal(io.StringIO):

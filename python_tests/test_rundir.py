@@ -1,8 +1,9 @@
-"""The run folder after crashes, full disks and damage (nad_ext.rundir, nad_ext.storage, nad_ext.faults).
+"""The run folder after crashes, full disks and damage (nad_ext.training.rundir,
+nad_ext._utils.storage, nad_ext._utils.faults).
 
 Crashes are real: the run goes to a child process (forked from a server that has imported
 nad_ext, so that a child starts in milliseconds) that SIGKILLs itself at the n-th write event or
-training step (nad_ext.faults); the resumed run must give the files of an uninterrupted one.
+training step (nad_ext._utils.faults); the resumed run must give the files of an uninterrupted one.
 """
 import json
 import multiprocessing
@@ -16,12 +17,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from nad_ext import faults
+from nad_ext._utils import faults
 from nad_ext.data import ImageSet
-from nad_ext.maskbank import MaskBank
-from nad_ext.rundir import RunDir, RunLockedError
-from nad_ext.storage import WriteError
-from nad_ext.trainer import NADConfig, disentangle
+from nad_ext.gates import MaskBank
+from nad_ext.training.rundir import RunDir, RunLockedError
+from nad_ext._utils.storage import WriteError
+from nad_ext.training import NADConfig, Network, disentangle
 
 CONFIG = NADConfig(beta=1.0, epochs=2, image_size=16, batch_size=8, tasks_per_step=2)
 TIMINGS = ("images_per_second", "seconds", "ranks", "data_wait_s", "step_s")
@@ -60,7 +61,7 @@ def train(out, resume=False, config=CONFIG, fault=None, **kwargs):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return faults.run_with(fault, disentangle, model(), images(), ["1"], model_id="known", config=config,
+        return faults.run_with(fault, disentangle, Network(model(), ["1"], "known"), images(), config=config,
                                out_dir=out, resume=resume, progress=False, **kwargs)
     finally:
         torch.set_num_threads(threads)
@@ -70,7 +71,7 @@ def train(out, resume=False, config=CONFIG, fault=None, **kwargs):
 def child():
     """``child(fn, *args)``: runs fn in a fresh child process; its result, or None if it was killed."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["nad_ext.trainer", "nad_ext.models"])
+    ctx.set_forkserver_preload(["nad_ext.training", "nad_ext.models"])
 
     def run(fn, *args, **kwargs):
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:

@@ -1,12 +1,14 @@
-"""Output files (nad_ext.storage): written atomically, with the mode the user's umask gives (not mkstemp's 0600)."""
+"""Output files (nad_ext._utils.storage): written atomically, with the mode the user's umask gives (not mkstemp's 0600)."""
 import os
 import stat
 
 import pytest
 import torch
 
-from nad_ext import models, storage
-from nad_ext.maskbank import GatePoint, MaskBank, Task
+from nad_ext import models
+from nad_ext._utils import storage
+from nad_ext.models.weights import save_weights
+from nad_ext.gates import GatePoint, MaskBank, Task
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def test_mask_banks_and_the_zoo_cache_are_readable_by_the_group(tmp_path, umask)
     bank = MaskBank("m", [GatePoint("a", 2)], [Task("t", (0,))], [torch.zeros(1, 2)])
     bank.save(tmp_path / "masks.safetensors")
     assert mode(tmp_path / "masks.safetensors") == 0o644
-    models._save_atomic(models.get_spec("zoo_plain").build(3), tmp_path / "zoo_plain.safetensors", {"k": "v"})
+    save_weights(models.get_spec("zoo_plain").build(3), tmp_path / "zoo_plain.safetensors", {"k": "v"})
     assert mode(tmp_path / "zoo_plain.safetensors") == 0o644
 
 

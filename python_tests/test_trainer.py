@@ -5,9 +5,8 @@ import torch
 from torch import nn
 
 from nad_ext.data import ImageSet
-from nad_ext.maskbank import MaskBank, Task
-from nad_ext.objective import SELECTIVE_DEFAULTS
-from nad_ext.trainer import NADConfig, disentangle
+from nad_ext.gates import MaskBank, Task
+from nad_ext.training import SELECTIVE_DEFAULTS, NADConfig, Network, disentangle
 
 
 def colour_images(num_classes=3, per_class=40, size=16, seed=0):
@@ -138,7 +137,7 @@ CFG = dict(beta=1.0, epochs=2, image_size=16, batch_size=16)
 
 def test_known_channels_are_recovered():
     images = colour_images(per_class=48)
-    bank = disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False,
+    bank = disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False,
                        config=NADConfig(beta=1.0, epochs=21, image_size=16))
     open_channels = bank.binary()
     for c in range(3):
@@ -148,7 +147,7 @@ def test_known_channels_are_recovered():
 def test_known_token_channels_are_recovered():
     """The planted test in the token layout: channels on the last axis of (N, L, C)."""
     images = colour_images(per_class=48)
-    bank = disentangle(KnownTokens(), images, ["feat"], model_id="known_tokens", progress=False,
+    bank = disentangle(Network(KnownTokens(), ["feat"], "known_tokens"), images, progress=False,
                        config=NADConfig(beta=1.0, epochs=21, image_size=16))
     assert [(p.channels, p.channel_axis) for p in bank.gate_points] == [(8, 2)]
     open_channels = bank.binary()
@@ -159,7 +158,7 @@ def test_known_token_channels_are_recovered():
 def test_known_heads_are_recovered():
     """Head gates: each class's sub-architecture keeps exactly the head that carries it."""
     images = colour_images(per_class=48)
-    bank = disentangle(KnownHeads(), images, ["attn:heads"], model_id="known_heads", progress=False,
+    bank = disentangle(Network(KnownHeads(), ["attn:heads"], "known_heads"), images, progress=False,
                        config=NADConfig(beta=1.0, epochs=21, image_size=16))
     assert [(p.channels, p.units) for p in bank.gate_points] == [(3, "heads")]
     open_heads = bank.binary()
@@ -170,15 +169,16 @@ def test_known_heads_are_recovered():
 def test_batched_mode_gives_the_gates_of_one_task_at_a_time():
     images = colour_images(per_class=40)
     model = fit_small_cnn(images)
-    paper = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False, config=NADConfig(mode="paper", **CFG))
-    batched = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+    paper = disentangle(Network(model, ["1", "4"], "cnn"), images, progress=False,
+                        config=NADConfig(mode="paper", **CFG))
+    batched = disentangle(Network(model, ["1", "4"], "cnn"), images, progress=False,
                           config=NADConfig(mode="batched", tasks_per_step=3, **CFG))
-    two = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+    two = disentangle(Network(model, ["1", "4"], "cnn"), images, progress=False,
                       config=NADConfig(mode="batched", tasks_per_step=2, **CFG))
     for p, b, t in zip(paper.logits, batched.logits, two.logits):
         torch.testing.assert_close(b, p, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(t, p, rtol=1e-4, atol=1e-4)
-    init = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+    init = disentangle(Network(model, ["1", "4"], "cnn"), images, progress=False,
                        config=NADConfig(**{**CFG, "epochs": 1}))
     assert not torch.allclose(init.logits[0], paper.logits[0])  # the gates did move
 
@@ -187,14 +187,14 @@ def test_epochs_are_saved_and_a_resumed_run_continues_exactly(tmp_path):
     images = colour_images(per_class=24)
     model = fit_small_cnn(images)
     cfg = dict(beta=1.0, image_size=16)
-    full = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
-                       config=NADConfig(epochs=3, **cfg), out_dir=tmp_path / "full")
-    disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
-                config=NADConfig(epochs=1, **cfg), out_dir=tmp_path / "part")
+    full = disentangle(Network(model, ["1", "4"], "cnn"), images, progress=False, config=NADConfig(epochs=3, **cfg),
+                       out_dir=tmp_path / "full")
+    disentangle(Network(model, ["1", "4"], "cnn"), images, progress=False, config=NADConfig(epochs=1, **cfg),
+                out_dir=tmp_path / "part")
     with pytest.raises(FileExistsError, match="resume"):
-        disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
-                    config=NADConfig(epochs=3, **cfg), out_dir=tmp_path / "part")
-    resumed = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+        disentangle(Network(model, ["1", "4"], "cnn"), images, progress=False, config=NADConfig(epochs=3, **cfg),
+                    out_dir=tmp_path / "part")
+    resumed = disentangle(Network(model, ["1", "4"], "cnn"), images, progress=False,
                           config=NADConfig(epochs=3, **cfg), out_dir=tmp_path / "part", resume=True)
     for a, b in zip(full.logits, resumed.logits):
         torch.testing.assert_close(a, b)
@@ -205,18 +205,19 @@ def test_epochs_are_saved_and_a_resumed_run_continues_exactly(tmp_path):
     assert [e["epoch"] for e in log["epochs"]] == [1, 2, 3]
     assert len(log["epochs"][0]["ce"]) == 3
     with pytest.raises(ValueError, match="other settings"):
-        disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
-                    config=NADConfig(epochs=4, beta=2.0, image_size=16), out_dir=tmp_path / "part", resume=True)
+        disentangle(Network(model, ["1", "4"], "cnn"), images, progress=False,
+                    config=NADConfig(epochs=4, beta=2.0, image_size=16), out_dir=tmp_path / "part",
+                    resume=True)
 
 
 def test_tasks_made_of_several_classes():
     images = colour_images(per_class=16)
-    bank = disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False,
+    bank = disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False,
                        tasks=[Task("c0+c1", (0, 1)), Task("c2", (2,))], config=NADConfig(**CFG))
     assert bank.task_names == ["c0+c1", "c2"] and bank.logits[0].shape == (2, 8)
     with pytest.raises(ValueError, match="task 'c9' names classes"):
-        disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False,
-                    tasks=[Task("c9", (9,))], config=NADConfig(**CFG))
+        disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False, tasks=[Task("c9", (9,))],
+                    config=NADConfig(**CFG))
 
 
 @pytest.mark.parametrize("field, value", [("beta", -1.0), ("beta", float("nan")), ("lr", 0), ("lr", "fast"),
@@ -226,20 +227,19 @@ def test_tasks_made_of_several_classes():
 def test_bad_settings_are_named(field, value):
     images = colour_images(per_class=4)
     with pytest.raises(ValueError, match=field):
-        disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False,
+        disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False,
                     config=NADConfig(**{**CFG, field: value}))
 
 
 def test_beta_is_required_without_a_preset():
     with pytest.raises(ValueError, match="beta must be given"):
-        disentangle(KnownChannels(), colour_images(per_class=4), ["feat"], model_id="known", progress=False,
+        disentangle(Network(KnownChannels(), ["feat"], "known"), colour_images(per_class=4), progress=False,
                     config=NADConfig(image_size=16))
 
 
 def test_progress_off_a_terminal_is_one_line_per_epoch(capsys):
     images = colour_images(per_class=8)
-    disentangle(small_cnn().eval(), images, ["1", "4"], model_id="cnn", progress=True,
-                config=NADConfig(**CFG))
+    disentangle(Network(small_cnn().eval(), ["1", "4"], "cnn"), images, progress=True, config=NADConfig(**CFG))
     err = capsys.readouterr().err  # not a terminal under pytest
     lines = err.splitlines()
     assert "\r" not in err and [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
@@ -256,7 +256,7 @@ def test_known_channels_are_recovered_by_the_selective_objective():
     images = colour_images(per_class=48)
 
     def run(beta, **extra):
-        return disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False,
+        return disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False,
                            config=NADConfig(beta=beta, epochs=21, image_size=16, **extra))
 
     bank = run(2.0, **SELECTIVE)
@@ -279,13 +279,13 @@ def test_selective_batched_mode_gives_the_gates_of_one_task_at_a_time(tmp_path):
     images = colour_images(per_class=40)
     model = fit_small_cnn(images)
     cfg = dict(CFG, negatives=0.5, negative_weight=2.0)
-    paper = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False, out_dir=tmp_path,
+    paper = disentangle(Network(model, ["1", "4"], "cnn"), images, progress=False, out_dir=tmp_path,
                         config=NADConfig(mode="paper", **cfg))
-    batched = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False,
+    batched = disentangle(Network(model, ["1", "4"], "cnn"), images, progress=False,
                           config=NADConfig(mode="batched", tasks_per_step=3, **cfg))
     for p, b in zip(paper.logits, batched.logits):
         torch.testing.assert_close(b, p, rtol=1e-4, atol=1e-4)
-    plain = disentangle(model, images, ["1", "4"], model_id="cnn", progress=False, config=NADConfig(**CFG))
+    plain = disentangle(Network(model, ["1", "4"], "cnn"), images, progress=False, config=NADConfig(**CFG))
     assert not torch.allclose(plain.logits[0], paper.logits[0])  # the negatives changed the gates
     log = json.loads((tmp_path / "log.json").read_text())["epochs"]
     assert len(log[-1]["negative"]) == 3  # the negative term's per-task means are logged
@@ -294,17 +294,17 @@ def test_selective_batched_mode_gives_the_gates_of_one_task_at_a_time(tmp_path):
 def test_selective_settings_are_checked_and_recorded(tmp_path):
     images = colour_images(per_class=8)
     with pytest.raises(ValueError, match="covers every class"):
-        disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False,
+        disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False,
                     tasks=[Task("all", (0, 1, 2))], config=NADConfig(**CFG, **SELECTIVE))
     # A bank written before the selective settings existed resumes as the paper's objective.
-    disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False, out_dir=tmp_path,
+    disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False, out_dir=tmp_path,
                 config=NADConfig(**{**CFG, "epochs": 1}))
     bank = MaskBank.load(tmp_path / "masks.safetensors")
     assert bank.config["negatives"] == 0 and bank.config["negative_weight"] == 0
     del bank.config["negatives"], bank.config["negative_weight"]
     bank.save(tmp_path / "masks.safetensors")
-    assert disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False, out_dir=tmp_path,
+    assert disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False, out_dir=tmp_path,
                        resume=True, config=NADConfig(**CFG)).epoch == 2
     with pytest.raises(ValueError, match="other settings.*negatives"):
-        disentangle(KnownChannels(), images, ["feat"], model_id="known", progress=False, out_dir=tmp_path,
+        disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False, out_dir=tmp_path,
                     resume=True, config=NADConfig(**{**CFG, "epochs": 3}, **SELECTIVE))

@@ -1,4 +1,4 @@
-// Runs a gated model exported from Python with nad_ext.export.export_gated (TorchScript) on a
+// Runs a gated model exported from Python with nad_ext.gates.export.export_gated (TorchScript) on a
 // batch stored as safetensors (tensors "x" and "task_ids"), and prints each sample's class.
 //   run_gated <gated.pt> <batch.safetensors>
 // The traced graph calls nad::task_gate: linking nad::nad registers it.

@@ -1,7 +1,7 @@
 """The paper's analyses of a mask bank (METHOD.md, "Analyses in the paper"), with error bars.
 
-Every analysis takes a :class:`~nad_ext.maskbank.MaskBank` (and, where it runs images, the
-:class:`~nad_ext.gates.GatedModel` it belongs to plus a validation :class:`ImageSet`) and
+Every analysis takes a :class:`~nad_ext.gates.maskbank.MaskBank` (and, where it runs images, the
+:class:`~nad_ext.gates.model.GatedModel` it belongs to plus a validation :class:`ImageSet`) and
 returns plain Python / NumPy results. :func:`run_all` runs them all and writes the results to
 a folder (``results.json``, the similarity matrices as CSV, the hit-rate example arrays as
 ``.npz``); :mod:`nad_ext.report` turns them into one HTML page.
@@ -19,6 +19,10 @@ similarity), :mod:`~nad_ext.analysis.maps` (activation maps, the single-image vi
 :mod:`~nad_ext.analysis.hit_rate` (the mosaic hit rate), :mod:`~nad_ext.analysis.results`
 (everything at once, written and read back); :mod:`~nad_ext.analysis.common` holds what they
 share.
+
+May import: :mod:`nad_ext._utils`, :mod:`nad_ext.distributed`, :mod:`nad_ext.data`,
+:mod:`nad_ext.models`, :mod:`nad_ext.gates`, :mod:`nad_ext.ops`. Not :mod:`nad_ext.training`:
+the analyses read mask banks, whoever wrote them; a new analysis is one file here.
 """
 from nad_ext.analysis.accuracy import confusion_vs_similarity, masked_accuracy
 from nad_ext.analysis.common import (BALANCED_ACCURACY, FALSE_POSITIVES, MEASURES_MEANING, OPEN_CHANNELS,

@@ -8,13 +8,13 @@ import math
 import numpy as np
 import torch
 
-from nad_ext import progress as nad_progress
+from nad_ext._utils import progress as nad_progress
 from nad_ext.analysis.common import (FALSE_POSITIVES, MEASURES_MEANING, OWN_CLASS_ACCURACY, _check_inputs,
                                      _one_task_per_class, _sequential)
 from nad_ext.analysis.masks import similarity
-from nad_ext.data import ImageSet, load_batch
-from nad_ext.gates import GatedModel
-from nad_ext.maskbank import MaskBank
+from nad_ext.data.imagesets import ImageSet, load_batch
+from nad_ext.gates.maskbank import MaskBank
+from nad_ext.gates.model import GatedModel
 
 
 @torch.no_grad()

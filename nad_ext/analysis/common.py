@@ -2,9 +2,9 @@
 ``map_units``."""
 from __future__ import annotations
 
-from nad_ext.data import ImageSet
-from nad_ext.gates import GatedModel
-from nad_ext.maskbank import MaskBank
+from nad_ext.data.imagesets import ImageSet
+from nad_ext.gates.maskbank import MaskBank
+from nad_ext.gates.model import GatedModel
 
 
 # The measures of masked_accuracy, named the same way on the console, in the report and in

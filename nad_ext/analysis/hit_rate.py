@@ -7,13 +7,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nad_ext import progress as nad_progress
+from nad_ext._utils import progress as nad_progress
 from nad_ext.analysis.common import _check_inputs, _sequential
 from nad_ext.analysis.maps import _normalised_maps, _to_display, top_hits
 from nad_ext.analysis.masks import relative_depth
-from nad_ext.data import ImageSet, load_batch
-from nad_ext.gates import GatedModel
-from nad_ext.maskbank import MaskBank
+from nad_ext.data.imagesets import ImageSet, load_batch
+from nad_ext.gates.maskbank import MaskBank
+from nad_ext.gates.model import GatedModel
 
 
 CHANCE_HIT = 0.25

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nad_ext.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from nad_ext.gates import GatedModel, GatePoint
-from nad_ext.maskbank import MaskBank
+from nad_ext.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from nad_ext.gates.maskbank import MaskBank
+from nad_ext.gates.model import GatedModel
+from nad_ext.gates.points import GatePoint
 
 
 def position_map(activation: torch.Tensor, point: GatePoint | None = None) -> torch.Tensor | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nad_ext.maskbank import MaskBank
+from nad_ext.gates.maskbank import MaskBank
 from nad_ext.ops.mask_overlap import mask_overlap
 
 

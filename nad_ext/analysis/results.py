@@ -10,14 +10,14 @@ from typing import Sequence
 
 import numpy as np
 
+from nad_ext._utils.storage import atomic_write
 from nad_ext.analysis.accuracy import _measures, confusion_vs_similarity, masked_accuracy
 from nad_ext.analysis.common import _check_inputs, _sequential
 from nad_ext.analysis.hit_rate import _check_mosaic_args, _mosaic_classes, hit_rate
 from nad_ext.analysis.masks import cluster_order, layerwise_similarity, similarity, subarchitecture_stats
-from nad_ext.data import ImageSet
-from nad_ext.gates import GatedModel
-from nad_ext.maskbank import MaskBank, atomic_write
-from nad_ext.objective import describe_objective
+from nad_ext.data.imagesets import ImageSet
+from nad_ext.gates.maskbank import MaskBank, describe_objective
+from nad_ext.gates.model import GatedModel
 
 
 def _jsonable(value):

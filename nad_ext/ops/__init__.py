@@ -3,6 +3,11 @@
 Each wrapper checks its arguments in Python (clear errors that name the argument) and calls
 the dispatcher; kernels are in csrc/, autograd is registered in C++ so LibTorch users get
 gradients too, and the fake (meta) implementations here let ``torch.compile`` trace them.
+:mod:`~nad_ext.ops.checks` holds the argument checks, also for callers that check task ids once
+for many ops.
+
+May import: ``nad_ext._extension`` only (it loads the compiled operators). The gates and the
+stages after them use the operators; the data and the models do not.
 """
 from nad_ext import _extension  # noqa: F401  (loads the operators)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _layout
+from . import checks, _layout
 
 
 def gate_mse(
@@ -13,8 +13,9 @@ def gate_mse(
 
     ``out[t]`` is the mean over all elements of the samples ``n`` with ``task_ids[n] == t`` and
     ``counts[n]`` of ``(masked - original) ** 2`` (0 for tasks without such samples): the
-    ``mse`` term of :func:`nad_ext.objective.nad_loss` for this gate point. Low-precision inputs
-    are read directly and accumulated in float32 (no float32 copies of the activations).
+    ``mse`` term of :func:`nad_ext.training.objective.nad_loss` for this gate point.
+    Low-precision inputs are read directly and accumulated in float32 (no float32 copies of the
+    activations).
 
     Args:
         masked: the masked network's gated output, (N, C, ...), float32/float16/bfloat16
@@ -29,11 +30,11 @@ def gate_mse(
     Returns:
         (T,) float32 (float64 for float64 inputs), differentiable with respect to ``masked``.
     """
-    _checks.tensor("masked", masked, min_dims=2, dtypes=_checks.FLOAT_TYPES)
-    _checks.tensor("original", original, dtypes=(masked.dtype,))
-    _checks.tensor("counts", counts, dims=1, dtypes=(torch.bool,))
-    _checks.tensor("task_ids", task_ids, dims=1, dtypes=(torch.int64,))
-    _checks.same_device(masked=masked, original=original, counts=counts, task_ids=task_ids)
+    checks.tensor("masked", masked, min_dims=2, dtypes=checks.FLOAT_TYPES)
+    checks.tensor("original", original, dtypes=(masked.dtype,))
+    checks.tensor("counts", counts, dims=1, dtypes=(torch.bool,))
+    checks.tensor("task_ids", task_ids, dims=1, dtypes=(torch.int64,))
+    checks.same_device(masked=masked, original=original, counts=counts, task_ids=task_ids)
     if original.shape != masked.shape:
         raise ValueError(f"original must have masked's shape {tuple(masked.shape)}; got {tuple(original.shape)}")
     for name, t in (("counts", counts), ("task_ids", task_ids)):
@@ -43,7 +44,7 @@ def gate_mse(
         raise ValueError(f"num_tasks must be a positive int; got {num_tasks!r}")
     if original.requires_grad and torch.is_grad_enabled():
         raise ValueError("original requires grad, but it is the frozen network's activation; pass original.detach()")
-    _checks.ids_in_range("task_ids", task_ids, num_tasks, "one entry of the result per task")
+    checks.ids_in_range("task_ids", task_ids, num_tasks, "one entry of the result per task")
     return torch.ops.nad.gate_mse(masked, original, counts, task_ids, num_tasks)
 
 

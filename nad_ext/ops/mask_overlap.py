@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from . import _checks
+from . import checks
 
 METRICS = ("iou", "iomin", "intersection")
 
@@ -62,9 +62,9 @@ def mask_overlap(
         float32 tensor of shape (Ta, Tb), the mean over layers of the per-layer metric, or
         (L, Ta, Tb) when ``per_layer``. Not differentiable (the inputs are bool).
     """
-    _checks.tensor("a", a, dims=2, dtypes=(torch.bool,))
-    _checks.tensor("b", b, dims=2, dtypes=(torch.bool,))
-    _checks.same_device(a=a, b=b)
+    checks.tensor("a", a, dims=2, dtypes=(torch.bool,))
+    checks.tensor("b", b, dims=2, dtypes=(torch.bool,))
+    checks.same_device(a=a, b=b)
     sizes = _check_layer_sizes(layer_sizes)
     total = sum(sizes)
     for name, t in (("a", a), ("b", b)):

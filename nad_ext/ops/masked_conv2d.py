@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import _checks, _layout
+from . import checks, _layout
 
 IntPair = Union[int, Sequence[int]]
 
@@ -50,14 +50,14 @@ def masked_conv2d(
         (N, C_out, H_out, W_out) in x's dtype. Differentiable with respect to ``x`` and
         ``logits`` (the logits gradient accumulated in float32).
     """
-    _checks.tensor("x", x, dims=4, dtypes=_checks.FLOAT_TYPES)
-    _checks.tensor("weight", weight, dims=4, dtypes=(x.dtype,))
+    checks.tensor("x", x, dims=4, dtypes=checks.FLOAT_TYPES)
+    checks.tensor("weight", weight, dims=4, dtypes=(x.dtype,))
     if bias is not None:
-        _checks.tensor("bias", bias, dims=1, dtypes=(x.dtype,))
-    _checks.tensor("logits", logits, dims=2, dtypes=(torch.float32, torch.float64))
-    _checks.tensor("task_ids", task_ids, dims=1, dtypes=(torch.int64,))
+        checks.tensor("bias", bias, dims=1, dtypes=(x.dtype,))
+    checks.tensor("logits", logits, dims=2, dtypes=(torch.float32, torch.float64))
+    checks.tensor("task_ids", task_ids, dims=1, dtypes=(torch.int64,))
     devices = dict(x=x, weight=weight, logits=logits, task_ids=task_ids)
-    _checks.same_device(**devices, **({} if bias is None else {"bias": bias}))
+    checks.same_device(**devices, **({} if bias is None else {"bias": bias}))
     if logits.dtype == torch.float64 and x.dtype != torch.float64:
         raise ValueError(f"logits may be float64 only when x is float64; x is {x.dtype}")
     stride, padding, dilation = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
@@ -85,7 +85,7 @@ def masked_conv2d(
                     f"{name} requires grad, but weights are frozen in NAD: masked_conv2d gives "
                     f"gradients to x and logits only; call {name}.requires_grad_(False)"
                 )
-    _checks.ids_in_range("task_ids", task_ids, logits.shape[0], "one row of logits per task")
+    checks.ids_in_range("task_ids", task_ids, logits.shape[0], "one row of logits per task")
     return torch.ops.nad.masked_conv2d(x, weight, bias, logits, task_ids, stride, padding, dilation, groups, relu)
 
 

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _checks
+from . import checks
 
 
 def normalized_gradient_step_(
@@ -14,8 +14,9 @@ def normalized_gradient_step_(
     """In place, for every gate point l and task t in ``tasks``: ``m_l[t] -= lr * g_l[t] / ||g_l[t]||_2``.
 
     The norm is over gate point l's channels; rows with a zero gradient are left unchanged and a
-    task listed twice is updated once. Equals :func:`nad_ext.objective.normalized_gradient_step`
-    with ``grads[l] = logits[l].grad``, in one launch for all gate points on CUDA.
+    task listed twice is updated once. Equals
+    :func:`nad_ext.training.objective.normalized_gradient_step` with ``grads[l] = logits[l].grad``,
+    in one launch for all gate points on CUDA.
 
     Args:
         logits: per gate point, the (T, C_l) gate logits, float32 (or float64), one T for all.
@@ -26,22 +27,22 @@ def normalized_gradient_step_(
     logits, grads = list(logits), list(grads)
     if len(grads) != len(logits):
         raise ValueError(f"grads must have one entry per gate point ({len(logits)}); got {len(grads)}")
-    _checks.tensor("tasks", tasks, dims=1, dtypes=(torch.int64,))
+    checks.tensor("tasks", tasks, dims=1, dtypes=(torch.int64,))
     layers = [l for l, g in enumerate(grads) if g is not None]
     if not layers:
         return
-    first = _checks.tensor(f"logits[{layers[0]}]", logits[layers[0]], dims=2, dtypes=(torch.float32, torch.float64))
+    first = checks.tensor(f"logits[{layers[0]}]", logits[layers[0]], dims=2, dtypes=(torch.float32, torch.float64))
     num_tasks, dtype = first.shape[0], first.dtype
     for l in layers:
         m, g = logits[l], grads[l]
-        _checks.tensor(f"logits[{l}]", m, dims=2, dtypes=(dtype,))
+        checks.tensor(f"logits[{l}]", m, dims=2, dtypes=(dtype,))
         if m.shape[0] != num_tasks:
             raise ValueError(f"logits[{l}] must have shape ({num_tasks}, C) like logits[{layers[0]}]; got {tuple(m.shape)}")
-        _checks.tensor(f"grads[{l}]", g, dtypes=(dtype,))
+        checks.tensor(f"grads[{l}]", g, dtypes=(dtype,))
         if g.shape != m.shape:
             raise ValueError(f"grads[{l}] must have logits[{l}]'s shape {tuple(m.shape)}; got {tuple(g.shape)}")
-        _checks.same_device(**{f"logits[{l}]": m, f"grads[{l}]": g, "tasks": tasks})
-    _checks.ids_in_range("tasks", tasks, num_tasks, "one row of logits per task")
+        checks.same_device(**{f"logits[{l}]": m, f"grads[{l}]": g, "tasks": tasks})
+    checks.ids_in_range("tasks", tasks, num_tasks, "one row of logits per task")
     with torch.no_grad():
         torch.ops.nad.normalized_gradient_step_([logits[l] for l in layers], [grads[l] for l in layers], tasks, float(lr))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _layout
+from . import checks, _layout
 
 
 def task_gate(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -28,10 +28,10 @@ def task_gate(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor) -> 
         atomics, fast but not bit-reproducible, on CUDA otherwise). Where ``x`` needs no
         gradient, backward does not compute one.
     """
-    _checks.tensor("x", x, min_dims=2, dtypes=_checks.FLOAT_TYPES)
-    _checks.tensor("logits", logits, dims=2, dtypes=(torch.float32, torch.float64))
-    _checks.tensor("task_ids", task_ids, dims=1, dtypes=(torch.int64,))
-    _checks.same_device(x=x, logits=logits, task_ids=task_ids)
+    checks.tensor("x", x, min_dims=2, dtypes=checks.FLOAT_TYPES)
+    checks.tensor("logits", logits, dims=2, dtypes=(torch.float32, torch.float64))
+    checks.tensor("task_ids", task_ids, dims=1, dtypes=(torch.int64,))
+    checks.same_device(x=x, logits=logits, task_ids=task_ids)
     if logits.dtype == torch.float64 and x.dtype != torch.float64:
         raise ValueError(f"logits may be float64 only when x is float64; x is {x.dtype}")
     if logits.shape[1] != x.shape[1]:
@@ -44,7 +44,7 @@ def task_gate(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor) -> 
             f"task_ids must have shape ({x.shape[0]},), one task per sample of x; "
             f"got {tuple(task_ids.shape)}"
         )
-    _checks.ids_in_range("task_ids", task_ids, logits.shape[0], "one row of logits per task")
+    checks.ids_in_range("task_ids", task_ids, logits.shape[0], "one row of logits per task")
     return torch.ops.nad.task_gate(x, logits, task_ids)
 
 

@@ -1,0 +1,136 @@
+"""What the verbs share: the parser class, the argument groups several verbs take, and loading
+their data, model, tasks and config from the parsed arguments. Nothing heavy is imported at
+module level (torch takes seconds to load): each helper imports what it uses when it runs."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+BUILTIN = "builtin"
+USER_ERROR = 2  # argparse's own exit status for usage errors; used for every user error
+# training.SELECTIVE_DEFAULTS, written out so that --help shows them without importing torch
+# (python_tests/test_cli.py checks that they agree).
+SELECTIVE = {"negatives": 0.25, "negative_weight": 2.0}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after each option's help, except where there is nothing to show (a
+    flag, or a default of None whose meaning the help text states itself)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or isinstance(action, argparse._VersionAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser with :class:`HelpFormatter`; its sub-commands get it too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="registry name: vgg16, resnet50, densenet121, darts, vit_b_16, "
+                                                   "swin_t, convnext_tiny, or the built-in zoo's zoo_plain, "
+                                                   "zoo_residual, zoo_dense, zoo_nas, zoo_vit")
+    p.add_argument("--weights", help="weights file (.pt/.pth state dict or .safetensors) (default: for zoo models "
+                                     "on the built-in data, the cached zoo, trained on first use)")
+    p.add_argument("--data", default=BUILTIN,
+                   help="an ImageFolder tree with train/ and val/ (one folder per class), a cache made by "
+                        "`nad prepare-data`, or 'builtin' for the generated shapes")
+    p.add_argument("--cache", default=".nad_cache", help="where the built-in zoo's weights are cached")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, ..., or auto: cuda when available (under torchrun, cuda means "
+                        "cuda:LOCAL_RANK)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for the other processes")
+
+
+def add_units_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--units", default="channels", choices=["channels", "mlp", "heads"],
+                   help="what a preset (or 'auto') gates: block channels, the MLP hidden units of "
+                        "transformer/ConvNeXt blocks, or attention heads")
+
+
+def add_pipeline_args(p: argparse.ArgumentParser, bad_images: bool) -> None:
+    p.add_argument("--data-pipeline", choices=["auto", "exact", "fast"], default="auto",
+                   help="image loading: exact (PIL + per-image transforms, the reference), fast (libjpeg-turbo or "
+                        "batched nvjpeg decode, crops on the step's device; on the CPU the same pixels); "
+                        "auto: fast")
+    if bad_images:
+        p.add_argument("--on-bad-image", choices=["skip", "stop"], default="skip",
+                       help="an unreadable image file is skipped with a warning and listed in log.json (skip) "
+                            "or stops the run with its path (stop)")
+
+
+def setup(args):
+    """This process's place in a torchrun world (a world of one without torchrun)."""
+    from nad_ext import distributed
+
+    return distributed.setup(args.device, args.dist_timeout)
+
+
+def load_data(args, split: str):
+    from nad_ext import data
+    from nad_ext.data import cache
+
+    if args.data == BUILTIN:
+        return data.generated_shapes(split)
+    if cache.is_cache(args.data):
+        return cache.open_split(args.data, split)
+    return data.image_folder(args.data, split)
+
+
+def load_model(args, train, val):
+    from nad_ext import models
+
+    if args.weights is None and args.model in models.ZOO:
+        if args.data != BUILTIN:
+            raise ValueError(f"--weights is required for {args.model} on data other than the built-in set")
+        return models.load_zoo(args.cache, train, val, names=[args.model])[args.model][0]
+    if args.weights is None:
+        raise ValueError(f"--weights is required for {args.model}: no pretrained weights can be downloaded")
+    return models.load_model(args.model, args.weights, num_classes=len(train.classes))
+
+
+def config_from_args(args):
+    from nad_ext.training import SELECTIVE_DEFAULTS, NADConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(NADConfig) if getattr(args, f.name, None) is not None}
+    if getattr(args, "selective", False):  # explicit --negatives / --negative-weight win over the switch's defaults
+        values = {**SELECTIVE_DEFAULTS, **values}
+    return NADConfig(**values)
+
+
+def load_tasks(path: str, classes: list[str]):
+    """Tasks from a JSON file {"task name": ["class", ...], ...}."""
+    from nad_ext.gates.maskbank import Task
+
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read tasks file {path}: {err}") from err
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"tasks file {path} must hold a non-empty JSON object {{task: [class, ...]}}")
+    tasks = []
+    for name, members in spec.items():
+        unknown = [c for c in members if c not in classes]
+        if unknown or not members:
+            raise ValueError(f"task {name!r} in {path}: unknown classes {unknown}; the data has {classes}")
+        tasks.append(Task(name, tuple(classes.index(c) for c in members)))
+    return tasks
+
+
+def network_from_args(args, model):
+    """The :class:`~nad_ext.training.Network` of ``--model`` and ``--gate-points`` (comma-separated
+    specs, 'auto', or a preset name; default: the model's preset) with ``--units``."""
+    from nad_ext.training import Network
+
+    gate_points = args.gate_points.split(",") if args.gate_points and "," in args.gate_points else (args.gate_points or args.model)
+    if isinstance(gate_points, str) and gate_points not in ("auto", args.model):
+        gate_points = [gate_points]
+    return Network(model, gate_points, args.model, units=args.units)

@@ -1,0 +1,92 @@
+"""``nad disentangle``: learn every task's gates into a run folder
+(:func:`nad_ext.training.disentangle`)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+from nad_ext.cli.common import (SELECTIVE, add_model_args, add_pipeline_args, add_units_arg, config_from_args,
+                                load_data, load_model, load_tasks, network_from_args, setup)
+
+
+def beta_value(value: str):
+    """--beta: a positive number or 'auto'."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+
+
+def add(sub) -> None:
+    # Defaults are NADConfig's, written out so that --help shows them without importing torch;
+    # python_tests/test_cli.py checks that they agree.
+    p = sub.add_parser("disentangle", help="learn every task's gates; writes a mask bank")
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="output folder (mask bank, per-epoch copies, log.json)")
+    p.add_argument("--gate-points", help="comma-separated module names ('name:axis' for channels not on axis 1, "
+                                         "'name:heads' for attention heads), 'auto', or a preset name (default: "
+                                         "the model's preset)")
+    add_units_arg(p)
+    p.add_argument("--beta", type=beta_value, help="sparsity weight, or auto to calibrate it (default: the model "
+                                                   "preset's: vgg16 4.5, resnet50 0.02, densenet121 0.02, darts "
+                                                   "0.45; the others have none)")
+    p.add_argument("--target-open-ratio", type=float, default=0.3,
+                   help="with --beta auto: the mean open ratio the calibrated beta aims for")
+    p.add_argument("--lr", type=float, default=0.1, help="step size of the normalised-gradient update")
+    p.add_argument("--epochs", type=int, default=21, help="epochs over every task's images")
+    p.add_argument("--batch-size", type=int, default=16, help="images per task per step")
+    p.add_argument("--tasks-per-step", type=int, default=16, help="tasks trained together in one step (batched mode)")
+    p.add_argument("--mode", choices=["batched", "paper"], default="batched",
+                   help="batched: many tasks per step; paper: one task per step, as the reference code (same gates)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the gates' initialisation and the data order")
+    p.add_argument("--image-size", type=int, help="training crop size (default: the model preset's input size)")
+    p.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
+                   help="fused fast path: BatchNorm folded, nad::masked_conv2d (auto: on with CUDA)")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="network precision; gate logits stay float32 (auto: bfloat16 on the fused CUDA path)")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                   help="replay the step from CUDA graphs (auto: on with the fused CUDA path)")
+    add_pipeline_args(p, bad_images=True)
+    p.add_argument("--negatives", type=float, metavar="R",
+                   help="selective objective (not the paper's): R x batch size images of other classes join each "
+                        f"task batch (default: 0, the paper's objective; {SELECTIVE['negatives']:g} with --selective)")
+    p.add_argument("--negative-weight", type=float, metavar="GAMMA",
+                   help="selective objective: weight of the term that keeps a task from predicting itself on "
+                        f"other classes' images (default: 0; {SELECTIVE['negative_weight']:g} with --selective)")
+    p.add_argument("--selective", action="store_true",
+                   help="the selective objective with the settings tuned on the demo zoo (the --negatives and "
+                        "--negative-weight above); either option given explicitly overrides its value")
+    p.add_argument("--tasks", help='JSON file {"task": ["class", ...]} (default: one task per class)')
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last committed epoch (starts a new run, with a note, "
+                        "when --out has no mask bank)")
+    p.add_argument("--strict-resume", action="store_true", help="like --resume, but refuse when --out has no mask bank")
+    p.add_argument("--overwrite", action="store_true", help="start again and replace the mask bank in --out")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    from nad_ext.gates.maskbank import describe_objective
+    from nad_ext.training import disentangle
+    from nad_ext.training.rundir import BANK_FILE
+
+    existing = Path(args.out) / BANK_FILE
+    if existing.exists() and not (args.resume or args.overwrite):  # before data and model load
+        raise FileExistsError(f"{existing} exists: pass --resume to continue that run, or --overwrite to "
+                              "start again and replace it")
+    train, val = load_data(args, "train"), load_data(args, "val")
+    network = network_from_args(args, load_model(args, train, val))
+    tasks = load_tasks(args.tasks, train.classes) if args.tasks else None
+    ctx = setup(args)
+    resume = "strict" if args.strict_resume else args.resume
+    config = config_from_args(args)
+    if ctx.rank == 0:
+        print(f"objective: {describe_objective(asdict(config))}")
+    bank = disentangle(network, train, config=config, tasks=tasks, out_dir=args.out, resume=resume,
+                       overwrite=args.overwrite)
+    if ctx.rank == 0:
+        print(f"{len(bank.tasks)} tasks x {len(bank.gate_points)} gate points, epoch {bank.epoch}: "
+              f"{Path(args.out) / BANK_FILE}")

@@ -1,0 +1,235 @@
+"""The gated model: a frozen network with task-conditional gates at its gate points.
+
+A :class:`GatedModel` wraps a frozen network and puts a gate on the output of each *gate
+point* (a named sub-module) through a forward hook. Every task t owns gate logits m_t^l of
+shape (C_l,) at gate point l; one forward pass can carry samples of many tasks, each routed
+through its own task's gates by ``nad::task_gate`` (:func:`gate_tensor`).
+
+Channels need not be on axis 1: each :class:`~nad_ext.gates.points.GatePoint` records its
+channel axis, found when the network is probed (2 for (N, L, C) tokens, 3 for NHWC maps) or
+given. Attention modules can be gated per head (``"name:heads"``, :mod:`nad_ext.gates.attention`).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from nad_ext.gates import attention
+from nad_ext.gates.points import (ACTIVATIONS, GatePoint, find_gate_points, parse_gate_point, requested_axis,
+                                  resolve_modules)
+from nad_ext.ops import checks, task_gate
+
+
+def gate_tensor(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor, channel_axis: int,
+                per_head: bool = False) -> torch.Tensor:
+    """``nad::task_gate`` along ``channel_axis``: the op sees the (N, C, ...) view of ``x``,
+    which it reads in place when it is contiguous or channels innermost ((N, L, C) tokens, NHWC
+    maps), and the result is moved back.
+
+    ``per_head``: ``x`` is (N, *positions, heads, head_dim) and ``channel_axis`` its head axis.
+    Where that view would be copied but head_dim is innermost (Swin's head outputs), the op gates
+    the heads * head_dim units channels-innermost instead, each head's logit repeated over its
+    head_dim (the same gates and, summed by autograd, the same logits gradient).
+    """
+    if channel_axis == 1:
+        return task_gate(x, logits, task_ids)
+    view = x.movedim(channel_axis, 1)
+    if (per_head and channel_axis == x.dim() - 2 and not view.is_contiguous()
+            and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]):
+        units = gate_tensor(x.flatten(-2), logits.repeat_interleave(x.shape[-1], dim=1), task_ids, x.dim() - 2)
+        return units.unflatten(-1, x.shape[-2:])
+    return task_gate(view, logits, task_ids).movedim(1, channel_axis)
+
+
+def init_logits(num_tasks: int, channels: Sequence[int], seed: int, std: float) -> list[torch.Tensor]:
+    """m ~ N(0, std^2), drawn per task from its own generator, so that a task's initial gates
+    do not depend on how many other tasks there are or how they are batched."""
+    per_layer = [torch.empty(num_tasks, c) for c in channels]
+    for t in range(num_tasks):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + t)
+        for layer, c in zip(per_layer, channels):
+            layer[t] = torch.randn(c, generator=gen) * std
+    return per_layer
+
+
+class GatedModel(nn.Module):
+    """A frozen network with task-conditional channel gates at its gate points.
+
+    Args:
+        model: any module mapping images to class logits. It is put in eval mode, its
+            parameters are frozen (``requires_grad=False``) and left untouched; in-place
+            activations are made out-of-place so recorded activations stay valid.
+        gate_points: in forward order; module names (``"layer1.0"``), with an optional
+            suffix (``"blocks.3:2"``: channels on axis 2; ``"blocks.3.attn:heads"``: a gate per
+            attention head), or :class:`GatePoint` objects (e.g. a mask bank's).
+        num_tasks: number of tasks T; gate point l gets logits of shape (T, C_l).
+        example_input: one input batch, used once to find each gate point's channel count and
+            channel axis (see :func:`~nad_ext.gates.probe.infer_channel_axis`; when in doubt a
+            second forward at 1.5x the image side tells spatial axes from channels).
+        channel_axis: overrides the axis found by probing: one int for all channel gate
+            points, or ``{name: axis}`` for some. A spec's own suffix wins.
+        seed, init_std: the initialisation m ~ N(0, init_std^2) (per-task generators).
+        model_id: identifies the network in mask banks (e.g. "vgg16").
+        fuse: run a rewritten copy of the network (``model`` itself is left as it is):
+            BatchNorm folded into convolutions, and gate points at the end of a Conv2d+ReLU
+            chain computed by ``nad::masked_conv2d`` (see :mod:`nad_ext.gates.fused`). Same
+            function, fewer passes over the activations.
+        dtype, channels_last: run the network in this dtype and memory format (e.g. bfloat16
+            and channels_last on a GPU); inputs are converted, gate logits stay float32.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        gate_points: Sequence[str | GatePoint],
+        num_tasks: int,
+        example_input: torch.Tensor,
+        *,
+        channel_axis: int | Mapping[str, int] | None = None,
+        seed: int = 0,
+        init_std: float = 1.0,
+        model_id: str = "model",
+        fuse: bool = False,
+        dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
+        if not gate_points:
+            raise ValueError("gate_points is empty: name at least one module to gate")
+        specs = [parse_gate_point(p) for p in gate_points]
+        names = [name for name, _, _ in specs]
+        specs = [(name, requested_axis(name, axis, units, channel_axis), units) for name, axis, units in specs]
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for m in model.modules():
+            if hasattr(m, "inplace") and isinstance(m, ACTIVATIONS + (nn.Hardtanh, nn.Dropout)):
+                m.inplace = False
+        for (name, _, units), module in zip(specs, resolve_modules(model, names)):
+            if units == "heads" and not attention.is_attention(module):
+                raise ValueError(f"gate point {name!r}: units 'heads' needs an attention module "
+                                 f"({attention.SUPPORTED}); {name!r} is a {type(module).__name__}")
+        if fuse:
+            from nad_ext.gates.fused import fold_batchnorm
+
+            model = copy.deepcopy(model)
+            fold_batchnorm(model, example_input, watch=[n for n, _, units in specs if units == "channels"])
+        self.model = model
+        self.model_id = model_id
+        self.gate_points, self.example_shapes = find_gate_points(model, example_input, specs, gate_points)
+        self.num_tasks = num_tasks
+        init = init_logits(num_tasks, [p.channels for p in self.gate_points], seed, init_std)
+        device = next((p.device for p in model.parameters()), example_input.device)
+        self.logits = nn.ParameterList(nn.Parameter(m.to(device)) for m in init)
+        self._task_ids: torch.Tensor | None = None
+        self._binary = False
+        self._record: list | None = None
+        self.fused_points: list[int] = []  # gate points gated inside a convolution
+        if fuse:
+            from nad_ext.gates.fused import fuse_gated_convolutions
+
+            # Only conv chains with channels on axis 1 fuse; token / NHWC / head points stay hooks.
+            eligible = [i for i, p in enumerate(self.gate_points) if p.units == "channels" and p.channel_axis == 1]
+            self.fused_points = fuse_gated_convolutions(model, names, self._gate_source, only=eligible)
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        if dtype is not None or channels_last:
+            model.to(dtype=dtype, memory_format=self.memory_format)
+        self._handles = []
+        for i, (point, module) in enumerate(zip(self.gate_points, resolve_modules(model, names))):
+            if point.units == "heads":
+                self._handles.append(attention.install_head_gate(module, self._gate_function(i)))
+            else:
+                self._handles.append(module.register_forward_hook(self._hook(i)))
+
+    def _gate_logits(self, index: int) -> torch.Tensor:
+        logits = self.logits[index]
+        if self._binary:  # sigmoid(+inf) = 1, sigmoid(-inf) = 0: exact 0/1 gates
+            logits = torch.where(logits.detach() > 0, float("inf"), float("-inf"))
+        return logits
+
+    def _gate_source(self, index: int):
+        """For a fused convolution: its gate's (logits, task_ids) in masked passes, else None."""
+        return lambda: None if self._task_ids is None else (self._gate_logits(index), self._task_ids)
+
+    def _gate_function(self, index: int):
+        """Gate point ``index``'s gate (in masked passes) and recording, as a function of its output."""
+        gated_inside = index in self.fused_points
+        axis, per_head = self.gate_points[index].channel_axis, self.gate_points[index].units == "heads"
+
+        def gate(output: torch.Tensor) -> torch.Tensor:
+            if self._task_ids is not None and not gated_inside:
+                output = gate_tensor(output, self._gate_logits(index), self._task_ids, axis, per_head)
+            if self._record is not None:
+                self._record[index] = output
+            return output
+
+        return gate
+
+    def _hook(self, index: int):
+        gate = self._gate_function(index)
+        return lambda module, inputs, output: gate(output)
+
+    def _run(self, x, task_ids, binary, record):
+        if self.dtype is not None or self.memory_format is torch.channels_last:
+            x = x.to(dtype=self.dtype, memory_format=self.memory_format)
+        self._task_ids, self._binary = task_ids, binary
+        self._record = [None] * len(self.gate_points) if record else None
+        try:
+            # task_ids were checked once here; the gates need not check them again (each check
+            # is a device sync).
+            with checks.ids_checked():
+                out = self.model(x)
+            return out, self._record
+        finally:
+            self._task_ids, self._record = None, None
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, *, binary: bool = False, record: bool = False):
+        """The masked network: each sample through its task's gates.
+
+        Args:
+            x: input batch (N, ...).
+            task_ids: (N,) int64, the task of each sample.
+            binary: use 0/1 gates (sigmoid(m) > 0.5) instead of the soft ones.
+            record: also return the gated outputs at the gate points.
+
+        Returns:
+            ``(logits, activations)``; ``activations`` is a list with one tensor per gate point
+            when ``record`` is true, else None.
+        """
+        if not isinstance(task_ids, torch.Tensor) or task_ids.dim() != 1 or task_ids.shape[0] != x.shape[0]:
+            raise ValueError(f"task_ids must be a tensor of shape ({x.shape[0]},), one task per sample")
+        self.check_task_ids(task_ids)
+        return self._run(x, task_ids.to(x.device, torch.int64, non_blocking=True), binary, record)
+
+    def check_task_ids(self, task_ids: torch.Tensor) -> None:
+        """ValueError unless every id lies in [0, num_tasks). Pass CPU ids where possible: on a
+        CUDA tensor the check waits for the device."""
+        checks.ids_in_range("task_ids", task_ids, self.num_tasks, "one task per sample")
+
+    def original(self, x: torch.Tensor, *, record: bool = True):
+        """The original network (no gates); returns ``(logits, activations at gate points)``."""
+        return self._run(x, None, False, record)
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        return [p.channels for p in self.gate_points]
+
+    def set_logits(self, logits: Sequence[torch.Tensor]) -> None:
+        """Copies gate logits in (one (T, C_l) tensor per gate point)."""
+        with torch.no_grad():
+            for dst, src in zip(self.logits, logits, strict=True):
+                dst.copy_(src)
+
+    def remove_gates(self) -> nn.Module:
+        """Detaches the hooks and returns the wrapped network."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.model
+

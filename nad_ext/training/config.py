@@ -1,0 +1,164 @@
+"""The settings of a run: :class:`NADConfig` (training settings, the paper's defaults), and the
+run's tasks and their images (:func:`resolve_run`: the model preset's beta and input size
+filled in where the config leaves them open)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from nad_ext import models
+from nad_ext.data import ImageSet
+from nad_ext.data import pipeline as nad_pipeline
+from nad_ext.gates.maskbank import Task
+
+DEFAULT_TARGET = 0.3  # the paper's typical open ratio: the default target of beta calibration
+
+
+def check_target(target_open_ratio) -> None:
+    """ValueError unless ``target_open_ratio`` is a number in (0, 1)."""
+    if (not isinstance(target_open_ratio, (int, float)) or isinstance(target_open_ratio, bool)
+            or not 0 < target_open_ratio < 1):
+        raise ValueError(f"target_open_ratio must be a number in (0, 1), got {target_open_ratio!r}")
+
+
+@dataclass
+class NADConfig:
+    """Training settings; the defaults are the paper's (METHOD.md).
+
+    ``beta`` None takes the model preset's value; ``"auto"`` calibrates it (see
+    :func:`nad_ext.training.calibration.calibrate_beta`) for a mean open ratio near
+    ``target_open_ratio``; ``image_size`` None takes the preset's input size (224 for the
+    ImageNet networks). ``data_pipeline`` and ``on_bad_image``: see
+    :mod:`nad_ext.data.pipeline` ("auto": the fast pipeline). ``negatives`` r > 0 and
+    ``negative_weight`` gamma > 0 choose the selective objective
+    (:mod:`nad_ext.training.objective`; not the paper's): each task batch of own-class images is
+    joined by round(r x its size) images of other classes, whose prediction as the task is
+    penalised with weight gamma. 0 and 0 (default) is the paper's.
+    """
+
+    beta: float | str | None = None
+    target_open_ratio: float = DEFAULT_TARGET
+    lr: float = 0.1
+    batch_size: int = 16
+    epochs: int = 21
+    init_std: float = 1.0
+    seed: int = 0
+    image_size: int | None = None
+    mode: str = "batched"
+    tasks_per_step: int = 16
+    device: str = "auto"
+    keep_every_epoch: bool = True
+    fuse: str = "auto"
+    precision: str = "auto"
+    cuda_graph: str = "auto"
+    data_pipeline: str = "auto"
+    on_bad_image: str = "skip"
+    negatives: float = 0.0
+    negative_weight: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("beta", "lr", "init_std"):
+            value = getattr(self, name)
+            if name == "beta" and (value is None or value == "auto"):
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("batch_size", "epochs", "tasks_per_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
+            raise ValueError(f"image_size must be an integer >= 8, got {self.image_size!r}")
+        if self.mode not in ("batched", "paper"):
+            raise ValueError(f"mode must be 'batched' or 'paper', got {self.mode!r}")
+        for name in ("fuse", "cuda_graph"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
+        if self.data_pipeline not in nad_pipeline.PIPELINES:
+            raise ValueError(f"data_pipeline must be one of {', '.join(nad_pipeline.PIPELINES)}, "
+                             f"got {self.data_pipeline!r}")
+        if self.on_bad_image not in nad_pipeline.BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {', '.join(nad_pipeline.BAD_IMAGE_POLICIES)}, "
+                             f"got {self.on_bad_image!r}")
+        check_target(self.target_open_ratio)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("negatives", "negative_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if (self.negatives > 0) != (self.negative_weight > 0):
+            raise ValueError(f"the selective objective needs both negatives > 0 and negative_weight > 0 "
+                             f"(0 and 0: the paper's); got negatives={self.negatives!r}, "
+                             f"negative_weight={self.negative_weight!r}")
+
+    def execution(self, device: torch.device) -> tuple[bool, torch.dtype, bool]:
+        """(fuse, dtype, CUDA graph) of the step on ``device``, with "auto" resolved."""
+        cuda = device.type == "cuda"
+        fuse = self.fuse == "on" or (self.fuse == "auto" and cuda)
+        precision = self.precision
+        if precision == "auto":
+            precision = "bfloat16" if fuse and cuda else "float32"
+        if self.cuda_graph == "on" and not cuda:
+            raise ValueError(f"cuda_graph='on' needs a CUDA device; the device is {device}")
+        graph = self.cuda_graph == "on" or (self.cuda_graph == "auto" and cuda and fuse)
+        return fuse, PRECISIONS[precision], graph
+
+
+PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# Settings that change how a run executes but not its result; a run may resume with others.
+# (target_open_ratio only matters before training, when it chooses beta.)
+EXECUTION_SETTINGS = ("epochs", "device", "mode", "tasks_per_step", "keep_every_epoch", "fuse", "precision",
+                      "cuda_graph", "data_pipeline", "on_bad_image", "target_open_ratio")
+
+
+def default_tasks(images: ImageSet) -> list[Task]:
+    """One task per class, named after the class."""
+    return [Task(name, (c,)) for c, name in enumerate(images.classes)]
+
+
+def task_indices(images: ImageSet, tasks: Sequence[Task]) -> list[list[int]]:
+    """Each task's training images (indices into ``images``, ascending); ValueError naming a task
+    whose classes ``images`` lacks or that has no images."""
+    out = []
+    for task in tasks:
+        bad = [c for c in task.classes if not 0 <= c < len(images.classes)]
+        if bad:
+            raise ValueError(f"task {task.name!r} names classes {bad} that {images.name} does not have")
+        idx = sorted(i for c in task.classes for i in images.indices_of_class(c))
+        if not idx:
+            raise ValueError(f"task {task.name!r} has no training images in {images.name}")
+        out.append(idx)
+    return out
+
+
+def resolve_run(train: ImageSet, model_id: str, tasks: Sequence[Task] | None,
+                config: NADConfig | None) -> tuple[NADConfig, list[Task], list[list[int]]]:
+    """The run's config (a copy, the model preset's defaults filled in, validated), its tasks
+    (default: one per class) and each task's training images."""
+    config = NADConfig(**asdict(config)) if config is not None else NADConfig()
+    spec = models.MODELS.get(model_id)
+    if config.beta is None:
+        if spec is None:
+            raise ValueError(f"beta must be given for model {model_id!r}, which has no preset: pass a number, "
+                             "or beta='auto' to calibrate it")
+        if spec.beta is None:
+            raise ValueError(f"model {model_id!r} has no tuned beta (the paper did not disentangle it): pass "
+                             "beta=<number> (--beta), or beta='auto' (--beta auto) to calibrate it")
+        config.beta = spec.beta
+    if config.image_size is None:
+        config.image_size = spec.input_size if spec is not None else 224
+    config.validate()
+    tasks = list(tasks) if tasks is not None else default_tasks(train)
+    if not tasks:
+        raise ValueError("tasks is empty")
+    indices = task_indices(train, tasks)
+    if config.negatives:
+        for task, idx in zip(tasks, indices):
+            if len(idx) == len(train):
+                raise ValueError(f"task {task.name!r} covers every class of {train.name}: the selective "
+                                 f"objective (negatives > 0) needs other classes' images as its negatives")
+    return config, tasks, indices
