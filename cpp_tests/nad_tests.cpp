@@ -20,21 +20,11 @@
 #include <nad/safetensors.h>
 
 #include "../csrc/ops/launch.h"
+#include "require.h"
 
 namespace {
 
-struct Failure : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-#define REQUIRE(cond, ...)                                                                    \
-  do {                                                                                      \
-    if (!(cond)) {                                                                          \
-      std::ostringstream msg_;                                                              \
-      msg_ << __FILE__ << ":" << __LINE__ << ": check failed: " #cond " " << __VA_ARGS__; \
-      throw Failure(msg_.str());                                                            \
-    }                                                                                       \
-  } while (0)
+using nad_test::Failure;
 
 void check_close(const at::Tensor& actual, const at::Tensor& expected, const std::string& what,
                  double atol = 1e-5, double rtol = 1e-5) {

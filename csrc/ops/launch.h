@@ -13,8 +13,15 @@
 namespace nad {
 namespace launch {
 
+#ifndef NAD_LAUNCH_TEST_CAPS
 constexpr int64_t kMaxGridY = 65535;         // CUDA's limit of gridDim.y and gridDim.z
 constexpr int64_t kMaxBlocks = 65535LL * 8;  // cap of 1-D grids: enough waves for any GPU
+#else
+// Test builds (cpp_tests/cudasim) lower the caps at run time, so that grid-stride loops make
+// several trips (and the barriers between trips matter) at sizes a test can afford.
+inline int64_t kMaxGridY = 65535;
+inline int64_t kMaxBlocks = 65535LL * 8;
+#endif
 
 C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

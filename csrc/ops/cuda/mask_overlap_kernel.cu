@@ -10,7 +10,7 @@
 //    kChunk words of the tile's 64 rows of a and b go to shared memory, every thread ANDs and
 //    __popcll's its 16 pairs, then turns the counts into the metric: summed in registers for
 //    the mean (no per-layer matrices), or written to (L, Ta, Tb) when per_layer.
-//    The grid is (tiles of b) x (tiles of a, at most 65535, looping over the rest), so any
+//    The grid is (tiles of b) x (tiles of a, at most kMaxGridY, looping over the rest), so any
 //    Ta x Tb that fits in memory works.
 // The layers' channel and word offsets travel by value in a kernel-argument struct
 // (LayerGroup, as normalized_step's Layers): no host-to-device copy, so a call neither waits
@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../launch.h"
 #include "../mask_overlap.h"
 
 namespace nad {
@@ -162,10 +163,7 @@ __global__ void __launch_bounds__(kSide * kSide)
   }
 }
 
-int blocks_for(int64_t n) {
-  const int64_t blocks = (n + kThreads1d - 1) / kThreads1d;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 65535LL * 8)));
-}
+int blocks_for(int64_t n) { return static_cast<int>(launch::blocks_for(n, kThreads1d)); }
 
 // Packs the group's words of (T, K) bool into packed (W_total, T) and its (L, T) set sizes.
 void pack(const at::Tensor& m, const LayerGroup& group, at::Tensor& packed, at::Tensor& sizes,
@@ -188,7 +186,7 @@ void launch_overlap(const at::Tensor& pa, const at::Tensor& pb, const at::Tensor
   const int64_t tiles_a = (Ta + kTile - 1) / kTile, tiles_b = (Tb + kTile - 1) / kTile;
   TORCH_CHECK(tiles_b <= INT32_MAX, "mask_overlap: b has too many rows (", Tb, ")");
   const dim3 grid(static_cast<unsigned>(tiles_b),
-                  static_cast<unsigned>(std::min<int64_t>(tiles_a, 65535)));
+                  static_cast<unsigned>(std::min<int64_t>(tiles_a, launch::kMaxGridY)));
   const dim3 block(kSide, kSide);
   const auto* a_words = reinterpret_cast<const uint64_t*>(pa.const_data_ptr<int64_t>());
   const auto* b_words = reinterpret_cast<const uint64_t*>(pb.const_data_ptr<int64_t>());
