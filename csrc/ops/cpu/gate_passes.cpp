@@ -1,10 +1,12 @@
-// CPU kernels of the gate passes (../gate_passes.h), used by nad::task_gate and
-// nad::masked_conv2d. Layouts: (N, C, S) rows per (n, c), or channels_last (N, S, C) rows per
-// (n, s). Every sum runs in a fixed order, whatever the number of threads.
+// CPU kernels of the gate passes (../gate_passes.h), and with them the CPU registration of
+// nad::task_gate and nad::masked_conv2d (../gate_ops.h). Layouts: (N, C, S) rows per (n, c), or
+// channels_last (N, S, C) rows per (n, s). Every sum runs in a fixed order, whatever the number
+// of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "../gate_ops.h"
 #include "../gate_passes.h"
 
 namespace nad {
@@ -162,3 +164,8 @@ void gate_backward(const at::Tensor& grad_y, const at::Tensor& act, const at::Te
 
 }  // namespace cpu
 }  // namespace nad
+
+// nad::task_gate and nad::masked_conv2d on this backend: the host code around these passes.
+TORCH_LIBRARY_IMPL(nad, CPU, m) {
+  nad::GateOps<&nad::cpu::gate_forward, &nad::cpu::gate_backward>::register_kernels(m);
+}

@@ -1,5 +1,5 @@
-// CUDA kernels of the gate passes (../gate_passes.h), used by nad::task_gate and
-// nad::masked_conv2d.
+// CUDA kernels of the gate passes (../gate_passes.h), and with them the CUDA registration of
+// nad::task_gate and nad::masked_conv2d (../gate_ops.h).
 //
 // forward: one elementwise grid-stride pass (either layout).
 // backward: one read of grad_y and act writes grad_in (when wanted) and reduces grad_y * act per
@@ -20,6 +20,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "../gate_ops.h"
 #include "../gate_passes.h"
 #include "../launch.h"
 #include "common.cuh"
@@ -224,3 +225,8 @@ void gate_backward(const at::Tensor& grad_y, const at::Tensor& act, const at::Te
 
 }  // namespace cuda
 }  // namespace nad
+
+// nad::task_gate and nad::masked_conv2d on this backend: the host code around these passes.
+TORCH_LIBRARY_IMPL(nad, CUDA, m) {
+  nad::GateOps<&nad::cuda::gate_forward, &nad::cuda::gate_backward>::register_kernels(m);
+}
