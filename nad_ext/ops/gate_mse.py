@@ -51,7 +51,8 @@ def gate_mse(
 def gate_mse_reference(masked, original, counts, task_ids, num_tasks):
     """Pure-PyTorch definition of :func:`gate_mse` (the per-point term of ``nad_loss``)."""
     acc = torch.float64 if masked.dtype == torch.float64 else torch.float32
-    per_sample = (masked.to(acc) - original.to(acc)).pow(2).flatten(1).mean(dim=1)
+    squares = (masked.to(acc) - original.to(acc)).pow(2).flatten(1)
+    per_sample = squares.sum(dim=1) / max(squares.shape[1], 1)  # a sample of no elements: 0, as the op
     c = counts.to(acc)
     k = torch.zeros(num_tasks, dtype=acc, device=masked.device).index_add_(0, task_ids, c)
     sums = torch.zeros(num_tasks, dtype=acc, device=masked.device).index_add_(0, task_ids, per_sample * c)
