@@ -37,6 +37,37 @@ def test_gates_compound_like_a_hand_written_masked_network():
     torch.testing.assert_close(binary, reference_masked(model, x, [(m.detach() > 0).float()[ids] for m in gated.logits]))
 
 
+def test_a_gate_point_can_record_relu_of_its_output_for_the_objective():
+    """``"name:relu"`` (any network): the gate and the forward pass are those of ``"name"``; what
+    the gate point records (for the objective's MSE, and the maps) is relu of the gated output,
+    in masked and original passes, eager and fused."""
+    from nad_ext.gates import parse_gate_point
+
+    assert parse_gate_point("a.b:relu") == ("a.b", None, "channels", "relu")
+    assert parse_gate_point("a.b:2:relu") == ("a.b", 2, "channels", "relu")
+    assert parse_gate_point("attn:heads:relu") == ("attn", None, "heads", "relu")
+    assert parse_gate_point("a.b:heads") == ("a.b", None, "heads", "output")
+    assert GatePoint("a", 3, 2, record="relu").spec == "a:2:relu"
+    with pytest.raises(ValueError, match="'heads' or 'relu'"):
+        parse_gate_point("a.b:sqrt")
+    with pytest.raises(ValueError, match="record must be one of output, relu"):
+        GatedModel(small_cnn(), [GatePoint("0", 4, record="abs")], 1, torch.zeros(1, 3, 8, 8))
+    x = torch.randn(6, 3, 8, 8)
+    ids = torch.tensor([0, 1, 2, 2, 1, 0])
+    for fuse in (False, True):
+        plain = GatedModel(small_cnn(), ["0", "3"], 3, x[:1], fuse=fuse)
+        relu = GatedModel(small_cnn(), ["0:relu", "3"], 3, x[:1], fuse=fuse)
+        assert [p.record for p in relu.gate_points] == ["relu", "output"]
+        out_p, acts_p = plain(x, ids, record=True)
+        out_r, acts_r = relu(x, ids, record=True)
+        assert (acts_p[0] < 0).any()  # a convolution's output: the records differ
+        torch.testing.assert_close(out_r, out_p)
+        torch.testing.assert_close(acts_r[0], torch.relu(acts_p[0]))
+        torch.testing.assert_close(acts_r[1], acts_p[1])
+        (_, orig_p), (_, orig_r) = plain.original(x), relu.original(x)
+        torch.testing.assert_close(orig_r[0], torch.relu(orig_p[0]))
+
+
 def test_original_network_is_untouched_and_frozen():
     model = small_cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -138,6 +138,34 @@ def test_banks_without_channel_axes_read_as_axis_one(tmp_path):
     assert loaded.calibration is None
 
 
+def test_gate_point_records_round_trip_and_older_banks_compare_outputs(tmp_path):
+    """``records`` (what each gate point hands to the objective: "output" or "relu") is saved;
+    a bank written before it existed reads as "output" everywhere, as it was trained. The gates
+    fit a model whose gate points record otherwise (apply_to, for the analyses); a resumed run
+    compares the records (python_tests/test_trainer.py)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    bank = make_bank()
+    bank.gate_points[2] = GatePoint("avgpool", 7, record="relu")
+    bank.save(tmp_path / "b.safetensors")
+    loaded = MaskBank.load(tmp_path / "b.safetensors")
+    assert [p.record for p in loaded.gate_points] == ["output", "output", "relu"]
+    assert loaded.gate_points[2].spec == "avgpool:relu"
+    with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:
+        meta = dict(f.metadata())
+    assert json.loads(meta["records"]) == ["output", "output", "relu"]
+    del meta["records"]
+    save_file(load_file(str(tmp_path / "b.safetensors")), str(tmp_path / "old.safetensors"), metadata=meta)
+    old = MaskBank.load(tmp_path / "old.safetensors")
+    assert [p.record for p in old.gate_points] == ["output"] * 3
+    assert old.mismatch(loaded.gate_points) == []
+    meta["records"] = json.dumps(["output", "output", "sqrt"])
+    save_file(load_file(str(tmp_path / "b.safetensors")), str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"corrupted: .*unknown gate-point records \['sqrt'\]"):
+        MaskBank.load(tmp_path / "bad.safetensors")
+
+
 def _flip(path, offset_from_end, count=5):
     raw = bytearray(path.read_bytes())
     for i in range(count):

@@ -4,14 +4,14 @@ from safetensors.torch import save_file
 
 from nad_ext import data, models
 from nad_ext.models import darts
-from nad_ext.gates import GatedModel
+from nad_ext.gates import GatedModel, parse_gate_point
 from nad_ext.ops._layout import channels_inner
 
 
 def _gate_channels(spec, model, size, device="cpu"):
     """Runs a forward with hooks on the gate points; returns their output channel counts."""
     modules = dict(model.named_modules())
-    points = spec.gate_points(model)
+    points = [parse_gate_point(p)[0] for p in spec.gate_points(model)]
     assert all(p in modules for p in points), [p for p in points if p not in modules]
     seen = {}
 
@@ -42,13 +42,17 @@ def test_paper_presets(name, count, total):
 
 
 def test_paper_preset_names_and_betas():
-    vgg, dense = models.get_spec("vgg16"), models.get_spec("densenet121")
+    vgg, dense, nas = models.get_spec("vgg16"), models.get_spec("densenet121"), models.get_spec("darts")
     with torch.device("meta"):
-        vgg_model, dense_model = vgg.build(2), dense.build(2)
+        vgg_model, dense_model, nas_model = vgg.build(2), dense.build(2), nas.build(2)
     assert vgg.gate_points(vgg_model)[:3] == ["features.1", "features.4", "features.6"]
+    # ":relu": the objective compares relu(gated output) there, as the authors' model does
+    # (docs/METHOD.md; python_tests/test_paper_mode.py checks it against their model files).
     assert dense.gate_points(dense_model) == [
         "features.pool0", "features.denseblock1", "features.transition1", "features.denseblock2",
-        "features.transition2", "features.denseblock3", "features.transition3", "features.norm5"]
+        "features.transition2", "features.denseblock3", "features.transition3", "features.norm5:relu"]
+    assert nas.gate_points(nas_model)[:3] == ["stem0:relu", "stem1", "cells.0"]
+    assert not any(p.endswith(":relu") for p in vgg.gate_points(vgg_model) + nas.gate_points(nas_model)[1:])
     assert {n: models.get_spec(n).beta for n in ("vgg16", "resnet50", "densenet121", "darts")} == {
         "vgg16": 4.5, "resnet50": 0.02, "densenet121": 0.02, "darts": 0.45}
 

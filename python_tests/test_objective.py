@@ -42,17 +42,24 @@ def test_per_task_terms_match_the_paper_formula():
 
 
 def test_gradient_of_the_sum_is_each_tasks_own_gradient():
+    """With respect to the gates and to every sample's activations and logits (where the choice
+    of the correct samples shows: the MSE's gradient is zero on the others)."""
     out, labels, masked, original, correct, task_ids, logits = random_batch()
-    correct[:] = True
+    correct = torch.arange(len(task_ids)) % 2 == 0  # every task: correct and wrong samples
+    assert all(correct[task_ids == t].any() and not correct[task_ids == t].all() for t in range(3))
     terms = nad_loss(out, labels, masked, original, correct, task_ids, logits, beta=0.3)
-    grads = torch.autograd.grad(terms.total, logits)
+    inputs = logits + masked + [out]
+    grads = torch.autograd.grad(terms.total, inputs)
+    assert all((g[~correct] == 0).all() and (g[correct] != 0).any() for g in grads[2:4])
     for t in range(3):
         sel = task_ids == t
         own = paper_loss_one_task(out[sel], labels[sel], [m[sel] for m in masked],
                                   [o[sel] for o in original], correct[sel], [m[t] for m in logits], 0.3)
-        own_grads = torch.autograd.grad(own, logits)
-        for g, g_own in zip(grads, own_grads):
+        own_grads = torch.autograd.grad(own, inputs)
+        for g, g_own in zip(grads[:2], own_grads[:2]):
             torch.testing.assert_close(g[t], g_own[t])
+        for g, g_own in zip(grads[2:], own_grads[2:]):
+            torch.testing.assert_close(g[sel], g_own[sel])
 
 
 def test_tasks_with_no_correct_sample_are_skipped():
@@ -98,8 +105,8 @@ def test_layouts_with_channels_last_give_the_mse_over_all_elements(dtype):
     original = [torch.randn(s, dtype=torch.float64).to(dtype, memory_format=f) for (s, _), f in zip(shapes_axes, fmt)]
     out = torch.randn(n, 4, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 4, (n,))
-    correct = torch.rand(n) > 0.3
-    correct[:tasks] = True
+    correct = torch.arange(n) // 3 % 2 == 0  # samples 0-2, 6-8: every task has correct and wrong ones
+    assert all(correct[task_ids == t].any() and not correct[task_ids == t].all() for t in range(tasks))
     terms = nad_loss(out, labels, masked, original, correct, task_ids, logits, 0.5,
                      channel_axes=[a for _, a in shapes_axes])
     grads = torch.autograd.grad(terms.total, masked)

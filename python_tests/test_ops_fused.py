@@ -317,6 +317,40 @@ def test_normalized_step_equals_its_reference(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalized_step_takes_the_authors_step_for_tiny_norms(device, dtype):
+    """The authors' update is m - lr * F.normalize(g) (eps 1e-12): a gradient whose norm lies
+    in (0, 1e-12) takes a step of lr * ||g|| / 1e-12, shorter than lr, not a full one. Rows with
+    norms around the clamp, a zero row, and rows holding a NaN or an Inf (left unchanged: the
+    trainer stops or skips such steps before the op sees them)."""
+    gen = torch.Generator().manual_seed(3)
+    norms = [3e-15, 1e-13, 7e-13, 1e-12, 1.5e-12, 4e-12, 1e-6, 2.0, 0.0]
+    direction = torch.randn(len(norms) + 2, 6, generator=gen, dtype=torch.float64)
+    direction /= direction.norm(dim=1, keepdim=True)
+    g = (direction * torch.tensor(norms + [1.0, 1.0], dtype=torch.float64)[:, None]).to(dtype)
+    g[-2, 3] = float("nan")
+    g[-1, 1] = float("inf")
+    logits = torch.randn(g.shape, generator=gen, dtype=torch.float64).to(dtype)
+    before = logits.clone()
+    authors = logits - 0.1 * F.normalize(g, dim=1)  # findpath.py's update, every row at once
+    tasks = torch.arange(len(g), device=device)
+    ours, ref = logits.to(device), logits.clone()
+    normalized_gradient_step_([ours], [g.to(device)], tasks, 0.1)
+    normalized_gradient_step_reference([ref], [g], tasks, 0.1)
+    finite = slice(0, len(norms))
+    tol = dict(rtol=0, atol=4 * torch.finfo(dtype).eps)  # |m| < 5: a few ulps of the result
+    torch.testing.assert_close(ours.cpu()[finite], authors[finite], **tol)
+    torch.testing.assert_close(ref[finite], authors[finite], **tol)
+    # the steps' lengths: lr * min(1, ||g|| / 1e-12)
+    moved = (ours.cpu()[finite] - before[finite]).double().norm(dim=1)
+    expected = torch.tensor([0.1 * min(1.0, n / 1e-12) for n in norms], dtype=torch.float64)
+    torch.testing.assert_close(moved, expected, rtol=1e-5 if dtype == torch.float32 else 1e-9, atol=1e-6)
+    # non-finite rows: the authors' update would spread the NaN; the op leaves them unchanged
+    assert not torch.isfinite(authors[-2:]).all()
+    assert torch.equal(ours.cpu()[-2:], before[-2:]) and torch.equal(ref[-2:], before[-2:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_normalized_step_strided_logits(device):
     base = torch.randn(40, 6, device=device)
     logits = [base.t(), torch.randn(6, 3, device=device)[:, ::2]]  # (6, 40) column-major; a slice

@@ -1,7 +1,9 @@
+import copy
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nad_ext.data import ImageSet
@@ -308,3 +310,91 @@ def test_selective_settings_are_checked_and_recorded(tmp_path):
     with pytest.raises(ValueError, match="other settings.*negatives"):
         disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False, out_dir=tmp_path,
                     resume=True, config=NADConfig(**{**CFG, "epochs": 3}, **SELECTIVE))
+
+
+# ----------------------------------------------------------------------------------------------
+# Which samples count: a run on images the network partly misclassifies, against the paper's
+# objective computed independently
+
+
+def mislabelled_colours(per_class=32):
+    """colour_images with every third image of each class relabelled as the next class: each
+    task then holds images that the network (fitted on the clean labels) classifies correctly
+    and images it gets wrong (they show another class's colour)."""
+    clean = colour_images(per_class=per_class)
+    labels = [(c + 1) % 3 if i % 3 == 2 else c for i, c in enumerate(clean.labels)]
+    return clean, ImageSet(clean.classes, labels, "colours-mislabelled", images=clean._images)
+
+
+def authors_small_cnn(model, x, gates):
+    """small_cnn with the authors' masks (sigmoid(m) * x) after its ReLUs 1 and 4; returns the
+    logits and the two masks' outputs (as their hooks record them)."""
+    a1 = gates[0][None, :, None, None] * model[1](model[0](x))
+    a4 = gates[1][None, :, None, None] * model[4](model[3](model[2](a1)))
+    return model[7](model[6](model[5](a4))), [a1, a4]
+
+
+def authors_loop(model, steps, initial, beta, lr):
+    """findpath.py's loop on the recorded steps, one task at a time: per step and task, K = the
+    samples the original network classifies correctly (the step is skipped when K is empty);
+    loss = (CE over the batch + sum_l MSE(mask_l(x_K), orig_l(x_K))) / L + beta * sum_l
+    mean(sigmoid(m_l)^2) / L; m_l <- m_l - lr * F.normalize(grad_l). Returns the gates and
+    each task's per-step (sum of the MSEs, whether the step counted)."""
+    logits = [m.clone().double() for m in initial]
+    model = copy.deepcopy(model).double()
+    mses = {t: [] for t in range(len(initial[0]))}
+    for x, labels, task_ids in steps:
+        for t in task_ids.unique().tolist():
+            sel = task_ids == t
+            xs, ys = x[sel].double(), labels[sel]
+            with torch.no_grad():
+                orig_class, orig_acts = authors_small_cnn(model, xs, [torch.ones_like(m[t]) for m in logits])
+            m = [layer[t].clone().requires_grad_() for layer in logits]
+            mask_class, mask_acts = authors_small_cnn(model, xs, [torch.sigmoid(v) for v in m])
+            index = (orig_class.argmax(1) == ys).nonzero()
+            if len(index) == 0:
+                mses[t].append((0.0, False))
+                continue
+            mse = sum(F.mse_loss(a[index], o[index]) for a, o in zip(mask_acts, orig_acts))
+            loss = (F.cross_entropy(mask_class, ys) + mse) / 2 + beta * sum(torch.sigmoid(v).pow(2).mean() for v in m) / 2
+            grads = torch.autograd.grad(loss, m)
+            for layer, v, g in zip(logits, m, grads):
+                layer[t] = v.detach() - lr * F.normalize(g.view(1, -1)).view(-1)
+            mses[t].append((float(mse.detach()), True))
+    return logits, mses
+
+
+@pytest.mark.parametrize("mode", ["paper", "batched"])
+def test_a_run_on_misclassified_images_counts_only_the_correct_ones(mode, tmp_path, monkeypatch):
+    """End to end: the gates a run learns on a task whose images the network partly gets wrong,
+    and its log.json's per-task MSE, equal findpath.py's loop on the same batches (recorded as
+    the trainer steps), where only the correctly classified samples enter the MSE term."""
+    from nad_ext.training import loop
+
+    clean, images = mislabelled_colours()
+    model = fit_small_cnn(clean)
+    steps, initial = [], []
+    original_step = loop.train_step
+
+    def recording_step(gated, x, labels, task_ids, tasks, config, task_classes=None):
+        if not initial:
+            initial.extend(m.detach().clone() for m in gated.logits)
+        steps.append((x.clone(), labels.clone(), task_ids.clone()))
+        return original_step(gated, x, labels, task_ids, tasks, config, task_classes)
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    config = NADConfig(beta=1.0, epochs=2, image_size=16, batch_size=16, mode=mode, tasks_per_step=3)
+    bank = disentangle(Network(model, ["1", "4"], "cnn"), images, config=config, out_dir=tmp_path, progress=False)
+    # the network gets some of every task's images wrong, and some right
+    with torch.no_grad():
+        correct = torch.cat([model(x).argmax(1) == y for x, y, _ in steps])
+    assert 0.4 < correct.float().mean() < 0.9
+    expected, mses = authors_loop(model, steps, initial, beta=1.0, lr=0.1)
+    for ours, theirs in zip(bank.logits, expected):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
+    log = json.loads((tmp_path / "log.json").read_text())["epochs"]
+    for epoch, entry in enumerate(log):
+        for t in range(3):
+            per_epoch = len(mses[t]) // len(log)  # the task's batches in an epoch
+            counted = [v for v, ok in mses[t][epoch * per_epoch:(epoch + 1) * per_epoch] if ok]
+            assert entry["mse"][t] == pytest.approx(sum(counted) / len(counted), rel=1e-5)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nad_ext.cli.common import (add_model_args, add_pipeline_args, add_units_arg, config_from_args, load_data,
-                                load_model, load_tasks, network_from_args, setup)
+from nad_ext.cli.common import (add_model_args, add_nonfinite_arg, add_pipeline_args, add_units_arg, config_from_args,
+                                load_data, load_model, load_tasks, network_from_args, setup)
 
 
 def add(sub) -> None:
@@ -26,6 +26,7 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the gates' initialisation and the data order")
     p.add_argument("--image-size", type=int, help="training crop size (default: the model preset's input size)")
     add_pipeline_args(p, bad_images=True)
+    add_nonfinite_arg(p)
     p.add_argument("--out", help="JSON file for the calibration: beta, curve, settings (default: none, printed only)")
     p.set_defaults(func=run)
 

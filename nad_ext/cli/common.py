@@ -67,6 +67,13 @@ def add_pipeline_args(p: argparse.ArgumentParser, bad_images: bool) -> None:
                             "or stops the run with its path (stop)")
 
 
+def add_nonfinite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--on-nonfinite", choices=["stop", "skip"], default="stop",
+                   help="a NaN or Inf in a task's gate gradient stops the run, naming the task, gate points and "
+                        "epoch, before that epoch is committed (stop), or skips that task's step and counts it in "
+                        "log.json (skip)")
+
+
 def setup(args):
     """This process's place in a torchrun world (a world of one without torchrun)."""
     from nad_ext import distributed

@@ -6,8 +6,8 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from nad_ext.cli.common import (SELECTIVE, add_model_args, add_pipeline_args, add_units_arg, config_from_args,
-                                load_data, load_model, load_tasks, network_from_args, setup)
+from nad_ext.cli.common import (SELECTIVE, add_model_args, add_nonfinite_arg, add_pipeline_args, add_units_arg,
+                                config_from_args, load_data, load_model, load_tasks, network_from_args, setup)
 
 
 def beta_value(value: str):
@@ -50,6 +50,7 @@ def add(sub) -> None:
     p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
                    help="replay the step from CUDA graphs (auto: on with the fused CUDA path)")
     add_pipeline_args(p, bad_images=True)
+    add_nonfinite_arg(p)
     p.add_argument("--negatives", type=float, metavar="R",
                    help="selective objective (not the paper's): R x batch size images of other classes join each "
                         f"task batch (default: 0, the paper's objective; {SELECTIVE['negatives']:g} with --selective)")

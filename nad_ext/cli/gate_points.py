@@ -30,6 +30,7 @@ def run(args) -> None:
     beta = f"{spec.beta:g}" if spec.beta is not None else "none tuned (pass --beta, or --beta auto to calibrate)"
     print(f"{args.model}: input {size}x{size}, normalisation mean {fmt(spec.mean)} std {fmt(spec.std)}, beta {beta}")
     for i, (p, shape) in enumerate(zip(gated.gate_points, gated.example_shapes)):
+        relu = ", objective on relu(output)" if p.record == "relu" else ""
         print(f"{i:3d}  {p.name:44s} {p.channels:6d} {p.units:8s} {describe_layout(p, shape)} "
-              f"{tuple(shape)[1:]}, axis {p.channel_axis}")
+              f"{tuple(shape)[1:]}, axis {p.channel_axis}{relu}")
     print(f"{len(gated.gate_points)} gate points, {sum(gated.layer_sizes)} {args.units}")

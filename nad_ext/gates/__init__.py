@@ -8,7 +8,7 @@ is made of them.
 - :mod:`~nad_ext.gates.model`: :class:`GatedModel`, the frozen network with gates in forward
   hooks (``nad::task_gate``), soft or binary;
 - :mod:`~nad_ext.gates.fused`: the fast path's rewrites (BatchNorm folded, ``nad::masked_conv2d``);
-- :mod:`~nad_ext.gates.export`: TorchScript exports for C++;
+- :mod:`~nad_ext.gates.export`: torch.export programs and AOTInductor ``.pt2`` packages for C++;
 - :mod:`~nad_ext.gates.maskbank`: :class:`MaskBank`, every task's gate logits in one file.
 
 May import: :mod:`nad_ext.ops` (the native operators), :mod:`nad_ext._utils`,
@@ -18,10 +18,10 @@ the gates, :func:`nad_ext.training.build_gated_model`.
 """
 from nad_ext.gates.maskbank import FORMAT, MaskBank, Task, describe_objective
 from nad_ext.gates.model import GatedModel, gate_tensor
-from nad_ext.gates.points import (UNITS, GatePoint, describe_layout, parse_gate_point, propose_gate_points,
-                                  resolve_gate_points)
+from nad_ext.gates.points import (RECORDS, UNITS, GatePoint, describe_layout, parse_gate_point,
+                                  propose_gate_points, resolve_gate_points)
 
 __all__ = [
-    "FORMAT", "UNITS", "GatePoint", "GatedModel", "MaskBank", "Task", "describe_layout", "describe_objective",
-    "gate_tensor", "parse_gate_point", "propose_gate_points", "resolve_gate_points",
+    "FORMAT", "RECORDS", "UNITS", "GatePoint", "GatedModel", "MaskBank", "Task", "describe_layout",
+    "describe_objective", "gate_tensor", "parse_gate_point", "propose_gate_points", "resolve_gate_points",
 ]

@@ -18,7 +18,7 @@ import torch
 
 from nad_ext._utils.storage import CorruptFileError, load_safetensors, save_safetensors
 from nad_ext.gates.model import GatedModel
-from nad_ext.gates.points import UNITS, GatePoint
+from nad_ext.gates.points import RECORDS, UNITS, GatePoint
 
 FORMAT = "nad-ext.maskbank/1"
 
@@ -97,7 +97,9 @@ class MaskBank:
 
     # --- checks ------------------------------------------------------------------------
     def mismatch(self, gate_points: Sequence[GatePoint], model_id: str | None = None) -> list[str]:
-        """What differs between this bank and a model's gate points (empty when they match)."""
+        """What differs between this bank and a model's gate points (empty when they match).
+        What a gate point records for the objective (``GatePoint.record``) is not compared: the
+        gates fit either way (a resumed run compares it, :func:`nad_ext.training.loop.run_epochs`)."""
         problems = []
         if model_id is not None and model_id != self.model_id:
             problems.append(f"the bank is for model {self.model_id!r}, not {model_id!r}")
@@ -145,6 +147,7 @@ class MaskBank:
             "channels": json.dumps([p.channels for p in self.gate_points]),
             "channel_axes": json.dumps([p.channel_axis for p in self.gate_points]),
             "units": json.dumps([p.units for p in self.gate_points]),
+            "records": json.dumps([p.record for p in self.gate_points]),
             "tasks": json.dumps([t.name for t in self.tasks]),
             "task_classes": json.dumps([list(t.classes) for t in self.tasks]),
             "config": json.dumps(self.config, sort_keys=True),
@@ -184,12 +187,17 @@ class MaskBank:
             bad = [u for u in units if u not in UNITS]
             if bad:
                 raise ValueError(f"unknown gate units {bad}")
+            # Banks written before records existed compared every gate point's gated output.
+            records = json.loads(meta.get("records", json.dumps(["output"] * len(names))))
+            bad = [r for r in records if r not in RECORDS]
+            if bad:
+                raise ValueError(f"unknown gate-point records {bad}")
             calibration = json.loads(meta["calibration"]) if "calibration" in meta else None
             logits = [tensors[f"logits.{i:03d}"] for i in range(len(names))]
             return cls(
                 model_id=meta["model_id"],
-                gate_points=[GatePoint(n, int(c), int(a), u)
-                             for n, c, a, u in zip(names, channels, axes, units, strict=True)],
+                gate_points=[GatePoint(n, int(c), int(a), u, r)
+                             for n, c, a, u, r in zip(names, channels, axes, units, records, strict=True)],
                 tasks=[Task(n, tuple(c)) for n, c in zip(task_names, task_classes, strict=True)],
                 logits=logits,
                 config=config,

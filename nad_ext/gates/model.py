@@ -64,7 +64,9 @@ class GatedModel(nn.Module):
             activations are made out-of-place so recorded activations stay valid.
         gate_points: in forward order; module names (``"layer1.0"``), with an optional
             suffix (``"blocks.3:2"``: channels on axis 2; ``"blocks.3.attn:heads"``: a gate per
-            attention head), or :class:`GatePoint` objects (e.g. a mask bank's).
+            attention head; then ``":relu"``: record relu of the gated output for the
+            objective, :attr:`GatePoint.record`), or :class:`GatePoint` objects (e.g. a mask
+            bank's).
         num_tasks: number of tasks T; gate point l gets logits of shape (T, C_l).
         example_input: one input batch, used once to find each gate point's channel count and
             channel axis (see :func:`~nad_ext.gates.probe.infer_channel_axis`; when in doubt a
@@ -102,15 +104,16 @@ class GatedModel(nn.Module):
         if not gate_points:
             raise ValueError("gate_points is empty: name at least one module to gate")
         specs = [parse_gate_point(p) for p in gate_points]
-        names = [name for name, _, _ in specs]
-        specs = [(name, requested_axis(name, axis, units, channel_axis), units) for name, axis, units in specs]
+        names = [name for name, _, _, _ in specs]
+        specs = [(name, requested_axis(name, axis, units, channel_axis), units, record)
+                 for name, axis, units, record in specs]
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         for m in model.modules():
             if hasattr(m, "inplace") and isinstance(m, ACTIVATIONS + (nn.Hardtanh, nn.Dropout)):
                 m.inplace = False
-        for (name, _, units), module in zip(specs, resolve_modules(model, names)):
+        for (name, _, units, _), module in zip(specs, resolve_modules(model, names)):
             if units == "heads" and not attention.is_attention(module):
                 raise ValueError(f"gate point {name!r}: units 'heads' needs an attention module "
                                  f"({attention.SUPPORTED}); {name!r} is a {type(module).__name__}")
@@ -118,7 +121,7 @@ class GatedModel(nn.Module):
             from nad_ext.gates.fused import fold_batchnorm
 
             model = copy.deepcopy(model)
-            fold_batchnorm(model, example_input, watch=[n for n, _, units in specs if units == "channels"])
+            fold_batchnorm(model, example_input, watch=[n for n, _, units, _ in specs if units == "channels"])
         self.model = model
         self.model_id = model_id
         self.gate_points, self.example_shapes = find_gate_points(model, example_input, specs, gate_points)
@@ -158,15 +161,18 @@ class GatedModel(nn.Module):
         return lambda: None if self._task_ids is None else (self._gate_logits(index), self._task_ids)
 
     def _gate_function(self, index: int):
-        """Gate point ``index``'s gate (in masked passes) and recording, as a function of its output."""
+        """Gate point ``index``'s gate (in masked passes) and recording, as a function of its
+        output. The recording is the gated output, or relu of it (``GatePoint.record``, a new
+        tensor: the network's forward goes on with the gated output)."""
         gated_inside = index in self.fused_points
-        axis, per_head = self.gate_points[index].channel_axis, self.gate_points[index].units == "heads"
+        point = self.gate_points[index]
+        axis, per_head, relu = point.channel_axis, point.units == "heads", point.record == "relu"
 
         def gate(output: torch.Tensor) -> torch.Tensor:
             if self._task_ids is not None and not gated_inside:
                 output = gate_tensor(output, self._gate_logits(index), self._task_ids, axis, per_head)
             if self._record is not None:
-                self._record[index] = output
+                self._record[index] = torch.relu(output) if relu else output
             return output
 
         return gate
@@ -196,7 +202,8 @@ class GatedModel(nn.Module):
             x: input batch (N, ...).
             task_ids: (N,) int64, the task of each sample.
             binary: use 0/1 gates (sigmoid(m) > 0.5) instead of the soft ones.
-            record: also return the gated outputs at the gate points.
+            record: also return the gated outputs at the gate points (relu of them at gate
+                points whose ``record`` is "relu").
 
         Returns:
             ``(logits, activations)``; ``activations`` is a list with one tensor per gate point

@@ -1,8 +1,9 @@
 """Gate points: where the gates go, named, parsed, proposed and probed.
 
 A gate point is a named sub-module whose output gets one gate per channel (or per attention
-head). :class:`GatePoint` records its name, gate count, channel axis and units; a spec string
-(``"name"``, ``"name:axis"``, ``"name:heads"``) is read by :func:`parse_gate_point`;
+head). :class:`GatePoint` records its name, gate count, channel axis, units and the tensor it
+records for the objective; a spec string (``"name"``, ``"name:axis"``, ``"name:heads"``, each
+optionally followed by ``":relu"``) is read by :func:`parse_gate_point`;
 :func:`propose_gate_points` proposes them for an unknown network ("auto");
 :func:`find_gate_points` probes the network for every gate point's channels and axis.
 A model preset's gate points (by name) are the registry's: :func:`nad_ext.training.build_gated_model`
@@ -21,6 +22,7 @@ from nad_ext.gates import attention
 from nad_ext.gates.probe import infer_channel_axis, probe, resized_input, shapes_at
 
 UNITS = ("channels", "heads")
+RECORDS = ("output", "relu")  # what a gate point records: its gated output, or relu of it
 
 
 @dataclass(frozen=True)
@@ -32,43 +34,64 @@ class GatePoint:
     NHWC maps). ``units="heads"``: one gate per attention head of an attention module, on its
     output before the output projection (see :mod:`nad_ext.gates.attention`); the gated tensor is
     (N, *positions, heads, head_dim) and ``channel_axis`` its head axis.
+
+    ``record`` says which tensor the gate point hands to the objective's MSE term (and to the
+    activation maps): ``"output"``, the gated output itself, or ``"relu"``, relu of it. The
+    forward pass is the same either way (the gate is not changed); the objective is not, since
+    the MSE then ignores the negative values. The paper presets use ``"relu"`` where the authors'
+    model compares activations after a ReLU (docs/METHOD.md): DARTS's first gate point, whose
+    output their model overwrites with the in-place ReLU that starts the second stem, and
+    DenseNet's final features, which they gate after the final ReLU.
     """
 
     name: str
     channels: int
     channel_axis: int = 1
     units: str = "channels"
+    record: str = "output"
 
     @property
     def spec(self) -> str:
         """The gate point as a string that :func:`parse_gate_point` reads back: ``name``,
-        ``name:<axis>`` (channels not on axis 1) or ``name:heads``."""
+        ``name:<axis>`` (channels not on axis 1) or ``name:heads``, then ``:relu`` when it
+        records relu of its output."""
         if self.units == "heads":
-            return f"{self.name}:heads"
-        return self.name if self.channel_axis == 1 else f"{self.name}:{self.channel_axis}"
+            spec = f"{self.name}:heads"
+        else:
+            spec = self.name if self.channel_axis == 1 else f"{self.name}:{self.channel_axis}"
+        return spec + (":relu" if self.record == "relu" else "")
 
 
-def parse_gate_point(spec: str | GatePoint) -> tuple[str, int | None, str]:
-    """``(module name, channel axis or None to find it, units)`` of a gate-point spec.
+def parse_gate_point(spec: str | GatePoint) -> tuple[str, int | None, str, str]:
+    """``(module name, channel axis or None to find it, units, record)`` of a gate-point spec.
 
     A spec is a module name, optionally with a suffix: ``"name:2"`` (channels on axis 2;
-    negative axes count from the end), ``"name:heads"`` (a gate per attention head). A
-    :class:`GatePoint` gives its own axis and units.
+    negative axes count from the end), ``"name:heads"`` (a gate per attention head), and after
+    either (or alone) ``":relu"``: the gate point records relu of its gated output for the
+    objective (:attr:`GatePoint.record`). A :class:`GatePoint` gives its own axis, units and
+    record.
     """
     if isinstance(spec, GatePoint):
-        return spec.name, spec.channel_axis, spec.units
+        if spec.record not in RECORDS:
+            raise ValueError(f"gate point {spec.name!r}: record must be one of {', '.join(RECORDS)}; "
+                             f"got {spec.record!r}")
+        return spec.name, spec.channel_axis, spec.units, spec.record
     if not isinstance(spec, str):
         raise TypeError(f"a gate point is a module name (str) or a GatePoint; got {type(spec).__name__}")
+    record = "output"
+    rest, sep, suffix = spec.rpartition(":")
+    if sep and suffix == "relu":
+        spec, record = rest, "relu"
     name, sep, suffix = spec.rpartition(":")
     if not sep:
-        return spec, None, "channels"
+        return spec, None, "channels", record
     if suffix == "heads":
-        return name, None, "heads"
+        return name, None, "heads", record
     try:
-        return name, int(suffix), "channels"
+        return name, int(suffix), "channels", record
     except ValueError:
-        raise ValueError(f"gate point {spec!r}: the part after ':' must be a channel axis (an integer) or "
-                         f"'heads'; got {suffix!r}") from None
+        raise ValueError(f"gate point {spec!r}: the part after ':' must be a channel axis (an integer), "
+                         f"'heads' or 'relu'; got {suffix!r}") from None
 
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish)
@@ -193,16 +216,17 @@ def requested_axis(name: str, axis: int | None, units: str, channel_axis) -> int
     return chosen
 
 
-def find_gate_points(model: nn.Module, example_input: torch.Tensor, specs: Sequence[tuple[str, int | None, str]],
-                      given: Sequence[str | GatePoint]) -> tuple[list[GatePoint], list[tuple]]:
+def find_gate_points(model: nn.Module, example_input: torch.Tensor,
+                     specs: Sequence[tuple[str, int | None, str, str]],
+                     given: Sequence[str | GatePoint]) -> tuple[list[GatePoint], list[tuple]]:
     """Probes the network once: every gate point's channel count and channel axis, and its
-    output shape for ``example_input``. ``specs``: ``(name, requested axis or None, units)`` per
-    gate point (:func:`parse_gate_point`, :func:`requested_axis`), ``given``: the gate points as
-    the caller gave them (a :class:`GatePoint`'s channel count is checked)."""
-    seen = probe(model, example_input, [(name, units) for name, _, units in specs])
+    output shape for ``example_input``. ``specs``: ``(name, requested axis or None, units,
+    record)`` per gate point (:func:`parse_gate_point`, :func:`requested_axis`), ``given``: the
+    gate points as the caller gave them (a :class:`GatePoint`'s channel count is checked)."""
+    seen = probe(model, example_input, [(name, units) for name, _, units, _ in specs])
     resized = None
     points, shapes = [], []
-    for (name, axis, units), original in zip(specs, given):
+    for (name, axis, units, record), original in zip(specs, given):
         entry = seen.get(name)
         count = entry.calls if entry is not None else 0
         if count != 1:
@@ -228,14 +252,14 @@ def find_gate_points(model: nn.Module, example_input: torch.Tensor, specs: Seque
                 if resized is None:  # a second forward only when an axis is in doubt
                     bigger = resized_input(example_input)
                     resized = {} if bigger is None else shapes_at(
-                        model, bigger, [n for n, _, u in specs if u == "channels"])
+                        model, bigger, [n for n, _, u, _ in specs if u == "channels"])
                 axis = infer_channel_axis(name, shape, entry.layer, resized.get(name))
         else:
             if not -out.dim() < axis < out.dim() or axis % out.dim() == 0:
                 raise ValueError(f"channel_axis {axis} of gate point {name!r} is out of range: its output "
                                  f"{tuple(out.shape)} has channel axes 1..{out.dim() - 1} (0 is the batch)")
             axis %= out.dim()
-        point = GatePoint(name, int(out.shape[axis]), axis, units)
+        point = GatePoint(name, int(out.shape[axis]), axis, units, record)
         if isinstance(original, GatePoint) and original.channels != point.channels:
             raise ValueError(f"gate point {name!r} has {point.channels} channels on axis {axis} in this "
                              f"network, but {original.channels} were expected")

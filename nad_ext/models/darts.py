@@ -269,8 +269,14 @@ def parse_genotype(text: str) -> Genotype:
 
 
 def darts_points(model: nn.Module) -> list[str]:
-    """After each of the two stems and after each cell's concatenated output."""
-    return ["stem0", "stem1"] + [f"cells.{i}" for i in range(len(model.cells))]
+    """After each of the two stems and after each cell's concatenated output, as in the
+    authors' darts.py (``mask0``, ``mask1``, each cell's ``mask``).
+
+    The first records relu of its gated output (``:relu``, ``GatePoint.record``): in the
+    authors' model the in-place ReLU that begins ``stem1`` overwrites ``mask0``'s output before
+    their loss reads it, so their MSE there is taken on relu(gate output). The forward is the
+    same here (stem1 and the first cell's FactorizedReduce both begin with a ReLU)."""
+    return ["stem0:relu", "stem1"] + [f"cells.{i}" for i in range(len(model.cells))]
 
 
 register(ModelSpec("darts", "nas", lambda n: NetworkImageNet(48, n, 14, DARTS_V2), darts_points, 0.45, 224))

@@ -11,15 +11,20 @@ from nad_ext.models.registry import ModelSpec, register
 
 def densenet_points(model: nn.Module) -> list[str]:
     """METHOD.md's "after the stem, after each dense block, inside each transition (its output),
-    and after the final features", read as: the stem (pool0), every dense block but the last,
-    every transition's output, and the final features (the last dense block + norm5; the last
-    dense block itself is not gated separately since norm5 follows it directly).
-    DenseNet121: pool0, denseblock1, transition1, denseblock2, transition2, denseblock3,
-    transition3, norm5 (8 points)."""
+    and after the final features", as the authors' densenet121.py places them: the stem (pool0),
+    every dense block but the last, every transition's output, and the final features (the
+    last dense block + norm5 + the final ReLU; the last dense block itself is not gated
+    separately). DenseNet121: pool0, denseblock1, transition1, denseblock2, transition2,
+    denseblock3, transition3, norm5 (8 points).
+
+    The authors gate the final features after the final ReLU (their ``relu5``, then ``mask5``);
+    torchvision applies that ReLU in ``forward``, after ``features``, so the gate sits on
+    ``norm5`` and records relu of its output (``:relu``, ``GatePoint.record``): the same forward
+    (relu(s * x) = s * relu(x) for a gate s > 0) and the same MSE term as theirs."""
     names = [name for name, _ in model.features.named_children()]
     blocks = [n for n in names if n.startswith("denseblock")]
     keep = [n for n in names if n == "pool0" or n.startswith("transition") or n in blocks[:-1]]
-    return [f"features.{n}" for n in keep] + ["features.norm5"]
+    return [f"features.{n}" for n in keep] + ["features.norm5:relu"]
 
 
 class DenseNet(torchvision.models.DenseNet):

@@ -7,16 +7,23 @@ import torch
 
 from . import checks
 
+# The smallest norm the step divides by: F.normalize's default eps (csrc/ops/normalized_step.h).
+STEP_EPS = 1e-12
+
 
 def normalized_gradient_step_(
     logits: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], tasks: torch.Tensor, lr: float
 ) -> None:
-    """In place, for every gate point l and task t in ``tasks``: ``m_l[t] -= lr * g_l[t] / ||g_l[t]||_2``.
+    """In place, for every gate point l and task t in ``tasks``:
+    ``m_l[t] -= lr * g_l[t] / max(||g_l[t]||_2, 1e-12)``.
 
-    The norm is over gate point l's channels; rows with a zero gradient are left unchanged and a
-    task listed twice is updated once. Equals
-    :func:`nad_ext.training.objective.normalized_gradient_step` with ``grads[l] = logits[l].grad``,
-    in one launch for all gate points on CUDA.
+    The norm is over gate point l's channels, clamped as the authors' ``F.normalize`` clamps it
+    (eps 1e-12): a norm below 1e-12 gives a step shorter than ``lr``. Rows whose gradient norm is
+    zero or not finite (a NaN or Inf in the gradient) are left unchanged; the trainer finds
+    non-finite gradients before the step and stops or skips the task's step
+    (:mod:`nad_ext.training.nonfinite`), so the op never writes them into the gates. A task listed
+    twice is updated once. Equals :func:`nad_ext.training.objective.normalized_gradient_step` with
+    ``grads[l] = logits[l].grad``, in one launch for all gate points on CUDA.
 
     Args:
         logits: per gate point, the (T, C_l) gate logits, float32 (or float64), one T for all.
@@ -49,13 +56,16 @@ def normalized_gradient_step_(
 
 @torch.no_grad()
 def normalized_gradient_step_reference(logits, grads, tasks, lr) -> None:
-    """Pure-PyTorch definition of :func:`normalized_gradient_step_` (one layer at a time)."""
+    """Pure-PyTorch definition of :func:`normalized_gradient_step_` (one layer at a time): the
+    authors' ``m - lr * F.normalize(g)`` (the norm summed in float64, as the kernels do), except
+    that a row with a non-finite norm is left unchanged."""
     for m, g in zip(logits, grads):
         if g is None:
             continue
         g = g[tasks]
-        norm = g.norm(dim=1, keepdim=True)
-        m[tasks] -= lr * torch.where(norm > 0, g / norm.clamp(min=torch.finfo(g.dtype).tiny), torch.zeros_like(g))
+        norm = g.double().norm(dim=1, keepdim=True).to(g.dtype)
+        step = g / norm.clamp(min=STEP_EPS)
+        m[tasks] -= lr * torch.where(torch.isfinite(norm), step, torch.zeros_like(g))
 
 
 @torch.library.register_fake("nad::normalized_gradient_step_")

@@ -7,6 +7,8 @@
   :mod:`~nad_ext.training.negatives` (other classes' images in a task's batches);
 - :mod:`~nad_ext.training.loop`: the step (:func:`train_step`), an epoch, all epochs of a run,
   :func:`train_in_memory`; :mod:`~nad_ext.training.step_graph`: the step replayed from CUDA graphs;
+  :mod:`~nad_ext.training.nonfinite`: NaN or Inf gate gradients, found in every step, stop the
+  run (:class:`NonFiniteGradientError`) or skip the task's step;
 - :mod:`~nad_ext.training.calibration`: beta for a target open ratio (short runs, bisection);
 - :mod:`~nad_ext.training.driver`: :func:`disentangle`, the whole run;
 - :mod:`~nad_ext.training.rundir`: the run folder, consistent after any crash;
@@ -21,9 +23,10 @@ from nad_ext.training.calibration import CalibrationSettings, calibrate_beta, se
 from nad_ext.training.config import NADConfig
 from nad_ext.training.driver import disentangle
 from nad_ext.training.loop import train_in_memory, train_step
+from nad_ext.training.nonfinite import NonFiniteGradientError
 from nad_ext.training.objective import SELECTIVE_DEFAULTS
 
 __all__ = [
-    "CalibrationSettings", "NADConfig", "Network", "SELECTIVE_DEFAULTS", "build_gated_model", "calibrate_beta",
-    "disentangle", "search_beta", "train_in_memory", "train_step",
+    "CalibrationSettings", "NADConfig", "Network", "NonFiniteGradientError", "SELECTIVE_DEFAULTS",
+    "build_gated_model", "calibrate_beta", "disentangle", "search_beta", "train_in_memory", "train_step",
 ]

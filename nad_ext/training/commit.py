@@ -22,7 +22,7 @@ from nad_ext.gates.maskbank import MaskBank
 from nad_ext.training.rundir import BANK_FILE, SHARD_DIR, RunDir
 
 SHARD_FORMAT = "nad-ext.shard/1"
-PER_TASK = ("skipped_batches", "ce", "mse", "sparse", "loss")  # the log's per-task lists
+PER_TASK = ("skipped_batches", "nonfinite_steps", "ce", "mse", "sparse", "loss")  # the log's per-task lists
 OPTIONAL_PER_TASK = ("negative",)  # the selective objective's term, in its runs' logs only
 
 

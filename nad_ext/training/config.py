@@ -13,6 +13,7 @@ from nad_ext import models
 from nad_ext.data import ImageSet
 from nad_ext.data import pipeline as nad_pipeline
 from nad_ext.gates.maskbank import Task
+from nad_ext.training.nonfinite import POLICIES as NONFINITE_POLICIES
 
 DEFAULT_TARGET = 0.3  # the paper's typical open ratio: the default target of beta calibration
 
@@ -36,7 +37,10 @@ class NADConfig:
     ``negative_weight`` gamma > 0 choose the selective objective
     (:mod:`nad_ext.training.objective`; not the paper's): each task batch of own-class images is
     joined by round(r x its size) images of other classes, whose prediction as the task is
-    penalised with weight gamma. 0 and 0 (default) is the paper's.
+    penalised with weight gamma. 0 and 0 (default) is the paper's. ``on_nonfinite``: what a
+    NaN or Inf in a task's gate gradient does (:mod:`nad_ext.training.nonfinite`): "stop" the
+    run naming the task, gate points and epoch, before the epoch is committed, or "skip" that
+    task's step and count it in log.json (``nonfinite_steps``).
     """
 
     beta: float | str | None = None
@@ -58,6 +62,7 @@ class NADConfig:
     on_bad_image: str = "skip"
     negatives: float = 0.0
     negative_weight: float = 0.0
+    on_nonfinite: str = "stop"
 
     def validate(self) -> None:
         for name in ("beta", "lr", "init_std"):
@@ -83,6 +88,8 @@ class NADConfig:
         if self.on_bad_image not in nad_pipeline.BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image must be one of {', '.join(nad_pipeline.BAD_IMAGE_POLICIES)}, "
                              f"got {self.on_bad_image!r}")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}")
         check_target(self.target_open_ratio)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -111,8 +118,9 @@ class NADConfig:
 PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # Settings that change how a run executes but not its result; a run may resume with others.
 # (target_open_ratio only matters before training, when it chooses beta.)
+# (on_nonfinite only matters when a gradient is NaN or Inf: a run stopped by one may go on skipping.)
 EXECUTION_SETTINGS = ("epochs", "device", "mode", "tasks_per_step", "keep_every_epoch", "fuse", "precision",
-                      "cuda_graph", "data_pipeline", "on_bad_image", "target_open_ratio")
+                      "cuda_graph", "data_pipeline", "on_bad_image", "target_open_ratio", "on_nonfinite")
 
 
 def default_tasks(images: ImageSet) -> list[Task]:

@@ -34,6 +34,7 @@ from nad_ext.training.build import Network
 from nad_ext.training.commit import SharedRun
 from nad_ext.training.config import EXECUTION_SETTINGS, NADConfig, resolve_run
 from nad_ext.training.negatives import add_negatives, task_class_matrix
+from nad_ext.training.nonfinite import NonFiniteTally, guard_step
 from nad_ext.training.objective import nad_loss
 from nad_ext.training.rundir import BANK_FILE
 
@@ -46,8 +47,10 @@ def train_step(gated: GatedModel, x, labels, task_ids, tasks, config: NADConfig,
 
     ``task_ids`` are checked once by ``gated`` (on the CPU, without a device sync); ``tasks``
     lists the tasks present. The step never waits for the device: tasks without a correctly
-    classified sample get exact zero gradients, which the normalised step leaves unchanged. So
-    it can also be captured in a CUDA graph (:mod:`nad_ext.training.step_graph`).
+    classified sample get exact zero gradients, which the normalised step leaves unchanged, and
+    so do tasks with a non-finite gate gradient (their whole step is skipped and flagged in the
+    returned terms' ``nonfinite``, :mod:`nad_ext.training.nonfinite`). So it can also be
+    captured in a CUDA graph (:mod:`nad_ext.training.step_graph`).
     """
     with torch.no_grad():
         out, original_acts = gated.original(x)
@@ -63,7 +66,9 @@ def train_step(gated: GatedModel, x, labels, task_ids, tasks, config: NADConfig,
         terms = nad_loss(masked_out, labels, masked_acts, original_acts, correct, task_ids, logits, config.beta,
                          [p.channel_axis for p in gated.gate_points], **selective)
         grads = torch.autograd.grad(terms.total, logits)
-        normalized_gradient_step_(logits, grads, tasks.to(x.device, non_blocking=True), config.lr)
+        tasks = tasks.to(x.device, non_blocking=True)
+        grads, terms.nonfinite = guard_step(grads, tasks)
+        normalized_gradient_step_(logits, grads, tasks, config.lr)
     return terms
 
 
@@ -102,14 +107,16 @@ class TaskStream:
 
 
 def train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, group: int, epoch: int,
-                progress: bool, device):
+                progress: bool, device, nonfinite: NonFiniteTally):
     """One epoch over the batches of tasks ``task_of`` (``streams[i]`` is task ``task_of[i]``'s;
     ``step(x, labels, task_ids, tasks)`` per batch); returns the epoch's per-task mean loss terms
     (lists over all ``num_tasks`` tasks; zeros for tasks not in ``task_of``), where the time went
-    (waiting for data or in the step) and the images skipped as unreadable.
+    (waiting for data or in the step), the images skipped as unreadable and the steps skipped
+    for a non-finite gate gradient (``nonfinite``, the epoch's tally: under "stop" it raises
+    instead, before the epoch can be committed).
 
     The running sums stay on the device; the progress bar reads them about once a second, so
-    that steps are not serialised by device syncs.
+    that steps are not serialised by device syncs. The non-finite tally is read there too.
     """
     keys = ("ce", "mse", "sparse", "loss") + (("negative",) if config.negatives else ())
     sums = {k: torch.zeros(num_tasks, device=device) for k in keys}
@@ -129,9 +136,10 @@ def train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, gr
             bar.update(len(active))
             continue
         terms = step(x, labels, task_ids, torch.tensor(active))
+        updated = terms.counted & ~nonfinite.add(terms.nonfinite)  # a skipped step's terms are not averaged
         for k in sums:
-            sums[k] += torch.where(terms.counted, getattr(terms, k).detach(), 0.0)
-        steps += terms.counted
+            sums[k] += torch.where(updated, getattr(terms, k).detach(), 0.0)
+        steps += updated
         present = torch.zeros(num_tasks, dtype=torch.bool)
         present[active] = True
         skipped += present.to(device, non_blocking=True) & ~terms.counted
@@ -140,13 +148,15 @@ def train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, gr
         elapsed = max(time.perf_counter() - start, 1e-9)
         if progress and elapsed - shown >= 1.0:
             shown = elapsed
+            nonfinite.check()
             n = steps.clamp(min=1)
             bar.set_postfix(tasks=f"{tasks_done}/{len(task_of)}", img_s=f"{images_seen / elapsed:.0f}",
                             data_wait=f"{(loader.wait_s - wait0) / elapsed:.0%}",
                             ce=f"{(sums['ce'] / n).mean():.3f}", mse=f"{(sums['mse'] / n).mean():.3f}",
                             sparse=f"{(sums['sparse'] / n).mean():.3f}")
+    nonfinite.check()  # waits for the device's last step
     n = steps.clamp(min=1)
-    means = {k: (v / n).tolist() for k, v in sums.items()}  # waits for the device's last step
+    means = {k: (v / n).tolist() for k, v in sums.items()}
     seconds, wait = max(time.perf_counter() - start, 1e-9), loader.wait_s - wait0
     bar.set_postfix(tasks=f"{len(task_of)}/{len(task_of)}", img_s=f"{images_seen / seconds:.0f}",
                     data_wait=f"{wait / seconds:.0%}",
@@ -156,10 +166,15 @@ def train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, gr
     bad_images, bad_files = loader.bad.take()
     if bad_images and progress:
         print(f"epoch {epoch + 1}: skipped {bad_images} unreadable images (listed in log.json)")
+    nonfinite_steps = nonfinite.per_task()
+    if any(nonfinite_steps) and progress:
+        print(f"epoch {epoch + 1}: skipped {sum(nonfinite_steps)} task steps with a non-finite gate gradient "
+              f"(counted per task in log.json, nonfinite_steps)")
     return {
         "epoch": epoch + 1,
         "images_per_second": images_seen / seconds,
         "skipped_batches": skipped.tolist(),
+        "nonfinite_steps": nonfinite_steps,
         # Where the time went: waiting for the loader, and everything else (the steps).
         "data_pipeline": loader.kind,
         "data_wait_s": wait,
@@ -194,12 +209,14 @@ def run_epochs(network: Network, tasks: list[Task], indices: list[list[int]], co
             where = "  (in masked_conv2d)" if i in gated.fused_points else ""
             kind = "" if point.units == "channels" and point.channel_axis == 1 else \
                 f"  ({point.units} on axis {point.channel_axis})"
-            print(f"  {point.name:36s} {point.channels:5d}{kind}{where}")
+            relu = "  (objective on relu(output))" if point.record == "relu" else ""
+            print(f"  {point.name:36s} {point.channels:5d}{kind}{where}{relu}")
     config_record = asdict(config)
     start_epoch = 0
     if run.bank is not None:
         bank, where = run.bank, run.file(BANK_FILE)
         bank.apply_to(gated)
+        check_same_records(bank, gated, where)
         if [t.name for t in bank.tasks] != [t.name for t in tasks]:
             raise ValueError(f"{where} was trained for other tasks; cannot resume it")
         older = asdict(NADConfig())  # a bank from before a setting existed was made with its default
@@ -220,10 +237,25 @@ def run_epochs(network: Network, tasks: list[Task], indices: list[list[int]], co
     for epoch in range(start_epoch, config.epochs):
         streams = [TaskStream(indices[t], config.batch_size, epoch_generator(config.seed, epoch, t), num_images,
                               config.negatives) for t in mine]
-        stats = train_epoch(step, streams, mine, len(tasks), loader, config, group, epoch, progress, device)
+        tally = NonFiniteTally(config.on_nonfinite, [t.name for t in tasks], [p.name for p in gated.gate_points],
+                               epoch, device)
+        stats = train_epoch(step, streams, mine, len(tasks), loader, config, group, epoch, progress, device, tally)
         bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1, found)
         run.commit_epoch(bank, stats, mine, config.keep_every_epoch)
     return run.finish() or MaskBank.from_gated(gated, tasks, config_record, start_epoch, found)
+
+
+def check_same_records(bank: MaskBank, gated: GatedModel, where) -> None:
+    """A run resumes with the objective it began with: ValueError when a gate point records
+    another tensor for the MSE term than the bank's run did (``GatePoint.record``; banks written
+    before records existed compared the gated outputs everywhere)."""
+    changed = [(p.name, b.record, p.record) for p, b in zip(gated.gate_points, bank.gate_points) if p.record != b.record]
+    if changed:
+        what = "; ".join(f"gate point {n!r} records {new!r} now, {old!r} in the bank" for n, old, new in changed)
+        names = ",".join(p.spec for p in bank.gate_points)
+        raise ValueError(f"{where} was trained with another objective: {what} (the paper presets record relu(output) "
+                         f"where the authors' model does, docs/METHOD.md). Continue it as it began with its own gate "
+                         f"points (--gate-points {names}), or start again with --overwrite")
 
 
 def train_in_memory(network: Network, train: ImageSet, *, tasks: Sequence[Task] | None = None,

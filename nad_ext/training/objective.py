@@ -57,6 +57,8 @@ class NADLoss:
     loss: torch.Tensor
     counted: torch.Tensor  # bool (T,): tasks present in the batch with a non-empty K
     negative: torch.Tensor | None = None  # L_neg(t), the selective variant's term (None without negatives)
+    # bool (T, L): the step's non-finite gate gradients (set by train_step, nad_ext.training.nonfinite)
+    nonfinite: torch.Tensor | None = None
 
 
 def _per_task_mean(values: torch.Tensor, task_ids: torch.Tensor, counts: torch.Tensor, num_tasks: int):
@@ -162,10 +164,13 @@ def negative_term(masked_out: torch.Tensor, task_ids: torch.Tensor, negative: to
 
 @torch.no_grad()
 def normalized_gradient_step(gate_logits: Sequence[torch.Tensor], tasks: torch.Tensor, lr: float) -> None:
-    """m_t^l <- m_t^l - lr * g / ||g||_2 for the given tasks at every gate point.
+    """m_t^l <- m_t^l - lr * g / max(||g||_2, 1e-12) for the given tasks at every gate point
+    (the authors' ``F.normalize``).
 
     g is the gradient of task t's loss with respect to its logits at gate point l (``.grad``),
-    the norm taken over that gate point's channels. A zero gradient leaves the gate unchanged.
-    One ``nad::normalized_gradient_step_`` launch for all gate points.
+    the norm taken over that gate point's channels. A zero gradient leaves the gate unchanged,
+    and so does a non-finite one (the trainer stops or skips such a step first:
+    :mod:`nad_ext.training.nonfinite`). One ``nad::normalized_gradient_step_`` launch for all
+    gate points.
     """
     normalized_gradient_step_(gate_logits, [m.grad for m in gate_logits], tasks, lr)
