@@ -3,9 +3,12 @@
     python cpp_tests/make_fixtures.py <folder> [--library build-cpp/libnad.so]
 
 Expected values come from pure-PyTorch / NumPy references, so the C++ library is checked
-against the Python side's definitions of the operators. The mask bank follows docs/DESIGN.md.
-With --library, nad_ext (this checkout) runs on that LibTorch build of the operators and a small
-gated model is exported to TorchScript (nad_ext.export) with its expected outputs.
+against the Python side's definitions of the operators (one case per operator). The mask bank
+follows docs/DESIGN.md. With --library, nad_ext (this checkout) runs on that LibTorch build of the
+operators: it writes mask banks with its own MaskBank (head-gated, token-layout, calibrated; the
+C++ side reads them, writes them back, and check_banks.py reads those) and packages a small gated
+model with torch.export + AOTInductor (nad_ext.gates.export, a .pt2 that examples/cpp/run_pt2
+runs) with its expected outputs.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -40,6 +44,73 @@ def task_gate_case(gen, prefix, x_shape, num_tasks):
         f"{prefix}.grad_y": grad_y, f"{prefix}.y": y.detach(),
         f"{prefix}.grad_x": grad_x, f"{prefix}.grad_logits": grad_logits,
     }
+
+
+def masked_conv2d_case(gen, prefix, x_shape, weight_shape, num_tasks, conv, bias, relu):
+    """nad::masked_conv2d: inputs, conv arguments and the reference's y, act and gradients."""
+    stride, padding, dilation, groups = conv
+    x = torch.randn(*x_shape, generator=gen)
+    w = torch.randn(*weight_shape, generator=gen)
+    b = torch.randn(weight_shape[0], generator=gen) if bias else None
+    logits = torch.randn(num_tasks, weight_shape[0], generator=gen)
+    task_ids = torch.randint(0, num_tasks, (x_shape[0],), generator=gen)
+    xr, lr = x.double().requires_grad_(), logits.double().requires_grad_()
+    act = torch.nn.functional.conv2d(xr, w.double(), None if b is None else b.double(), stride, padding, dilation, groups)
+    if relu:
+        act = act.relu()
+    y = act * torch.sigmoid(lr)[task_ids][:, :, None, None]
+    grad_y = torch.randn(*y.shape, generator=gen)
+    grad_x, grad_logits = torch.autograd.grad(y, (xr, lr), grad_y.double())
+    out = {
+        f"{prefix}.x": x, f"{prefix}.weight": w, f"{prefix}.logits": logits, f"{prefix}.task_ids": task_ids,
+        f"{prefix}.conv": torch.tensor([*stride, *padding, *dilation, groups, int(relu)], dtype=torch.int64),
+        f"{prefix}.grad_y": grad_y, f"{prefix}.y": y.detach().float(), f"{prefix}.act": act.detach().float(),
+        f"{prefix}.grad_x": grad_x.float(), f"{prefix}.grad_logits": grad_logits.float(),
+    }
+    if b is not None:
+        out[f"{prefix}.bias"] = b
+    return out
+
+
+def gate_mse_case(gen, prefix):
+    """nad::gate_mse: per-task MSE over the counted samples (a task without any is 0)."""
+    masked = torch.randn(6, 4, 3, 3, generator=gen)
+    original = torch.randn(6, 4, 3, 3, generator=gen)
+    counts = torch.tensor([True, False, True, True, False, False])
+    task_ids = torch.tensor([0, 1, 1, 2, 2, 3])  # task 3's only sample is not counted
+    num_tasks = 5  # task 4 has no sample at all
+    m = masked.double().requires_grad_()
+    per_sample = ((m - original.double()) ** 2).flatten(1).mean(1) * counts
+    k = torch.zeros(num_tasks, dtype=torch.float64).index_add_(0, task_ids, counts.double())
+    sums = torch.zeros(num_tasks, dtype=torch.float64).index_add(0, task_ids, per_sample)
+    out = torch.where(k > 0, sums / k.clamp_min(1), torch.zeros_like(sums))
+    grad = torch.randn(num_tasks, generator=gen)
+    (grad_masked,) = torch.autograd.grad(out, (m,), grad.double())
+    return {
+        f"{prefix}.masked": masked, f"{prefix}.original": original, f"{prefix}.counts": counts,
+        f"{prefix}.task_ids": task_ids, f"{prefix}.num_tasks": torch.tensor([num_tasks]),
+        f"{prefix}.out": out.detach().float(), f"{prefix}.grad": grad, f"{prefix}.grad_masked": grad_masked.float(),
+    }
+
+
+def normalized_step_case(gen, prefix):
+    """nad::normalized_gradient_step_: m[t] -= lr * g[t] / ||g[t]|| for the listed tasks (a task
+    listed twice once; a zero gradient row unchanged; unlisted tasks unchanged)."""
+    logits = [torch.randn(4, 5, generator=gen), torch.randn(4, 3, generator=gen)]
+    grads = [torch.randn(4, 5, generator=gen), torch.randn(4, 3, generator=gen)]
+    grads[1][2] = 0
+    tasks = torch.tensor([2, 0, 2])
+    lr = 0.25
+    expected = [m.double().clone() for m in logits]
+    for m, g in zip(expected, grads):
+        for t in sorted(set(tasks.tolist())):
+            norm = g[t].double().norm()
+            if norm > 0:
+                m[t] -= lr * g[t].double() / norm
+    out = {f"{prefix}.tasks": tasks, f"{prefix}.lr": torch.tensor([lr], dtype=torch.float64)}
+    for i, (m, g, e) in enumerate(zip(logits, grads, expected)):
+        out.update({f"{prefix}.logits.{i}": m, f"{prefix}.grads.{i}": g, f"{prefix}.expected.{i}": e.float()})
+    return out
 
 
 def overlap_reference(a: np.ndarray, b: np.ndarray, layer_sizes, metric: str, per_layer: bool):
@@ -133,13 +204,65 @@ def corrupt_banks(folder, bank_path):
             f.write(blob)
 
 
-def export_gated_model(folder: str, library: str) -> None:
+def use_library(library: str) -> None:
+    """nad_ext (this checkout) on the LibTorch build ``library`` of the operators."""
     os.environ["NAD_EXT_LIBRARY"] = os.path.abspath(library)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def python_banks(folder: str, gen) -> None:
+    """Mask banks written by nad_ext's MaskBank (the C++ side reads them, compares every field
+    with banks_expected.json, and writes each back as <name>.cpp.safetensors for check_banks.py):
+    a ViT bank gated on tokens (channel axis 2), per attention head and on a conv map, calibrated,
+    with non-ASCII task names; a conv bank without calibration."""
+    import dataclasses
+
+    from nad_ext.gates.maskbank import MaskBank, Task
+    from nad_ext.gates.points import GatePoint
+
+    relu = {"record": "relu"} if "record" in {f.name for f in dataclasses.fields(GatePoint)} else {}
+    banks = {
+        "vit_bank": MaskBank(
+            model_id="cpp_test_vit",
+            gate_points=[GatePoint("conv_proj", 6, 1), GatePoint("encoder.layers.encoder_layer_0", 8, 2),
+                         GatePoint("encoder.layers.encoder_layer_1.self_attention", 2, 2, "heads", **relu)],
+            tasks=[Task("caf\u00e9", (0,)), Task("na\u00efve \u4e8c \U0001F600", (1, 2)), Task('say "hi"\\', (3,))],
+            logits=[torch.randn(3, c, generator=gen) for c in (6, 8, 2)],
+            config={"beta": 5.0, "lr": 0.1, "note": "caf\u00e9", "negatives": 0.0},
+            epoch=3,
+            calibration={"beta": 5.0, "open_ratio": 0.31, "target_open_ratio": 0.3, "method": "bisection",
+                         "curve": [[0.02, 0.9], [5.0, 0.31]], "runs": 2, "converged": True},
+        ),
+        "conv_bank": MaskBank(
+            model_id="cpp_test_conv", gate_points=[GatePoint("features.0", 4), GatePoint("features.3", 5)],
+            tasks=[Task("cat", (0,)), Task("dog", (1,))],
+            logits=[torch.randn(2, c, generator=gen) for c in (4, 5)], config={"beta": 0.5}, epoch=0,
+        ),
+    }
+    expected = {}
+    for name, bank in banks.items():
+        bank.save(os.path.join(folder, f"{name}.safetensors"))
+        expected[name] = {
+            "model_id": bank.model_id,
+            "gate_points": [dataclasses.asdict(p) for p in bank.gate_points],
+            "tasks": [{"name": t.name, "classes": list(t.classes)} for t in bank.tasks],
+            "config": json.dumps(bank.config, sort_keys=True),
+            "epoch": bank.epoch,
+            "calibration": None if bank.calibration is None else json.dumps(bank.calibration, sort_keys=True),
+        }
+        save_file({f"logits.{i:03d}": m for i, m in enumerate(bank.logits)},
+                  os.path.join(folder, f"{name}_logits.safetensors"))
+    with open(os.path.join(folder, "banks_expected.json"), "w") as f:
+        json.dump(expected, f, indent=1)
+
+
+def export_gated_model(folder: str) -> None:
+    """A small gated CNN packaged for C++ (torch.export + AOTInductor, CPU), with a batch of
+    another size than at export and the outputs the C++ side must reproduce."""
     from torch import nn
 
-    from nad_ext.gates.export import export_gated, export_task
     from nad_ext.gates import GatedModel
+    from nad_ext.gates.export import export_gated
 
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -148,18 +271,18 @@ def export_gated_model(folder: str, library: str) -> None:
     )
     gated = GatedModel(net, ["1", "3"], num_tasks=3, example_input=torch.randn(2, 3, 8, 8),
                        model_id="cpp_test_convnet")
-    export_gated(gated, torch.randn(2, 3, 8, 8), os.path.join(folder, "gated_all.pt"))
-    export_task(gated, 1, torch.randn(2, 3, 8, 8), os.path.join(folder, "gated_task1.pt"))
-    # Another batch size than at tracing: the exports must not have frozen it.
+    start = time.perf_counter()
+    export_gated(gated, torch.randn(2, 3, 8, 8), os.path.join(folder, "gated_all.pt2"))
+    print(f"gated_all.pt2: exported and compiled in {time.perf_counter() - start:.1f} s")
     x = torch.randn(5, 3, 8, 8)
     task_ids = torch.tensor([0, 2, 1, 1, 0])
     with torch.no_grad():
-        expected = {
-            "x": x, "task_ids": task_ids,
-            "y_all": gated(x, task_ids)[0],
-            "y_task1": gated(x, torch.ones(5, dtype=torch.int64), binary=True)[0],
-        }
+        expected = {"x": x, "task_ids": task_ids, "y_all": gated(x, task_ids)[0]}
     save_file(expected, os.path.join(folder, "gated_expected.safetensors"))
+    if torch.cuda.is_available():  # on a GPU machine, the CUDA package too (pt2_gated_model runs it)
+        start = time.perf_counter()
+        export_gated(gated.to("cuda"), torch.randn(2, 3, 8, 8, device="cuda"), os.path.join(folder, "gated_cuda.pt2"))
+        print(f"gated_cuda.pt2: exported and compiled in {time.perf_counter() - start:.1f} s")
 
 
 def main(folder: str, library: str | None) -> None:
@@ -169,6 +292,12 @@ def main(folder: str, library: str | None) -> None:
     tensors.update(task_gate_case(gen, "conv", (6, 3, 4, 5), num_tasks=3))
     tensors.update(task_gate_case(gen, "flat", (5, 7), num_tasks=2))
     save_file(tensors, os.path.join(folder, "task_gate.safetensors"))
+    fused = {}
+    fused.update(masked_conv2d_case(gen, "mc", (4, 3, 7, 6), (5, 3, 3, 3), 3, ((2, 1), (1, 0), (1, 2), 1), True, True))
+    fused.update(masked_conv2d_case(gen, "mcg", (3, 4, 5, 5), (6, 2, 3, 3), 2, ((1, 1), (1, 1), (1, 1), 2), False, False))
+    fused.update(gate_mse_case(gen, "mse"))
+    fused.update(normalized_step_case(gen, "step"))
+    save_file(fused, os.path.join(folder, "fused.safetensors"))
 
     bank_path = os.path.join(folder, "bank.safetensors")
     binary, channels, _ = write_bank(bank_path, gen)
@@ -195,13 +324,15 @@ def main(folder: str, library: str | None) -> None:
             expected[key] = torch.from_numpy(overlap_reference(a, b, sizes, metric, per_layer))
     save_file(expected, os.path.join(folder, "bank_expected.safetensors"))
     if library:
-        export_gated_model(folder, library)
+        use_library(library)
+        python_banks(folder, gen)
+        export_gated_model(folder)
     print(f"fixtures written to {folder}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder")
-    parser.add_argument("--library", help="libnad.so: also export a gated model (TorchScript)")
+    parser.add_argument("--library", help="libnad.so: also write banks with nad_ext and package a gated model")
     args = parser.parse_args()
     main(args.folder, args.library)

@@ -220,4 +220,54 @@ const char* kind_name(Value::Kind kind) {
 
 Value parse(std::string_view text) { return Parser(text).document(); }
 
+std::string quote(std::string_view utf8) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out = "\"";
+  auto escape = [&](unsigned unit) {
+    out += "\\u";
+    for (int shift = 12; shift >= 0; shift -= 4) out += kHex[(unit >> shift) & 0xF];
+  };
+  for (size_t i = 0; i < utf8.size();) {
+    const auto c = static_cast<unsigned char>(utf8[i]);
+    if (c < 0x80) {
+      switch (c) {
+        case '"': out += "\\\""; break;
+        case '\\': out += "\\\\"; break;
+        case '\n': out += "\\n"; break;
+        case '\r': out += "\\r"; break;
+        case '\t': out += "\\t"; break;
+        case '\b': out += "\\b"; break;
+        case '\f': out += "\\f"; break;
+        default:
+          if (c < 0x20) escape(c);
+          else out += static_cast<char>(c);
+      }
+      ++i;
+      continue;
+    }
+    // A multi-byte sequence: its length from the lead byte, continuation bytes 10xxxxxx, no
+    // overlong forms, no surrogates, nothing above U+10FFFF.
+    const int len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+    if (len == 0 || i + len > utf8.size())
+      throw std::runtime_error("invalid UTF-8 at byte " + std::to_string(i));
+    unsigned cp = c & (0xFF >> (len + 1));
+    for (int k = 1; k < len; ++k) {
+      const auto cont = static_cast<unsigned char>(utf8[i + k]);
+      if ((cont & 0xC0) != 0x80) throw std::runtime_error("invalid UTF-8 at byte " + std::to_string(i + k));
+      cp = (cp << 6) | (cont & 0x3F);
+    }
+    const unsigned min = len == 2 ? 0x80 : len == 3 ? 0x800 : 0x10000;
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp < 0xE000))
+      throw std::runtime_error("invalid UTF-8 at byte " + std::to_string(i));
+    if (cp < 0x10000) {
+      escape(cp);
+    } else {
+      escape(0xD800 + ((cp - 0x10000) >> 10));
+      escape(0xDC00 + ((cp - 0x10000) & 0x3FF));
+    }
+    i += len;
+  }
+  return out + "\"";
+}
+
 }  // namespace nad::json

@@ -1,6 +1,6 @@
 #pragma once
 // A small, strict JSON parser (RFC 8259), enough for safetensors headers and the mask bank's
-// metadata strings. Not part of the public API.
+// metadata strings, and the string quoting their writers need. Not part of the public API.
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -29,5 +29,10 @@ const char* kind_name(Value::Kind kind);
 // Parses `text` (one JSON value, surrounding whitespace allowed). Throws std::runtime_error
 // with the byte offset and what was expected.
 Value parse(std::string_view text);
+
+// `utf8` as a JSON string, in ASCII: quotes, backslashes and control characters escaped, every
+// other non-ASCII character written \uXXXX (a surrogate pair above U+FFFF), as Python's
+// json.dumps writes it. Throws std::runtime_error when `utf8` is not valid UTF-8.
+std::string quote(std::string_view utf8);
 
 }  // namespace nad::json

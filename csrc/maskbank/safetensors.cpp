@@ -6,6 +6,14 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <sstream>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <filesystem>
 
 #include "json.h"
 
@@ -18,14 +26,84 @@ namespace {
 // Bigger headers are refused before allocating (safetensors' own limit is 100 MB).
 constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 
-at::ScalarType dtype_of(const std::string& name, const std::string& where) {
-  static const std::map<std::string, at::ScalarType> dtypes = {
+const std::map<std::string, at::ScalarType>& dtypes() {
+  static const std::map<std::string, at::ScalarType> table = {
       {"BOOL", at::kBool}, {"U8", at::kByte},   {"I8", at::kChar},      {"I16", at::kShort},
       {"I32", at::kInt},   {"I64", at::kLong},  {"F16", at::kHalf},     {"BF16", at::kBFloat16},
       {"F32", at::kFloat}, {"F64", at::kDouble}};
-  const auto it = dtypes.find(name);
-  TORCH_CHECK(it != dtypes.end(), where, ": unknown dtype \"", name, "\"");
+  return table;
+}
+
+at::ScalarType dtype_of(const std::string& name, const std::string& where) {
+  const auto it = dtypes().find(name);
+  TORCH_CHECK(it != dtypes().end(), where, ": unknown dtype \"", name, "\"");
   return it->second;
+}
+
+std::string dtype_name(at::ScalarType type, const std::string& where) {
+  for (const auto& [name, t] : dtypes())
+    if (t == type) return name;
+  TORCH_CHECK(false, where, ": dtype ", type, " cannot be stored (supported: bool, uint8, int8, int16, int32, ",
+              "int64, float16, bfloat16, float32, float64)");
+}
+
+// The process's umask without changing it where Linux allows (/proc/self/status), as Python's
+// writer reads it; elsewhere by setting and restoring it.
+mode_t current_umask() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("Umask:", 0) == 0) return static_cast<mode_t>(std::stoul(line.substr(6), nullptr, 8));
+  }
+  const mode_t mask = ::umask(022);
+  ::umask(mask);
+  return mask;
+}
+
+// Writes the byte ranges `chunks` to `path` atomically (see save_safetensors).
+void write_atomically(const std::string& path, const std::vector<std::pair<const char*, size_t>>& chunks) {
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  fs::path folder = target.parent_path();
+  if (folder.empty()) folder = ".";
+  std::error_code error;
+  fs::create_directories(folder, error);
+  TORCH_CHECK(!error, "cannot write ", path, ": cannot create its folder: ", error.message());
+  std::string name = (folder / ("." + target.filename().string() + ".XXXXXX.tmp")).string();
+  const int fd = ::mkstemps(name.data(), 4);
+  TORCH_CHECK(fd >= 0, "cannot write ", path, ": ", std::strerror(errno));
+  // Removes the temporary file (and closes it) on every way out but the rename.
+  struct Temporary {
+    std::string name;
+    int fd;
+    bool renamed = false;
+    ~Temporary() {
+      if (fd >= 0) ::close(fd);
+      if (!renamed) ::unlink(name.c_str());
+    }
+  } tmp{name, fd};
+  const auto fail = [&](int err) { TORCH_CHECK(false, "cannot write ", path, ": ", std::strerror(err)); };
+  for (const auto& [data, size] : chunks) {
+    for (size_t done = 0; done < size;) {
+      const ssize_t n = ::write(tmp.fd, data + done, size - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) fail(errno);
+      done += static_cast<size_t>(n);
+    }
+  }
+  // As open() would create it (not mkstemp's 0600), then on disk before the rename.
+  if (::fchmod(tmp.fd, 0666 & ~current_umask()) != 0) fail(errno);
+  if (::fsync(tmp.fd) != 0) fail(errno);
+  const int closing = tmp.fd;
+  tmp.fd = -1;
+  if (::close(closing) != 0) fail(errno);
+  if (::rename(tmp.name.c_str(), path.c_str()) != 0) fail(errno);
+  tmp.renamed = true;
+  const int dir = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY);
+  if (dir >= 0) {  // the rename itself on disk (best effort, as Python's writer)
+    ::fsync(dir);
+    ::close(dir);
+  }
 }
 
 std::vector<char> read_all(const std::string& path) {
@@ -204,6 +282,58 @@ SafetensorsFile read_safetensors(const std::string& path) {
               " unused bytes at the end of the data section (truncated or corrupted file?)");
   file.verified = verify_checksums(file, data, ranges_of);
   return file;
+}
+
+void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  TORCH_CHECK(!metadata.count("crc32"), "cannot write ", path,
+              ": metadata \"crc32\" is the checksums the writer adds; do not pass it");
+  std::vector<at::Tensor> data;
+  std::map<std::string, std::string> sums;
+  std::ostringstream entries;
+  uint64_t offset = 0;
+  try {
+    for (const auto& [name, tensor] : tensors) {
+      const std::string where = path + ": tensor \"" + name + "\"";
+      TORCH_CHECK(tensor.defined(), where, " is an undefined tensor");
+      const auto t = tensor.detach().to(at::kCPU).contiguous();
+      const auto nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
+      entries << "," << json::quote(name) << ":{\"dtype\":\"" << dtype_name(t.scalar_type(), where)
+              << "\",\"shape\":[";
+      for (int64_t d = 0; d < t.dim(); ++d) entries << (d ? "," : "") << t.size(d);
+      entries << "],\"data_offsets\":[" << offset << "," << offset + nbytes << "]}";
+      sums[name] = hex8(crc32(t.const_data_ptr(), nbytes));
+      offset += nbytes;
+      data.push_back(t);
+    }
+  } catch (const std::runtime_error& e) {  // json::quote: a name that is not UTF-8 (c10::Error is no runtime_error)
+    TORCH_CHECK(false, "cannot write ", path, ": a tensor name: ", e.what());
+  }
+  std::ostringstream header;
+  header << "{\"__metadata__\":{";
+  auto all = metadata;
+  std::string crc = "{";
+  for (const auto& [name, sum] : sums) crc += (crc.size() > 1 ? ", " : "") + json::quote(name) + ": \"" + sum + "\"";
+  all["crc32"] = crc + "}";
+  bool first = true;
+  for (const auto& [key, value] : all) {
+    try {
+      header << (first ? "" : ",") << json::quote(key) << ":" << json::quote(value);
+    } catch (const std::runtime_error& e) {
+      TORCH_CHECK(false, "cannot write ", path, ": metadata \"", key, "\": ", e.what());
+    }
+    first = false;
+  }
+  header << "}" << entries.str() << "}";
+  std::string text = header.str();
+  text.append((8 - text.size() % 8) % 8, ' ');  // the data starts 8-byte aligned, as safetensors writes it
+  const uint64_t length = text.size();
+  char prefix[8];
+  std::memcpy(prefix, &length, 8);
+  std::vector<std::pair<const char*, size_t>> chunks = {{prefix, 8}, {text.data(), text.size()}};
+  for (const auto& t : data)
+    chunks.emplace_back(static_cast<const char*>(t.const_data_ptr()), static_cast<size_t>(t.numel()) * t.element_size());
+  write_atomically(path, chunks);
 }
 
 }  // namespace nad

@@ -1,20 +1,34 @@
-"""Gated models for C++: TorchScript exports that LibTorch programs run with torch::jit::load.
+"""Gated models for C++: ``torch.export`` programs compiled by AOTInductor into ``.pt2`` packages,
+which LibTorch programs run with ``torch::inductor::AOTIModelPackageLoader``.
 
-The gates stay ``nad::task_gate`` calls in the traced graph, so the C++ program must link the
-LibTorch library ``nad`` (CMake: ``find_package(nad)``, ``nad::nad``; see examples/cpp).
+    export_gated(gated, example_input, "gated.pt2")            # forward(x, task_ids) -> class logits
+    export_task(gated, 2, example_input, "task2.pt2")          # forward(x): task 2's binary sub-architecture
+    program = export_program(gated, example_input)             # the ExportedProgram, not compiled
 
-    export_gated(gated, example_input, "gated.pt")            # forward(x, task_ids)
-    export_task(gated, task=2, example_input, "task2.pt")     # forward(x): one sub-architecture
+The gates stay ``nad::task_gate`` calls in the exported graph (the operator's fake makes it
+traceable); AOTInductor compiles the rest of the network into the package and calls the gates
+through the dispatcher, so the C++ program links the LibTorch library ``nad`` (CMake:
+``find_package(nad)``, ``nad::nad``; see examples/cpp/run_pt2.cpp and docs/CPP.md). The batch size
+stays dynamic. A package is compiled for the device of ``example_input`` (the CPU, or CUDA: then
+on a machine with a GPU) and runs on LibTorch of this PyTorch's release; a CPU package needs a C++
+compiler when it is exported (tens of seconds for a small network).
+
+There is no TorchScript export any more: ``torch.jit.trace`` is deprecated, and nothing in nad-ext
+needs it (its C++ test, example and README use the package). A LibTorch older than 2.6, which has
+no ``AOTIModelPackageLoader``, can still run ``torch.jit.trace`` of the modules
+:func:`export_program` wraps, at its own risk.
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from nad_ext.gates.model import GatedModel
+
+#: The largest batch an exported program accepts (its batch dimension is symbolic up to here).
+MAX_BATCH = 1 << 20
 
 
 class _AllTasks(nn.Module):
@@ -32,44 +46,59 @@ class _OneTask(nn.Module):
         self.gated, self.task = gated, task
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # new_full with x.shape[0] is traced as a size read: the batch size stays dynamic.
         task_ids = x.new_full((x.shape[0],), self.task, dtype=torch.int64)
         return self.gated(x, task_ids, binary=True)[0]
 
 
-def _trace(module: nn.Module, inputs: tuple, path: str | Path | None) -> torch.jit.ScriptModule:
-    with torch.no_grad(), warnings.catch_warnings():
-        # The Python-side argument checks read tensor values (task id range); they run once at
-        # trace time and are not part of the graph, which the tracer warns about.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        # torch.jit.trace is deprecated in favour of torch.export, but TorchScript is what
-        # LibTorch's torch::jit::load runs.
-        warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.trace(module.eval(), inputs, check_trace=False)
-    if path is not None:
-        traced.save(str(path))
-    return traced
-
-
-def export_gated(
-    gated: GatedModel, example_input: torch.Tensor, path: str | Path | None = None, *, binary: bool = False
-) -> torch.jit.ScriptModule:
-    """The gated model with a task id input: ``forward(x, task_ids) -> class logits``.
+def export_program(gated: GatedModel, example_input: torch.Tensor, *, task: int | None = None,
+                   binary: bool = False) -> torch.export.ExportedProgram:
+    """The gated model as a ``torch.export`` program with a dynamic batch size.
 
     Args:
-        gated: the gated model (its current gate logits are exported).
-        example_input: an input batch (N, ...) used for tracing; any batch size works later.
-        path: where to save the TorchScript file (``torch.jit.load`` / ``torch::jit::load``).
-        binary: export the 0/1 sub-architectures (logits > 0) instead of the soft gates.
+        gated: the gated model (its current gate logits become constants of the program).
+        example_input: an input batch (N, ...) on the device to export for (N = 1 will do); any
+            batch size from 1 to :data:`MAX_BATCH` works later (the other dims are fixed).
+        task: None: ``forward(x, task_ids)``, every sample through its task's gates; a task id:
+            ``forward(x)``, that task's binary sub-architecture (sigmoid(m) > 0.5).
+        binary: with ``task=None``, the 0/1 sub-architectures instead of the soft gates.
     """
-    task_ids = torch.zeros(example_input.shape[0], dtype=torch.int64, device=example_input.device)
-    return _trace(_AllTasks(gated, binary), (example_input, task_ids), path)
-
-
-def export_task(
-    gated: GatedModel, task: int, example_input: torch.Tensor, path: str | Path | None = None
-) -> torch.jit.ScriptModule:
-    """One task's binary sub-architecture: ``forward(x) -> class logits``."""
-    if not 0 <= task < gated.num_tasks:
+    if task is not None and not 0 <= task < gated.num_tasks:
         raise ValueError(f"task must lie in [0, {gated.num_tasks}), got {task}")
-    return _trace(_OneTask(gated, task), (example_input,), path)
+    if example_input.shape[0] < 2:  # torch.export specialises a size-1 dimension: trace with two
+        example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    x_dims = {0: batch}
+    if task is None:
+        module = _AllTasks(gated, binary).eval()
+        task_ids = torch.zeros(example_input.shape[0], dtype=torch.int64, device=example_input.device)
+        args, dynamic = (example_input, task_ids), {"x": x_dims, "task_ids": {0: batch}}
+    else:
+        module = _OneTask(gated, task).eval()
+        args, dynamic = (example_input,), {"x": x_dims}
+    with torch.no_grad():
+        return torch.export.export(module, args, dynamic_shapes=dynamic)
+
+
+def package(program: torch.export.ExportedProgram, path: str | Path, *, inductor_configs: dict | None = None) -> str:
+    """Compiles ``program`` with AOTInductor into the package ``path`` (a ``.pt2`` file, for the
+    device the program was exported on); returns its path. Python runs it with
+    ``torch._inductor.aoti_load_package``, C++ with ``torch::inductor::AOTIModelPackageLoader``."""
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"an AOTInductor package must be named *.pt2, got {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                    inductor_configs=inductor_configs)
+
+
+def export_gated(gated: GatedModel, example_input: torch.Tensor, path: str | Path, *, binary: bool = False,
+                 inductor_configs: dict | None = None) -> str:
+    """The gated model with a task id input, ``forward(x, task_ids) -> class logits``, as a
+    ``.pt2`` package at ``path`` (see :func:`export_program` and :func:`package`)."""
+    return package(export_program(gated, example_input, binary=binary), path, inductor_configs=inductor_configs)
+
+
+def export_task(gated: GatedModel, task: int, example_input: torch.Tensor, path: str | Path, *,
+                inductor_configs: dict | None = None) -> str:
+    """One task's binary sub-architecture, ``forward(x) -> class logits``, as a ``.pt2`` package."""
+    return package(export_program(gated, example_input, task=task), path, inductor_configs=inductor_configs)

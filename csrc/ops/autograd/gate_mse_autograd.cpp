@@ -4,6 +4,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../registration.h"
+
 namespace nad {
 namespace {
 
@@ -75,7 +77,7 @@ at::Tensor gate_mse_backward_autograd(const at::Tensor& grad, const at::Tensor& 
 }  // namespace
 }  // namespace nad
 
-TORCH_LIBRARY_IMPL(nad, Autograd, m) {
+NAD_LIBRARY_IMPL(Autograd, m) {
   m.impl("gate_mse", &nad::gate_mse_autograd);
   m.impl("gate_mse_backward", &nad::gate_mse_backward_autograd);
 }

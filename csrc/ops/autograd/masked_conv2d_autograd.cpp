@@ -4,6 +4,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../registration.h"
+
 namespace nad {
 namespace {
 
@@ -134,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_backward_autograd(
 }  // namespace
 }  // namespace nad
 
-TORCH_LIBRARY_IMPL(nad, Autograd, m) {
+NAD_LIBRARY_IMPL(Autograd, m) {
   m.impl("masked_conv2d", &nad::masked_conv2d_autograd);
   m.impl("masked_conv2d_backward", &nad::masked_conv2d_backward_autograd);
 }

@@ -6,6 +6,8 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include "../registration.h"
+
 namespace nad {
 namespace {
 
@@ -24,6 +26,6 @@ void normalized_gradient_step_autograd(at::TensorList logits, at::TensorList gra
 }  // namespace
 }  // namespace nad
 
-TORCH_LIBRARY_IMPL(nad, Autograd, m) {
+NAD_LIBRARY_IMPL(Autograd, m) {
   m.impl("normalized_gradient_step_", &nad::normalized_gradient_step_autograd);
 }

@@ -3,6 +3,8 @@
 #include <torch/library.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "../registration.h"
+
 namespace nad {
 namespace {
 
@@ -84,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> task_gate_backward_autograd(const at::Tensor&
 }  // namespace
 }  // namespace nad
 
-TORCH_LIBRARY_IMPL(nad, Autograd, m) {
+NAD_LIBRARY_IMPL(Autograd, m) {
   m.impl("task_gate", &nad::task_gate_autograd);
   m.impl("task_gate_backward", &nad::task_gate_backward_autograd);
 }

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../gate_mse.h"
+#include "../registration.h"
 
 namespace nad {
 namespace cpu {
@@ -79,7 +80,7 @@ at::Tensor gate_mse_backward(const at::Tensor& grad, const at::Tensor& masked,
 }  // namespace cpu
 }  // namespace nad
 
-TORCH_LIBRARY_IMPL(nad, CPU, m) {
+NAD_LIBRARY_IMPL(CPU, m) {
   m.impl("gate_mse", &nad::cpu::gate_mse);
   m.impl("gate_mse_backward", &nad::cpu::gate_mse_backward);
 }

@@ -8,6 +8,7 @@
 
 #include "../gate_ops.h"
 #include "../gate_passes.h"
+#include "../registration.h"
 
 namespace nad {
 namespace cpu {
@@ -166,6 +167,6 @@ void gate_backward(const at::Tensor& grad_y, const at::Tensor& act, const at::Te
 }  // namespace nad
 
 // nad::task_gate and nad::masked_conv2d on this backend: the host code around these passes.
-TORCH_LIBRARY_IMPL(nad, CPU, m) {
+NAD_LIBRARY_IMPL(CPU, m) {
   nad::GateOps<&nad::cpu::gate_forward, &nad::cpu::gate_backward>::register_kernels(m);
 }

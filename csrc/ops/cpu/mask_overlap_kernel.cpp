@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "../mask_overlap.h"
+#include "../registration.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
@@ -727,4 +728,4 @@ at::Tensor mask_overlap(const at::Tensor& a_in, const at::Tensor& b_in,
 }  // namespace cpu
 }  // namespace nad
 
-TORCH_LIBRARY_IMPL(nad, CPU, m) { m.impl("mask_overlap", &nad::cpu::mask_overlap); }
+NAD_LIBRARY_IMPL(CPU, m) { m.impl("mask_overlap", &nad::cpu::mask_overlap); }

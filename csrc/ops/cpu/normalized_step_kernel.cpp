@@ -1,10 +1,12 @@
 // CPU kernel of nad::normalized_gradient_step_: the selected rows of all gate points are split
-// over threads; each row is read twice (norm, then update).
+// over threads; each row is read twice (norm, then update). The rules for tiny, zero and
+// non-finite norms are ../normalized_step.h's, shared with the CUDA kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../normalized_step.h"
+#include "../registration.h"
 
 namespace nad {
 namespace cpu {
@@ -31,10 +33,13 @@ void normalized_gradient_step_(at::TensorList logits, at::TensorList grads, cons
         step_acc_t sq = 0;
         for (int64_t c = 0; c < C; ++c) sq += static_cast<step_acc_t>(gr[c]) * gr[c];
         const scalar_t norm = static_cast<scalar_t>(std::sqrt(sq));
-        if (!(norm > 0)) continue;
+        // A zero or non-finite norm (a NaN or Inf in the gradient) leaves the row unchanged.
+        const bool finite = norm - norm == 0;  // false for NaN and Inf
+        if (!(norm > 0) || !finite) continue;
+        const scalar_t eps = static_cast<scalar_t>(kStepEps), denom = norm < eps ? eps : norm;
         scalar_t* m = logits[l].data_ptr<scalar_t>();
         const int64_t s0 = logits[l].stride(0), s1 = logits[l].stride(1);
-        for (int64_t c = 0; c < C; ++c) m[t * s0 + c * s1] -= static_cast<scalar_t>(lr) * (gr[c] / norm);
+        for (int64_t c = 0; c < C; ++c) m[t * s0 + c * s1] -= static_cast<scalar_t>(lr) * (gr[c] / denom);
       }
     });
   });
@@ -43,6 +48,6 @@ void normalized_gradient_step_(at::TensorList logits, at::TensorList grads, cons
 }  // namespace cpu
 }  // namespace nad
 
-TORCH_LIBRARY_IMPL(nad, CPU, m) {
+NAD_LIBRARY_IMPL(CPU, m) {
   m.impl("normalized_gradient_step_", &nad::cpu::normalized_gradient_step_);
 }

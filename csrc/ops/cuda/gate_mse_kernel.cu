@@ -14,6 +14,7 @@
 
 #include "../gate_mse.h"
 #include "../launch.h"
+#include "../registration.h"
 #include "common.cuh"
 
 namespace nad {
@@ -130,7 +131,7 @@ at::Tensor gate_mse_backward(const at::Tensor& grad, const at::Tensor& masked,
 }  // namespace cuda
 }  // namespace nad
 
-TORCH_LIBRARY_IMPL(nad, CUDA, m) {
+NAD_LIBRARY_IMPL(CUDA, m) {
   m.impl("gate_mse", &nad::cuda::gate_mse);
   m.impl("gate_mse_backward", &nad::cuda::gate_mse_backward);
 }

@@ -23,6 +23,7 @@
 #include "../gate_ops.h"
 #include "../gate_passes.h"
 #include "../launch.h"
+#include "../registration.h"
 #include "common.cuh"
 
 namespace nad {
@@ -227,6 +228,6 @@ void gate_backward(const at::Tensor& grad_y, const at::Tensor& act, const at::Te
 }  // namespace nad
 
 // nad::task_gate and nad::masked_conv2d on this backend: the host code around these passes.
-TORCH_LIBRARY_IMPL(nad, CUDA, m) {
+NAD_LIBRARY_IMPL(CUDA, m) {
   nad::GateOps<&nad::cuda::gate_forward, &nad::cuda::gate_backward>::register_kernels(m);
 }

@@ -26,6 +26,7 @@
 
 #include "../launch.h"
 #include "../mask_overlap.h"
+#include "../registration.h"
 
 namespace nad {
 namespace cuda {
@@ -251,4 +252,4 @@ at::Tensor mask_overlap(const at::Tensor& a_in, const at::Tensor& b_in,
 }  // namespace cuda
 }  // namespace nad
 
-TORCH_LIBRARY_IMPL(nad, CUDA, m) { m.impl("mask_overlap", &nad::cuda::mask_overlap); }
+NAD_LIBRARY_IMPL(CUDA, m) { m.impl("mask_overlap", &nad::cuda::mask_overlap); }

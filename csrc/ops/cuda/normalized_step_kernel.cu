@@ -1,7 +1,8 @@
 // CUDA kernel of nad::normalized_gradient_step_: one launch covers every (gate point, task) row
 // of up to kMaxLayers gate points (more are done in further launches). The per-layer pointers,
 // widths and strides travel in a kernel-argument struct (as in PyTorch's multi_tensor_apply),
-// so there is no host-to-device copy and no sync; one block per row: norm, then update.
+// so there is no host-to-device copy and no sync; one block per row: norm, then update (the
+// rules for tiny, zero and non-finite norms are ../normalized_step.h's, as on the CPU).
 // The task ids are marked in a (T,) mask by select_kernel, which asserts 0 <= t < T on the
 // device (ATen's index_fill_ would accept -T <= t < 0 and update row T + t).
 #include <ATen/Dispatch.h>
@@ -11,6 +12,7 @@
 
 #include "../launch.h"
 #include "../normalized_step.h"
+#include "../registration.h"
 #include "common.cuh"
 
 namespace nad {
@@ -47,9 +49,13 @@ __global__ void step_kernel(Layers<scalar_t> layers, const bool* __restrict__ se
   __shared__ scalar_t norm;
   if (threadIdx.x == 0) norm = static_cast<scalar_t>(sqrt(sq));
   __syncthreads();
-  if (!(norm > 0)) return;
+  // A zero or non-finite norm (a NaN or Inf in the gradient) leaves the row unchanged (uniform
+  // per block: every thread reads the same shared norm).
+  const bool finite = norm - norm == 0;  // false for NaN and Inf
+  if (!(norm > 0) || !finite) return;
+  const scalar_t eps = static_cast<scalar_t>(kStepEps), denom = norm < eps ? eps : norm;
   scalar_t* m = layers.logits[l] + t * layers.stride0[l];
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) m[c * layers.stride1[l]] -= lr * (g[c] / norm);
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) m[c * layers.stride1[l]] -= lr * (g[c] / denom);
 }
 
 }  // namespace
@@ -91,6 +97,6 @@ void normalized_gradient_step_(at::TensorList logits, at::TensorList grads, cons
 }  // namespace cuda
 }  // namespace nad
 
-TORCH_LIBRARY_IMPL(nad, CUDA, m) {
+NAD_LIBRARY_IMPL(CUDA, m) {
   m.impl("normalized_gradient_step_", &nad::cuda::normalized_gradient_step_);
 }
