@@ -1,44 +1,59 @@
 """Input pipeline throughput: images per second to a ready (N, 3, S, S) float32 training batch on
 the step's device, for the exact pipeline, the fast pipeline and the prepared caches, measured
-side by side in one run (timings on shared machines drift, ratios hold).
+side by side in one run (``harness.measure``: interleaved passes, medians and interquartile
+ranges, the exact pipeline the baseline).
 
 The data: an ImageNet-like folder generated here (no downloads): ``--count`` JPEGs of 500 x 375
 at quality 90 (crops of multi-scale noise with the spectrum of natural images, ~80 KB each,
 about the size of an ImageNet training JPEG), in 10 class folders; kept in ``--dir`` between runs. Each
-measured pass loads every image once as the trainer does: steps of ``--tasks`` task batches of
-``--batch`` images, every batch augmented from its own generator, the next steps loading in the
-background (``BatchLoader.prefetch``), the batch ready on the device (CUDA synchronised).
+timed call is one pass that loads every image once as the trainer does: steps of ``--tasks`` task
+batches of ``--batch`` images, every batch augmented from its own generator, the next steps loading
+in the background (``BatchLoader.prefetch``), the batch ready on the device (CUDA synchronised).
 
-- exact: PIL decode + torchvision transforms per image (``data_pipeline="exact"``);
+- exact: PIL decode + torchvision transforms per image (``data_pipeline="exact"``): the baseline;
 - fast: libjpeg-turbo (CPU) or batched nvjpeg (CUDA) decode, crops on the step's device;
 - cache-raw / cache-jpeg: ``nad prepare-data`` caches (uint8 pixels / re-encoded JPEG), read by
-  the fast pipeline; "first pass" includes the per-image checksum verification of a process's
-  first read, the main number is a later pass.
+  the fast pipeline; the first pass (``first_call_s``) includes the per-image checksum
+  verification of a process's first read.
 
-A second table times the crop + resize of one batch of decoded images three ways: image by image
-with torchvision's kernel (the fast path on the CPU), the batched matrix products (the fast path on
-CUDA) and ``torchvision.ops.roi_align`` with an adaptive sampling ratio (box-filter antialiasing).
+Before any timing each path's batches are compared with the exact pipeline's on the same draws
+(one step's training batch and an evaluation batch, in grey levels): the fast path must give the
+exact pixels (within 0.5 grey levels mean; it is bit-exact on the CPU), the caches within their
+resolution / re-encoding (10 grey levels mean; measured 3.9 and 6.6).
+
+A second comparison times the crop + resize of 64 decoded images three ways: image by image with
+torchvision's kernel (the fast path on the CPU; the baseline), the batched matrix products (the
+fast path on CUDA) and ``torchvision.ops.roi_align`` with an adaptive sampling ratio (box-filter
+antialiasing), each checked against the exact pixels first.
 
 Usage:  python benchmarks/bench_data.py                 # 2,000 images, all paths, device auto
         python benchmarks/bench_data.py --count 300 --repeats 2
+        pytest benchmarks/bench_data.py                 # 300 images, CPU
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
-import statistics
+import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_step import timed  # the median of timed runs, synchronised on CUDA
-from nad_ext.data import batch_transforms as bt
-from nad_ext import data
-from nad_ext.data import cache as datacache
-from nad_ext.data import pipeline
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from nad_ext import data  # noqa: E402
+from nad_ext.data import batch_transforms as bt  # noqa: E402
+from nad_ext.data import cache as datacache  # noqa: E402
+from nad_ext.data import pipeline  # noqa: E402
+
+PATHS = ["exact", "fast", "cache-raw", "cache-jpeg"]
+# Largest mean difference to the exact pixels (grey levels) a path may show: (training, evaluation).
+TOLERANCE = {"fast": (0.5, 0.5), "cache-raw": (10.0, 0.5), "cache-jpeg": (10.0, 10.0)}
 
 
 def make_folder(root: Path, count: int, classes: int = 10, seed: int = 0) -> None:
@@ -83,52 +98,113 @@ def requests(n: int, tasks: int, batch: int, seed: int):
     return [parts[i: i + tasks] for i in range(0, len(parts), tasks)]
 
 
-def one_pass(loader, n: int, args, seed: int) -> float:
-    """Images per second of one pass through ``loader.prefetch``."""
+def one_pass(loader, n: int, size: int, tasks: int, batch: int, seed: int) -> int:
+    """Loads one pass through ``loader.prefetch``; returns the images seen."""
     device = loader.device
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
     seen = 0
-    for batch in loader.prefetch(requests(n, args.tasks, args.batch, seed)):
-        assert batch.x.shape[1:] == (3, args.size, args.size) and batch.x.device.type == device.type
-        seen += len(batch.labels)
+    for out in loader.prefetch(requests(n, tasks, batch, seed)):
+        assert out.x.shape[1:] == (3, size, size) and out.x.device.type == device.type
+        seen += len(out.labels)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return seen / (time.perf_counter() - start)
+    return seen
 
 
-def resample_table(folder: Path, size: int, device: torch.device, repeats: int, workers: int | None):
-    """ms per image for the crop + resize of 64 decoded images, three ways, as the pipeline would
-    run them: image by image on the loader's single-threaded worker threads, the batched ways on
-    the device (on the CPU with all intra-op threads)."""
+def pixel_checker(name: str, loader, reference, n: int, size: int, tasks: int, batch: int):
+    """The check of ``name``: its training and evaluation batches against the exact pipeline's."""
+    levels = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) * 255  # normalised units -> grey levels
+    parts = requests(n, tasks, batch, 12345)[0]
+    sample = [i for indices, _ in parts for i in indices][: 4 * batch]
+
+    def check(_) -> str:
+        train = (loader.train_batch(requests(n, tasks, batch, 12345)[0]).x.cpu() - reference["train"]).abs() * levels
+        evals = (loader.eval_batch(sample)[0].cpu() - reference["eval"]).abs() * levels
+        tm, em = train.mean().item(), evals.mean().item()
+        limit_t, limit_e = TOLERANCE[name]
+        assert tm <= limit_t and em <= limit_e, (f"mean difference to the exact pixels {tm:.2f} (training batch), "
+                                                 f"{em:.2f} (evaluation) grey levels; at most {limit_t}, {limit_e}")
+        return (f"passed (grey levels to exact: training mean {tm:.3f} max {train.max().item():.0f}, "
+                f"evaluation mean {em:.3f} max {evals.max().item():.0f})")
+
+    def reference_check(_) -> str:
+        reference["train"] = loader.train_batch(parts).x.cpu()
+        reference["eval"] = loader.eval_batch(sample)[0].cpu()
+        return "the reference (exact pipeline)"
+    return reference_check if name == "exact" else check
+
+
+def pipeline_comparison(folder: Path, count: int, size: int, batch: int, tasks: int, device: torch.device,
+                        workers: int | None, paths=PATHS, log=print) -> harness.Comparison:
+    make_folder(folder, count)
+    files = sorted((folder / "train").rglob("*.jpg"))
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    log(f"data: {len(files)} JPEGs 500x375 q90, {mb:.0f} MB ({mb * 1e3 / len(files):.0f} KB each) in {folder}")
+    train = data.image_folder(folder, "train")
+    sets = {"exact": train, "fast": train}
+    prepared = {}
+    for encoding in ("raw", "jpeg"):
+        if f"cache-{encoding}" not in paths:
+            continue
+        out = folder / f"cache_{encoding}_{size}"
+        start = time.perf_counter()
+        datacache.prepare(folder, out, size, encoding=encoding, overwrite=True, progress=False, workers=workers)
+        prepared[f"cache-{encoding}"] = {"prepare_s": round(time.perf_counter() - start, 2),
+                                         "cache_MB": round((out / datacache.IMAGES_FILE).stat().st_size / 1e6, 1)}
+        log(f"cache-{encoding}: prepared in {prepared[f'cache-{encoding}']['prepare_s']} s, "
+            f"{prepared[f'cache-{encoding}']['cache_MB']} MB")
+        sets[f"cache-{encoding}"] = datacache.open_split(out, "train")
+    paths = ["exact", *[p for p in paths if p != "exact"]]  # the baseline and the pixels' reference
+    loaders = {name: pipeline.make_loader(sets[name], size, device, "exact" if name == "exact" else "fast",
+                                          workers=workers) for name in paths}
+    reference: dict = {}
+    seeds = itertools.count()
+    timed = []
+    for name, loader in loaders.items():
+        run = (lambda loader: lambda: one_pass(loader, len(files), size, tasks, batch, next(seeds)))(loader)
+        timed.append(harness.Path(name, run, pixel_checker(name, loader, reference, len(files), size, tasks, batch),
+                                  name, items=len(files), unit="img/s",
+                                  targets=["data-cpu-4x"] if name != "exact" else []))
+        if name == "fast":
+            timed[-1].targets = ["data-cpu-4x", "data-cuda-10k"]
+    comparison = harness.Comparison(f"input pipeline, {len(files)} JPEGs to {size}x{size} batches [{device.type}]",
+                                    timed, "exact", str(device),
+                                    {"images": len(files), "image_size": size, "tasks_per_step": tasks,
+                                     "images_per_task": batch, "workers": workers, "caches": prepared})
+    comparison.cleanup += [loader.close for loader in loaders.values()]
+    return comparison
+
+
+def resample_comparison(folder: Path, size: int, device: torch.device, workers: int | None,
+                        images: int = 64) -> harness.Comparison:
+    """The crop + resize of ``images`` decoded images, three ways, as the pipeline would run them:
+    image by image on the loader's single-threaded worker threads, the batched ways on the device
+    (on the CPU with all intra-op threads)."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.ops import roi_align
 
-    files = sorted((folder / "train").rglob("*.jpg"))[:64]
-    images = [decode_jpeg(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
-              for f in files]
+    files = sorted((folder / "train").rglob("*.jpg"))[:images]
+    decoded = [decode_jpeg(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
+               for f in files]
     gen = torch.Generator().manual_seed(0)
-    boxes = [data.train_crop_params(*im.shape[-2:], gen)[:4] for im in images]
+    boxes = [data.train_crop_params(*im.shape[-2:], gen)[:4] for im in decoded]
     windows = torch.tensor([bt.train_windows(*b, size) for b in boxes])
-    on_device = [im.to(device) for im in images]
-
+    on_device = [im.to(device) for im in decoded]
     pool = pipeline.single_threaded_pool(workers or min(torch.get_num_threads(), 16))
     listed = windows.tolist()
 
     def each():
-        out = torch.empty(len(images), 3, size, size, dtype=torch.uint8)
+        out = torch.empty(len(decoded), 3, size, size, dtype=torch.uint8)
 
         def one(k):
-            out[k] = bt.resample_each(images[k], *listed[k], size)
+            out[k] = bt.resample_each(decoded[k], *listed[k], size)
 
-        list(pool.map(one, range(len(images))))
+        list(pool.map(one, range(len(decoded))))
         return out.to(device)
 
     def batched():
         return bt.resample_batched(on_device, windows, size)
 
-    padded = torch.zeros(len(images), 3, max(i.shape[1] for i in images), max(i.shape[2] for i in images),
+    padded = torch.zeros(len(decoded), 3, max(i.shape[1] for i in decoded), max(i.shape[2] for i in decoded),
                          device=device)
     for k, im in enumerate(on_device):
         padded[k, :, : im.shape[1], : im.shape[2]] = im
@@ -138,15 +214,48 @@ def resample_table(folder: Path, size: int, device: torch.device, repeats: int, 
     def roi():  # sampling_ratio=0: ceil(box / output) samples per bin, averaged
         return roi_align(padded, rois, (size, size), 1.0, 0, aligned=True)
 
-    reference = torch.stack([bt.resample_each(im, *w.tolist(), size) for im, w in zip(images, windows)]).float()
-    rows = []
-    for name, fn in (("image by image (torchvision uint8 kernel)", each), ("batched matrix products", batched),
-                     ("roi_align, adaptive sampling (padded batch)", roi)):
-        out = fn()  # also the warm-up
-        diff = (out.float().cpu() - reference).abs().mean().item()
-        rows.append((name, timed(fn, device, warmup=0, repeats=repeats) / len(images) * 1e3, diff))
-    pool.shutdown()
-    return rows
+    reference = torch.stack([bt.resample_each(im, *w.tolist(), size) for im, w in zip(decoded, windows)]).float()
+
+    def close_to_exact(limit):
+        def check(out) -> str:
+            diff = (out.float().cpu() - reference).abs().mean().item()
+            assert diff <= limit, f"mean difference to the exact pixels {diff:.3f} grey levels, at most {limit}"
+            return f"passed (mean abs. difference to the exact pixels {diff:.3f} grey levels)"
+        return check
+
+    paths = [harness.Path("image-by-image", each, close_to_exact(0.0), "torchvision's uint8 kernel per image, "
+                          "single-threaded worker threads", items=len(decoded), unit="img/s"),
+             harness.Path("batched", batched, close_to_exact(0.1), "batched matrix products (the CUDA path)",
+                          items=len(decoded), unit="img/s"),
+             harness.Path("roi-align", roi, close_to_exact(3.0), "torchvision.ops.roi_align, adaptive sampling, "
+                          "padded float batch", items=len(decoded), unit="img/s")]
+    comparison = harness.Comparison(f"crop + resize of {len(decoded)} decoded 500x375 images to {size} "
+                                    f"[{device.type}]", paths, "image-by-image", str(device), {"image_size": size})
+    comparison.cleanup.append(pool.shutdown)
+    return comparison
+
+
+# ---- pytest-benchmark (CPU, 300 images; smoke: 24 images at 64 pixels) ------------------------------
+
+@pytest.mark.benchmark(timer=harness.REPLAY)
+@pytest.mark.parametrize("path", PATHS)
+def test_pipeline(benchmark, suite, path):
+    def make(smoke):
+        count, size, batch, tasks = (24, 64, 4, 2) if smoke else (300, 224, 16, 4)
+        return pipeline_comparison(Path(".nad_cache") / f"bench_data_{count}", count, size, batch, tasks,
+                                   torch.device("cpu"), None, log=lambda line: None)
+    suite.record(benchmark, "pipeline", make, path, rounds=3, warmup=0, min_sample_s=0.0)
+
+
+@pytest.mark.benchmark(timer=harness.REPLAY)
+@pytest.mark.parametrize("path", ["image-by-image", "batched", "roi-align"])
+def test_resample(benchmark, suite, path):
+    def make(smoke):
+        count = 24 if smoke else 300
+        folder = Path(".nad_cache") / f"bench_data_{count}"
+        make_folder(folder, count)
+        return resample_comparison(folder, 64 if smoke else 224, torch.device("cpu"), None, 8 if smoke else 64)
+    suite.record(benchmark, "resample", make, path, rounds=5, warmup=1, min_sample_s=0.0)
 
 
 def main() -> None:
@@ -155,94 +264,45 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16, help="images per task batch")
     parser.add_argument("--tasks", type=int, default=16, help="task batches per step")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", "--rounds", type=int, default=3, help="interleaved passes per path")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, <= 16)")
-    parser.add_argument("--paths", nargs="+", default=["exact", "fast", "cache-raw", "cache-jpeg"])
+    parser.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS)
     parser.add_argument("--dir", default=".nad_cache/bench_data")
+    parser.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's)")
+    parser.add_argument("--smoke", action="store_true", help="24 images at 64 pixels, one pass per path")
+    parser.add_argument("--json", metavar="PATH", help="where the JSON goes (default .benchmarks/bench_data/...)")
     parser.add_argument("--disentangle", metavar="MODEL",
                         help="also run `disentangle` end to end on the folder (fast pipeline, random weights, "
                              "3 epochs) and report the last epoch's images/s and data wait; compare with "
                              "bench_step.py's img/s for MODEL")
     args = parser.parse_args()
+    harness.set_threads(args.threads)
+    started = harness.load_average()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.smoke:
+        args.count, args.size, args.batch, args.tasks, args.dir = 24, 64, 4, 2, args.dir + "_smoke"
     folder = Path(args.dir)
-
-    start = time.perf_counter()
-    make_folder(folder, args.count)
-    files = sorted((folder / "train").rglob("*.jpg"))
-    mb = sum(f.stat().st_size for f in files) / 1e6
-    print(f"data: {len(files)} JPEGs 500x375 q90, {mb:.0f} MB ({mb * 1e3 / len(files):.0f} KB each) in {folder} "
-          f"({time.perf_counter() - start:.0f} s)")
-    train = data.image_folder(folder, "train")
-    sets = {"exact": train, "fast": train}
-    for encoding in ("raw", "jpeg"):
-        if f"cache-{encoding}" not in args.paths:
-            continue
-        out = folder / f"cache_{encoding}_{args.size}"
-        start = time.perf_counter()
-        datacache.prepare(folder, out, args.size, encoding=encoding, overwrite=True, progress=False,
-                          workers=args.workers)
-        size_mb = (out / datacache.IMAGES_FILE).stat().st_size / 1e6
-        print(f"cache-{encoding}: prepared in {time.perf_counter() - start:.1f} s, {size_mb:.0f} MB")
-        sets[f"cache-{encoding}"] = datacache.open_split(out, "train")
-
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
-          f"steps of {args.tasks} x {args.batch} images, {args.size}x{args.size}")
-    loaders = {name: pipeline.make_loader(sets[name], args.size, device, "exact" if name == "exact" else "fast",
-                                          workers=args.workers) for name in args.paths}
-    first = {}
-    for name, loader in loaders.items():  # warm-up: page cache, threads, cuDNN/nvjpeg handles, checksums
-        first[name] = one_pass(loader, len(files) if name.startswith("cache") else min(len(files), 256), args, 99)
-    results = {name: [] for name in loaders}
-    for r in range(args.repeats):  # interleaved, so that drifts of a shared machine hit every path alike
-        for name, loader in loaders.items():
-            results[name].append(one_pass(loader, len(files), args, r))
-    # Pixel agreement with the exact pipeline on the same draws (one step's batch; eval batch).
-    levels = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) * 255  # normalised units -> grey levels
-    agreement = {}
-    if "exact" in loaders:
-        parts = requests(len(files), args.tasks, args.batch, 12345)[0]
-        sample = [i for indices, _ in parts for i in indices][: 4 * args.batch]
-        reference = loaders["exact"].train_batch(parts).x
-        reference_eval = loaders["exact"].eval_batch(sample)[0]
-        for name, loader in loaders.items():
-            train_diff = (loader.train_batch(requests(len(files), args.tasks, args.batch, 12345)[0]).x.cpu()
-                          - reference).abs() * levels
-            eval_diff = (loader.eval_batch(sample)[0].cpu() - reference_eval).abs() * levels
-            agreement[name] = (train_diff.mean().item(), train_diff.max().item(), eval_diff.mean().item(),
-                               eval_diff.max().item())
-    for loader in loaders.values():
-        loader.close()
-
-    base = results.get("exact")
-    print(f"\n| path | images/s (median of {args.repeats}) | runs | ratio to exact (median) |")
-    print("|---|---|---|---|")
-    for name, values in results.items():
-        ratio = statistics.median(v / b for v, b in zip(values, base)) if base else float("nan")
-        note = f"; first pass {first[name]:.0f}" if name.startswith("cache") else ""
-        print(f"| {name} | {statistics.median(values):,.0f} | {', '.join(f'{v:.0f}' for v in values)}{note} "
-              f"| {ratio:.2f} |")
-
-    if agreement:
-        print("\npixels against the exact pipeline, same draws (grey levels):")
-        print("| path | training batch: mean abs. diff. | max | evaluation batch: mean | max |")
-        print("|---|---|---|---|---|")
-        for name, (tm, tx, em, ex) in agreement.items():
-            print(f"| {name} | {tm:.3f} | {tx:.0f} | {em:.3f} | {ex:.0f} |")
-
-    print(f"\ncrop + resize of 64 decoded 500x375 images to {args.size} on {device}:")
-    print("| method | ms per image | mean abs. difference to the exact pixels (grey levels) |")
-    print("|---|---|---|")
-    for name, ms, diff in resample_table(folder, args.size, device, max(args.repeats, 3), args.workers):
-        print(f"| {name} | {ms:.3f} | {diff:.3f} |")
-
+    print(harness.header(device, f"steps of {args.tasks} x {args.batch} images, {args.size}x{args.size}"))
+    runs = []
+    cmp = pipeline_comparison(folder, args.count, args.size, args.batch, args.tasks, device, args.workers, args.paths)
+    results = harness.measure(cmp, rounds=args.repeats, warmup=0, min_sample_s=0.0, smoke=args.smoke)
+    print(harness.table(results), flush=True)
+    runs.append((cmp, results))
+    cmp = resample_comparison(folder, args.size, device, args.workers, 8 if args.smoke else 64)
+    results = harness.measure(cmp, rounds=max(args.repeats, 3), warmup=1, min_sample_s=0.0, smoke=args.smoke)
+    print(harness.table(results), flush=True)
+    runs.append((cmp, results))
     if args.disentangle:
-        end_to_end(args.disentangle, train, device, args)
+        runs.append(end_to_end(args.disentangle, data.image_folder(folder, "train"), device, args))
+    path = harness.write_json(args.json, runs, device, "bench_data.py", args.smoke, started)
+    print(f"\nload average {' '.join(map(str, started))} at the start, "
+          f"{' '.join(map(str, harness.load_average()))} at the end; JSON: {path}")
 
 
-def end_to_end(name: str, train, device: torch.device, args) -> None:
-    """``disentangle`` on the folder through the fast pipeline: the last of 3 epochs."""
+def end_to_end(name: str, train, device: torch.device, args):
+    """``disentangle`` on the folder through the fast pipeline: the last of 3 epochs, as one result
+    (one sample: the epoch's seconds; extra_info: the data wait)."""
     import tempfile
 
     from nad_ext import models
@@ -259,6 +319,14 @@ def end_to_end(name: str, train, device: torch.device, args) -> None:
     print(f"\ndisentangle {name} on {device} (fast pipeline, last of 3 epochs): "
           f"{last['images_per_second']:,.0f} images/s, data wait {last['data_wait_s']:.2f} s of {total:.2f} s "
           f"({last['data_wait_s'] / total:.0%})")
+    images = last["images"]
+    res = harness.result(f"disentangle {name} end to end [{device.type}]", "disentangle-fast", [total],
+                         baseline="disentangle-fast", baseline_samples=[total], timer="log.json: the last epoch",
+                         note="the last of 3 epochs, fast pipeline", items=images, unit="img/s",
+                         check="not checked here (a training run; python_tests check it)",
+                         extra={"data_wait_s": last["data_wait_s"], "step_s": last["step_s"],
+                                "images_per_second_logged": last["images_per_second"]})
+    return None, [res]
 
 
 if __name__ == "__main__":

@@ -1,31 +1,43 @@
-"""Benchmarks of nad::mask_overlap (all-pairs layer-wise IoU of binary sub-architectures).
+"""nad::mask_overlap (all-pairs layer-wise IoU of binary sub-architectures) against its baselines.
 
-Workload of the performance brief (shared/PERFORMANCE.md beside the repository): T tasks vs
-T tasks, VGG16's 13 gate points (4,224 channels), random masks with 30-50% of the channels
-open, mean IoU over layers. Baselines measured in the
-same run: a NumPy float32 matrix product per layer, and (small T) a reference-style Python
-double loop over pairs. Every implementation is checked against the float64 reference first.
+Workload of the performance brief (benchmarks/TARGETS.md): T tasks vs T tasks, VGG16's 13 gate
+points (4,224 channels), random masks with 30-50% of the channels open, mean IoU over layers.
+Paths, measured side by side in one run (``harness.measure``: interleaved, each checked against
+the float64 reference ``mask_overlap_reference`` before it is timed):
 
-    pytest benchmarks/bench_overlap.py          # pytest-benchmark micro-benchmarks
-    python benchmarks/bench_overlap.py          # table: median ms of each, ratios
+- ``python-loop``: reference-style, a Python double loop over pairs, then over layers (T = 100 only,
+  one sample: ~10,000 pairs take seconds);
+- ``numpy``: a float32 matrix product per layer (NumPy's BLAS);
+- ``scipy``: ``scipy.spatial.distance.cdist(..., "jaccard")`` per layer (only where SciPy is installed);
+- ``torch-float32`` / ``torch-bf16``: the same matrix-product formulation in PyTorch, per layer
+  (bf16 inputs with float32 accumulation and output on CUDA: exact for these counts);
+- ``op``: ``nad::mask_overlap`` (CPU: bit-packed AVX2 popcount; CUDA: one launch over all layers).
+
+CUDA times are CUDA-event times.
+
+    pytest benchmarks/bench_overlap.py                  # pytest-benchmark, JSON autosaved
+    python benchmarks/bench_overlap.py [--json PATH]    # the tables; JSON to .benchmarks/bench_overlap/
 """
 from __future__ import annotations
 
-import os
-import pathlib
-import statistics
+import argparse
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 from nad_ext.ops import mask_overlap, mask_overlap_reference  # noqa: E402
 
 VGG16 = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 CUDA = torch.cuda.is_available()
+try:
+    from scipy.spatial.distance import cdist
+except ImportError:  # not a dependency: the scipy path is measured where it is installed
+    cdist = None
 
 
 def random_masks(t: int, sizes=VGG16, seed: int = 0, device="cpu") -> torch.Tensor:
@@ -39,12 +51,36 @@ def numpy_matmul_iou(a: np.ndarray, b: np.ndarray, sizes=VGG16) -> np.ndarray:
     total = np.zeros((a.shape[0], b.shape[0]), dtype=np.float32)
     start = 0
     for size in sizes:
-        al = a[:, start : start + size].astype(np.float32)
-        bl = b[:, start : start + size].astype(np.float32)
+        al = a[:, start: start + size].astype(np.float32)
+        bl = b[:, start: start + size].astype(np.float32)
         start += size
         inter = al @ bl.T
         union = al.sum(1)[:, None] + bl.sum(1)[None, :] - inter
         total += np.where(union > 0, inter / np.maximum(union, 1), np.float32(1))
+    return total / len(sizes)
+
+
+def torch_matmul_iou(a: torch.Tensor, b: torch.Tensor, dtype=torch.float32, sizes=VGG16) -> torch.Tensor:
+    """The same formulation in PyTorch, a matrix product per layer; bf16 inputs accumulate and
+    return float32 (``torch.mm(..., out_dtype=torch.float32)``, CUDA), so the counts are exact."""
+    total = torch.zeros(a.shape[0], b.shape[0], device=a.device)
+    start = 0
+    for size in sizes:
+        al, bl = a[:, start: start + size].to(dtype), b[:, start: start + size].to(dtype)
+        start += size
+        inter = torch.mm(al, bl.T, out_dtype=torch.float32) if dtype == torch.bfloat16 else al @ bl.T
+        union = al.sum(1, dtype=torch.float32)[:, None] + bl.sum(1, dtype=torch.float32)[None, :] - inter
+        total += torch.where(union > 0, inter / union.clamp(min=1), 1.0)
+    return total / len(sizes)
+
+
+def scipy_iou(a: np.ndarray, b: np.ndarray, sizes=VGG16) -> np.ndarray:
+    """SciPy's Jaccard distance per layer (1 - IoU; two empty rows have distance 0)."""
+    total = np.zeros((a.shape[0], b.shape[0]))
+    start = 0
+    for size in sizes:
+        total += 1.0 - cdist(a[:, start: start + size], b[:, start: start + size], "jaccard")
+        start += size
     return total / len(sizes)
 
 
@@ -63,115 +99,100 @@ def python_double_loop_iou(a: torch.Tensor, b: torch.Tensor, sizes=VGG16) -> tor
     return out
 
 
-def check(result, a, b, sizes=VGG16, atol=1e-5):
-    ref = mask_overlap_reference(a.cpu(), b.cpu(), sizes, "iou").numpy()
-    result = result.cpu().numpy() if isinstance(result, torch.Tensor) else result
-    np.testing.assert_allclose(result, ref, rtol=0, atol=atol)
+def checker(a: torch.Tensor, b: torch.Tensor, rows: int | None = None, atol: float = 1e-5):
+    """Compares a result (or its first ``rows`` rows) with the float64 reference."""
+    a_ref = a[:rows].cpu() if rows else a.cpu()
+    expected = mask_overlap_reference(a_ref, b.cpu(), VGG16, "iou").numpy()
+
+    def check(result) -> str:
+        got = result.cpu().numpy() if isinstance(result, torch.Tensor) else np.asarray(result)
+        got = got[: len(expected)]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
+        return f"passed (max abs. error {np.abs(got - expected).max():.1e}" + (
+            f", first {len(expected)} rows)" if rows else ")")
+
+    return check
 
 
-# ---- pytest-benchmark -------------------------------------------------------------------
+# ---- the comparisons -----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def masks_1000():
-    return random_masks(1000, seed=1), random_masks(1000, seed=2)
-
-
-def test_op_cpu_t1000(benchmark, masks_1000):
-    a, b = masks_1000
-    check(mask_overlap(a, b, VGG16), a, b)
-    benchmark(mask_overlap, a, b, VGG16)
+# key: (device, T, T in a smoke run, path names, baseline)
+SPECS = {
+    "cpu-t100": ("cpu", 100, 6, ["python-loop", "numpy", "torch-float32", "op"], "python-loop"),
+    "cpu-t1000": ("cpu", 1000, 24, ["numpy", "torch-float32"] + (["scipy"] if cdist else []) + ["op"], "numpy"),
+    "cuda-t1000": ("cuda", 1000, 24, ["torch-bf16", "torch-float32", "op"], "torch-bf16"),
+    "cuda-t20000": ("cuda", 20000, 300, ["torch-bf16", "op"], "torch-bf16"),
+}
 
 
-def test_numpy_matmul_t1000(benchmark, masks_1000):
-    a, b = (m.numpy() for m in masks_1000)
-    check(numpy_matmul_iou(a, b), *masks_1000)
-    benchmark(numpy_matmul_iou, a, b)
+def comparison(key: str, smoke: bool) -> harness.Comparison:
+    device, t, t_smoke, names, baseline = SPECS[key]
+    t = t_smoke if smoke else t
+    a, b = random_masks(t, seed=1, device=device), random_masks(t, seed=2, device=device)
+    check = checker(a, b, rows=256 if t > 2000 else None)
+    an, bn = a.cpu().numpy(), b.cpu().numpy()
+    targets = {"cpu-t1000": ["overlap-cpu-t1000", "overlap-cpu-t1000-numpy"] + (["overlap-cpu-t1000-scipy"]
+                                                                                  if cdist else []),
+               "cuda-t1000": ["overlap-cuda-t1000"], "cuda-t20000": ["overlap-cuda-t20000"]}.get(key, [])
+    make = {
+        "python-loop": lambda: harness.Path("python-loop", lambda: python_double_loop_iou(a, b), check,
+                                            "reference-style: Python loop over pairs and layers", max_rounds=1),
+        "numpy": lambda: harness.Path("numpy", lambda: numpy_matmul_iou(an, bn), check,
+                                      "NumPy float32 matrix product per layer", cuda=False),
+        "scipy": lambda: harness.Path("scipy", lambda: scipy_iou(an, bn), check, "SciPy cdist jaccard per layer",
+                                      max_rounds=3, cuda=False),
+        "torch-float32": lambda: harness.Path("torch-float32", lambda: torch_matmul_iou(a, b), check,
+                                              "PyTorch float32 matrix product per layer"),
+        "torch-bf16": lambda: harness.Path("torch-bf16", lambda: torch_matmul_iou(a, b, torch.bfloat16), check,
+                                           "PyTorch bf16 matrix product per layer, float32 accumulation and output"),
+        "op": lambda: harness.Path("op", lambda: mask_overlap(a, b, VGG16), check, "nad::mask_overlap",
+                                   targets=targets),
+    }
+    return harness.Comparison(f"mask_overlap T={t:,} [{device}]", [make[n]() for n in names], baseline, device,
+                              {"workload": f"{t} x {t} masks, VGG16's 13 gate points (4,224 channels), mean IoU",
+                               "T": t})
 
 
-def test_python_double_loop_t100(benchmark):
-    a, b = random_masks(100, seed=1), random_masks(100, seed=2)
-    check(python_double_loop_iou(a[:5], b[:5]), a[:5], b[:5])
-    benchmark.pedantic(python_double_loop_iou, args=(a, b), rounds=1, iterations=1)
+# ---- pytest-benchmark ----------------------------------------------------------------------------
+
+def _cases():
+    for key, (device, *_, names, _baseline) in SPECS.items():
+        marks = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")] if device == "cuda" else []
+        for name in names:
+            yield pytest.param(key, name, id=f"{key}-{name}", marks=marks)
 
 
-def test_op_cpu_t100(benchmark):
-    a, b = random_masks(100, seed=1), random_masks(100, seed=2)
-    check(mask_overlap(a, b, VGG16), a, b)
-    benchmark(mask_overlap, a, b, VGG16)
+@pytest.mark.benchmark(timer=harness.REPLAY)
+@pytest.mark.parametrize("key,path", list(_cases()))
+def test_overlap(benchmark, suite, key, path):
+    suite.record(benchmark, key, lambda smoke: comparison(key, smoke), path, rounds=15, min_sample_s=0.05)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("t", [1000, 20000])
-def test_op_cuda(benchmark, t):
-    a, b = random_masks(t, seed=1, device="cuda"), random_masks(t, seed=2, device="cuda")
-    if t <= 2000:
-        check(mask_overlap(a, b, VGG16), a, b)
+# ---- table -----------------------------------------------------------------------------------------
 
-    def run():
-        out = mask_overlap(a, b, VGG16)
-        torch.cuda.synchronize()
-        return out
-
-    run()
-    benchmark(run)
-
-
-# ---- table ---------------------------------------------------------------------------------
-
-def median_ms(fn, *args, repeat=20, warmup=2) -> float:
-    for _ in range(warmup):
-        fn(*args)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def main():
-    load_before = os.getloadavg()
-    rows = []
-    a, b = random_masks(1000, seed=1), random_masks(1000, seed=2)
-    an, bn = a.numpy(), b.numpy()
-    check(mask_overlap(a, b, VGG16), a, b)
-    check(numpy_matmul_iou(an, bn), a, b)
-    op = median_ms(mask_overlap, a, b, VGG16, repeat=50)
-    npm = median_ms(numpy_matmul_iou, an, bn, repeat=10)
-    rows += [("nad::mask_overlap, CPU", 1000, op, 1.0),
-             ("NumPy float32 matmul per layer", 1000, npm, npm / op)]
-
-    a1, b1 = a[:100], b[:100]
-    check(python_double_loop_iou(a1[:5], b1[:5]), a1[:5], b1[:5])
-    op100 = median_ms(mask_overlap, a1, b1, VGG16, repeat=200)
-    loop = median_ms(python_double_loop_iou, a1, b1, repeat=1, warmup=0)
-    rows += [("nad::mask_overlap, CPU", 100, op100, 1.0),
-             ("Python double loop over pairs", 100, loop, loop / op100)]
-
-    if CUDA:
-        for t in (1000, 20000):
-            ac, bc = random_masks(t, seed=1, device="cuda"), random_masks(t, seed=2, device="cuda")
-            if t <= 2000:
-                check(mask_overlap(ac, bc, VGG16), ac, bc)
-
-            def run():
-                mask_overlap(ac, bc, VGG16)
-                torch.cuda.synchronize()
-
-            ms = median_ms(run, repeat=50, warmup=5)
-            rows.append(("nad::mask_overlap, CUDA", t, ms, float("nan")))
-
-    load_after = os.getloadavg()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
-          + (f", {torch.cuda.get_device_name()}" if CUDA else ", no GPU")
-          + f"; 1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
-    print(f"{'implementation':<34} {'T':>6} {'median ms':>11} {'x slower than op':>17}")
-    for name, t, ms, ratio in rows:
-        print(f"{name:<34} {t:>6} {ms:>11.3f} {ratio:>17.1f}")
-    # The CPU targets at T = 1,000 (see benchmarks/RESULTS.md).
-    print(f"targets at T=1000: <= 10 ms: {'met' if op <= 10 else 'missed'} ({op:.2f} ms); "
-          f">= 5x NumPy: {'met' if npm / op >= 5 else 'missed'} ({npm / op:.1f}x)")
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keys", nargs="+", choices=list(SPECS), help="comparisons to run (default: all this "
+                        "machine can: the CUDA ones where there is a GPU)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per comparison")
+    parser.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one call per path")
+    parser.add_argument("--json", metavar="PATH", help="where the JSON goes (default .benchmarks/bench_overlap/...)")
+    args = parser.parse_args(argv)
+    harness.set_threads(args.threads)
+    started = harness.load_average()
+    device = "cuda" if CUDA else "cpu"
+    keys = args.keys or [k for k, spec in SPECS.items() if spec[0] == "cpu" or CUDA]
+    print(harness.header(device))
+    runs = []
+    for key in keys:
+        cmp = comparison(key, args.smoke)
+        results = harness.measure(cmp, rounds=args.rounds, min_sample_s=0.05, smoke=args.smoke)
+        print(harness.table(results), flush=True)
+        runs.append((cmp, results))
+    path = harness.write_json(args.json, runs, device, "bench_overlap.py", args.smoke, started)
+    print(f"\nload average {' '.join(map(str, started))} at the start, "
+          f"{' '.join(map(str, harness.load_average()))} at the end; JSON: {path}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ model in benchmarks/RESULTS.md starts from.
 
     python benchmarks/bench_scale.py                        # CPU: zoo_residual, 1 and 2 gloo processes
     python benchmarks/bench_scale.py --device cuda --procs 1   # a GPU: 1 NCCL process
+
+Writes its JSON (harness's schema, pytest-benchmark's format) to --json or .benchmarks/bench_scale/:
+one case per run, its samples the seconds per image of each epoch after the first (so the
+median's inverse is the images/s printed), its ratio paired per epoch with the baseline run's
+(1 process, 1 thread on the CPU; 1 process on a GPU); one case per commit timing. The runs are
+subprocesses one after another, not interleaved: ratios between them carry the machine's drift.
 """
 from __future__ import annotations
 
@@ -32,8 +38,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import harness  # noqa: E402
 from nad_ext import data, models  # noqa: E402
 from nad_ext.gates import GatePoint  # noqa: E402
 from nad_ext.gates import MaskBank, Task  # noqa: E402
@@ -42,7 +49,7 @@ from nad_ext.training.rundir import RunDir  # noqa: E402
 
 def launch(argv: list[str], threads: int | None, procs: int | None) -> float:
     """Runs `nad disentangle` (under torchrun when procs is given); returns the wall seconds."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(harness.source_root()), os.environ.get("PYTHONPATH", "")])}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "nad_ext", *argv] if procs is None else \
@@ -58,7 +65,8 @@ def launch(argv: list[str], threads: int | None, procs: int | None) -> float:
 def summarise(out: Path, channels: int) -> dict:
     epochs = json.loads((out / "log.json").read_text())["epochs"][1:]  # the first one warms up
     rate = statistics.median(e["images_per_second"] for e in epochs)
-    row = {"img/s": rate, "epoch s": statistics.median(e["seconds"] for e in epochs)}
+    row = {"img/s": rate, "epoch s": statistics.median(e["seconds"] for e in epochs),
+           "s per image": [1 / e["images_per_second"] for e in epochs]}
     ranks = [e.get("ranks") for e in epochs]
     if ranks[0]:
         row["per rank img/s"] = [statistics.median(r[i]["images_per_second"] for r in ranks) for i in range(len(ranks[0]))]
@@ -69,8 +77,9 @@ def summarise(out: Path, channels: int) -> dict:
     return row
 
 
-def time_commit(tasks: int, channels: list[int], folder: Path, repeats: int = 3) -> tuple[float, float, int]:
-    """(commit seconds, load seconds, bank bytes) of a bank of this size in a fresh run folder."""
+def time_commit(tasks: int, channels: list[int], folder: Path, repeats: int = 3) -> tuple[list, list, int]:
+    """(commit seconds, load seconds, bank bytes) of a bank of this size in a fresh run folder, one
+    value per repeat."""
     bank = MaskBank("bench", [GatePoint(f"g{i}", c) for i, c in enumerate(channels)],
                     [Task(f"t{t}", (t,)) for t in range(tasks)], [torch.randn(tasks, c) for c in channels],
                     {"epochs": 21}, 1)
@@ -83,7 +92,7 @@ def time_commit(tasks: int, channels: list[int], folder: Path, repeats: int = 3)
         start = time.perf_counter()
         MaskBank.load(folder / f"commit{r}" / "masks.safetensors")
         loads.append(time.perf_counter() - start)
-    return statistics.median(commits), statistics.median(loads), (folder / "commit0" / "masks.safetensors").stat().st_size
+    return commits, loads, (folder / "commit0" / "masks.safetensors").stat().st_size
 
 
 def main() -> None:
@@ -94,7 +103,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--tasks-per-step", type=int, default=5, help="10 classes: 2 step groups of 5 tasks")
     parser.add_argument("--cache", default=".nad_cache")
+    parser.add_argument("--json", metavar="PATH", help="where the JSON goes (default .benchmarks/bench_scale/...)")
     args = parser.parse_args()
+    started = harness.load_average()
 
     train, val = data.generated_shapes("train"), data.generated_shapes("val")
     models.load_zoo(args.cache, train, val, names=[args.model], progress=False)  # trained once, before the timings
@@ -119,6 +130,7 @@ def main() -> None:
         commit_small = time_commit(len(bank.tasks), channels, tmp)
         commit_imagenet = time_commit(1000, [15168], tmp, repeats=2)
 
+    print(harness.header(args.device))
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"{args.model} on {device}, torch {torch.__version__}, {len(train)} training images x {args.epochs} "
           f"epochs, {len(bank.tasks)} tasks, {sum(channels)} channels, {args.tasks_per_step} tasks per step")
@@ -130,8 +142,29 @@ def main() -> None:
         print(f"{label:28s} {r['img/s']:7.0f} {r['img/s'] / base:7.2f} {per:>15s} {r['epoch s']:8.2f} "
               f"{r.get('wait s', 0):7.3f} {r.get('sent B', 0):7.0f} {r.get('shard B', 0):8.0f} {wall:7.1f}")
     for what, (commit, load, size) in (("this bank", commit_small), ("ImageNet-sized bank", commit_imagenet)):
-        print(f"commit of {what} ({size / 1e6:.2f} MB; copy + log + bank, fsynced): {commit * 1e3:.1f} ms; "
-              f"reading it back (with checksums): {load * 1e3:.1f} ms")
+        print(f"commit of {what} ({size / 1e6:.2f} MB; copy + log + bank, fsynced): "
+              f"{statistics.median(commit) * 1e3:.1f} ms; reading it back (with checksums): "
+              f"{statistics.median(load) * 1e3:.1f} ms")
+
+    base_label = rows[1][0] if args.device == "cpu" else rows[0][0]
+    base_samples = dict((label, r["s per image"]) for label, _, r in rows)[base_label]
+    group = f"disentangle {args.model} scale-out [{args.device}]"
+    results = [harness.result(group, label, r["s per image"], baseline=base_label, baseline_samples=base_samples,
+                              timer="log.json: seconds per image of each epoch after the first", items=1,
+                              unit="img/s", note=f"wall {wall:.1f} s", check="not checked here (python_tests/"
+                              "test_distributed.py checks the bank against one process)",
+                              extra={k: v for k, v in r.items() if k not in ("s per image",)})
+               for label, wall, r in rows]
+    commits = []
+    for what, (commit, load, size) in (("this bank", commit_small), ("ImageNet-sized bank", commit_imagenet)):
+        group_c = f"run-folder commit, {what} ({size / 1e6:.2f} MB) [{args.device}]"
+        commits += [harness.result(group_c, "commit", commit, baseline="commit", baseline_samples=commit,
+                                   timer="time.perf_counter", note="copy + log + bank, each fsynced"),
+                    harness.result(group_c, "load", load, baseline="commit", baseline_samples=commit,
+                                   timer="time.perf_counter", note="MaskBank.load with checksums")]
+    path = harness.write_json(args.json, [(None, results), (None, commits)], args.device, "bench_scale.py", False,
+                              started)
+    print(f"JSON: {path}")
 
 
 if __name__ == "__main__":

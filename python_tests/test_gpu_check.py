@@ -1,8 +1,10 @@
 """scripts/gpu_check.sh, dry-run on the CPU (GPU_CHECK_DRY_RUN=1 prints each stage's command):
 every stage of every call has a command line that fits one call, the files it names exist, the
 Python entry points it runs import and know the options it passes, the pytest stages select
-tests, and each call leaves exactly its summary and its tarball of logs in $OUT (the GPU machine
-returns at most 8 files)."""
+tests, each call leaves exactly its summary and its tarball of logs in $OUT (the GPU machine
+returns at most 8 files), and the benchmark stages write their JSON into the logs, merged into
+one bench-<call>.json in $OUT."""
+import json
 import os
 import re
 import runpy
@@ -106,6 +108,43 @@ def test_the_commit_comes_from_gpu_commit(tmp_path):
     (tmp_path / "GPU_COMMIT").unlink()
     subprocess.run(["bash", str(script), "call1"], env=env, check=True, capture_output=True, timeout=60)
     assert "commit: unknown" in (out / "summary-call1.txt").read_text()
+
+
+def test_the_benchmark_stages_write_json_into_the_logs(calls):
+    """Into the tarball (the logs folder), never straight into $OUT: one merged file comes back."""
+    for call, commands in calls.items():
+        for stage, (_, command) in commands.items():
+            if stage in ("step", "overlap", "data", "scale", "ops"):
+                option = "--benchmark-json" if stage == "ops" else "--json"
+                path = Path(command[command.index(option) + 1])
+                assert path.name == f"{stage}.json" and path.parent.name == call, (call, stage, path)
+
+
+def test_a_benchmark_stage_leaves_its_json_in_the_tarball_and_merged_in_out(tmp_path):
+    """A real (not dry) call of the overlap stage with a stub interpreter that writes a JSON to
+    ``--json`` instead of benchmarking (and runs everything else, the merge too, with this Python):
+    $OUT gets the summary, the tarball with the stage's JSON, and bench-<call>.json."""
+    stub = tmp_path / "python"
+    case = '{"machine_info": {}, "commit_info": {}, "benchmarks": [{"group": "g", "name": "op", "stats": {}}]}'
+    stub.write_text(f"""#!/usr/bin/env bash
+args=("$@")
+for ((i = 0; i < ${{#args[@]}}; i++)); do
+  if [ "${{args[i]}}" = --json ]; then echo '{case}' > "${{args[i + 1]}}"; exit 0; fi
+done
+exec {shlex.quote(sys.executable)} "$@"
+""")
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_LOGS=str(tmp_path / "logs"), PYTHON=str(stub),
+               STAGES="overlap", GPU_CHECK_BUDGET="0")
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["bench-stages.json", "logs-stages.tar.gz", "summary-stages.txt"]
+    with tarfile.open(out / "logs-stages.tar.gz") as tar:
+        assert "stages/overlap.json" in tar.getnames()
+    merged = json.loads((out / "bench-stages.json").read_text())
+    assert merged["benchmarks"][0]["name"] == "op"
+    assert merged["nad_bench"]["runs"][0]["file"] == "overlap.json"
 
 
 def test_unknown_calls_and_stages_are_refused(tmp_path):

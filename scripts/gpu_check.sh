@@ -14,8 +14,10 @@
 #
 # Each call writes two files to $OUT (default gpu_logs/): summary-<call>.txt (commit, Python,
 # PyTorch, CUDA, cuDNN, nvcc and GPU, then each stage's exit status, time and key numbers) and
-# logs-<call>.tar.gz (every stage's full log); both are rewritten after each stage, so a call
-# killed at its limit still leaves them. Caches stay under /tmp (zoo, benchmark data).
+# logs-<call>.tar.gz (every stage's full log and its benchmark JSON); both are rewritten after each
+# stage, so a call killed at its limit still leaves them. A call whose benchmark stages wrote JSON
+# also leaves bench-<call>.json: their results in one file (benchmarks/harness.py merge; read it with
+# benchmarks/compare.py). At most 3 files per call. Caches stay under /tmp (zoo, benchmark data).
 #
 #   STAGES="tests ops" bash scripts/gpu_check.sh   # stages by hand (the call is named "stages";
 #                                                  # with a call, STAGES replaces its stages)
@@ -77,15 +79,21 @@ stage_command() {
     # cuda-marked ones): CI runs the CPU ones on every commit.
     tests) limit=360; cmd=("$py" -m pytest python_tests -ra -q -k cuda -p no:cacheprovider --durations=15) ;;
     # ResNet50 first: a stage cut by its timeout still has the more telling network.
-    step) limit=330; cmd=("$py" benchmarks/bench_step.py --models resnet50 vgg16 --profile fused-bf16-graph) ;;
-    overlap) limit=150; cmd=("$py" benchmarks/bench_overlap.py) ;;  # CPU T = 100, 1,000; CUDA T = 1,000, 20,000
+    # Each benchmark writes its JSON next to its log (so into the tarball); pack merges them.
+    # The step's JSON is rewritten after each model; --max-seconds bounds each model's rounds.
+    step) limit=330; cmd=("$py" benchmarks/bench_step.py --models resnet50 vgg16 --max-seconds 45
+                          --profile fused-bf16-graph --json "$logs/step.json") ;;
+    # CPU T = 100, 1,000; CUDA T = 1,000, 20,000 (CUDA-event times)
+    overlap) limit=150; cmd=("$py" benchmarks/bench_overlap.py --json "$logs/overlap.json") ;;
     # The input pipeline: JPEG files -> ready batches on the GPU (exact, fast, caches), ~1-2 min.
     data) limit=270; cmd=("$py" benchmarks/bench_data.py --count 2000 --repeats 3 --dir "$bench_data"
-                          --disentangle vgg16) ;;
+                          --disentangle vgg16 --json "$logs/data.json") ;;
     # torchrun with one NCCL process against a plain process on the GPU (about a minute).
-    scale) limit=180; cmd=("$py" benchmarks/bench_scale.py --device cuda --procs 1 --cache "$zoo_cache") ;;
+    scale) limit=180; cmd=("$py" benchmarks/bench_scale.py --device cuda --procs 1 --cache "$zoo_cache"
+                           --json "$logs/scale.json") ;;
     ops) limit=180; cmd=("$py" -m pytest benchmarks/bench_fused_ops.py benchmarks/bench_overlap.py -k cuda -q
-                         -p no:cacheprovider --benchmark-columns=min,median,max,rounds) ;;
+                         -p no:cacheprovider --benchmark-columns=min,median,max,rounds
+                         --benchmark-json "$logs/ops.json") ;;
     *) return 1 ;;
   esac
 }
@@ -95,10 +103,10 @@ key_lines() {
   case $1 in
     build) grep -E "^CUDA kernels:|error:|Error" "$2" | head -n 12 ;;
     tests) grep -E "^(FAILED|ERROR|SKIPPED) " "$2" | head -n 40; tail -n 1 "$2" ;;
-    step) grep -E "^(device:|float32 paths:|model |resnet50 |vgg16 )" "$2" ;;
-    overlap) grep -E "^(torch |implementation|nad::|NumPy|Python|targets)" "$2" ;;
-    data) grep -E "^(data:|cache-|device |\||disentangle )" "$2" ;;
-    scale) grep -E "^(run |1 process|torchrun|commit of|zoo_)" "$2" ;;
+    step) grep -E "^(device:|float32:|NAD step|\| [a-z])" "$2" | grep -v "^| path" ;;
+    overlap) grep -E "^(device:|mask_overlap|\| [a-z])" "$2" | grep -v "^| path" ;;
+    data) grep -E "^(data:|cache-|device:|input pipeline|crop|\| [a-z]|disentangle )" "$2" | grep -v "^| path" ;;
+    scale) grep -E "^(device:|run |1 process|torchrun|commit of|zoo_)" "$2" ;;
     *) tail -n 15 "$2" ;;
   esac | cut -c1-200 | sed 's/^/    /'
 }
@@ -145,8 +153,14 @@ EOF
   echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
 }
 
-pack() {  # the summary and the tarball of the logs, as they are now
+pack() {  # the summary, the tarball of the logs and the benchmarks' JSON in one file, as they are now
   cp "$summary" "$logs/"
+  local jsons=()
+  for f in "$logs"/*.json; do [ -s "$f" ] && jsons+=("$f"); done
+  if [ "${#jsons[@]}" -gt 0 ]; then
+    timeout -k 5 60 "$py" benchmarks/harness.py merge "$out/bench-$call.json" "${jsons[@]}" > /dev/null 2>&1 \
+      || echo "could not merge the benchmark JSON (${jsons[*]})" >> "$summary"
+  fi
   tar -czf "$tarball" -C "$(dirname "$logs")" "$(basename "$logs")"
 }
 
@@ -213,5 +227,6 @@ else verdict="a stage failed or was skipped"
 fi
 echo "total: $((SECONDS - start)) s; $verdict" | tee -a "$summary"
 pack
+[ -f "$out/bench-$call.json" ] && echo "benchmark results: $out/bench-$call.json"
 echo "wrote $summary and $tarball"
 exit "$failed"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Sets up nad-ext (scripts/setup.sh), runs the Python test suite, then builds the LibTorch
-# library with CMake and runs the C++ tests (scripts/test_cpp.sh), then runs the CUDA kernels
-# under the CPU simulator (scripts/test_cudasim.sh). Extra arguments go to pytest.
-#   NAD_SKIP_CPP=1       run the Python tests only
+# Sets up nad-ext (scripts/setup.sh), runs the Python test suite, then the benchmarks as a smoke
+# test, then builds the LibTorch library with CMake and runs the C++ tests (scripts/test_cpp.sh),
+# then runs the CUDA kernels under the CPU simulator (scripts/test_cudasim.sh). Extra arguments go
+# to the Python tests' pytest.
+#   NAD_SKIP_CPP=1       run the Python tests (and the benchmark smoke run) only
 #   NAD_SKIP_CUDASIM=1   skip the CUDA simulator
+#   NAD_SKIP_BENCH=1     skip the benchmark smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -16,6 +18,12 @@ if [ "$rc" -eq 5 ]; then
   exit 1
 fi
 [ "$rc" -eq 0 ] || exit "$rc"
+# Every benchmark of `pytest benchmarks` at tiny sizes: each path checked against its reference and
+# run once, no timing kept (about half a minute), so a benchmark that breaks fails here; the CUDA
+# cases are skipped, visibly, without a GPU.
+if [ "${NAD_SKIP_BENCH:-0}" != 1 ]; then
+  .venv/bin/python -m pytest benchmarks --smoke --benchmark-disable --bench-threads 1 -q -p no:cacheprovider
+fi
 if [ "${NAD_SKIP_CPP:-0}" != 1 ]; then
   PYTHON=.venv/bin/python bash scripts/test_cpp.sh
   if [ "${NAD_SKIP_CUDASIM:-0}" != 1 ]; then
