@@ -22,7 +22,8 @@ CALLS = {
     "call1": ["build", "tests"],
     "call2": ["build", "step", "overlap"],
     "call3": ["build", "data", "scale"],
-    "all": ["build", "tests", "step", "overlap", "data", "scale", "ops"],
+    "call4": ["build", "cpp"],
+    "all": ["build", "tests", "step", "overlap", "data", "scale", "ops", "cpp"],
 }
 CALL_LIMIT_S = 480  # one command on the GPU machine: at most 600 s, less the summary and the transfer
 

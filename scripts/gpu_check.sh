@@ -11,6 +11,8 @@
 #   bash scripts/gpu_check.sh call1   # build (MAX_JOBS=16), every cuda test
 #   bash scripts/gpu_check.sh call2   # [build], step: ResNet50 then VGG16; overlap: T = 1,000 and 20,000
 #   bash scripts/gpu_check.sh call3   # [build], data (input pipeline), scale (one NCCL process); only if time is left
+#   bash scripts/gpu_check.sh call4   # [build], cpp: the LibTorch library with CUDA kernels, its C++ tests
+#                                     # (cuda_matches_cpu runs there), the package and the .pt2 example
 #
 # Each call writes two files to $OUT (default gpu_logs/): summary-<call>.txt (commit, Python,
 # PyTorch, CUDA, cuDNN, nvcc and GPU, then each stage's exit status, time and key numbers) and
@@ -44,10 +46,11 @@ case $call in
   call1) stages="build tests" ;;
   call2) stages="build step overlap" ;;
   call3) stages="build data scale" ;;
-  all) stages="build tests step overlap data scale ops" ;;
+  call4) stages="build cpp" ;;
+  all) stages="build tests step overlap data scale ops cpp" ;;
   stages) stages=$STAGES ;;
   -h|--help) usage ;;
-  *) echo "unknown call '$call': call1, call2, call3, all, or STAGES=\"...\" without a call" >&2; exit 2 ;;
+  *) echo "unknown call '$call': call1, call2, call3, call4, all, or STAGES=\"...\" without a call" >&2; exit 2 ;;
 esac
 [ -n "${STAGES:-}" ] && stages=$STAGES
 
@@ -94,6 +97,10 @@ stage_command() {
     ops) limit=180; cmd=("$py" -m pytest benchmarks/bench_fused_ops.py benchmarks/bench_overlap.py -k cuda -q
                          -p no:cacheprovider --benchmark-columns=min,median,max,rounds
                          --benchmark-json "$logs/ops.json") ;;
+    # scripts/test_cpp.sh with CUDA: CMake build (16 jobs) in /tmp, ctest (the GPU cases run
+    # here only), the moved package and the examples; needs cmake and ninja on the machine.
+    cpp) limit=420; cmd=(env PYTHON="$py" NAD_WITH_CUDA=ON JOBS="$MAX_JOBS" BUILD=/tmp/nad_build_cpp
+                         CMAKE_CUDA_ARCHITECTURES="${TORCH_CUDA_ARCH_LIST//./}" bash scripts/test_cpp.sh) ;;
     *) return 1 ;;
   esac
 }
@@ -107,6 +114,7 @@ key_lines() {
     overlap) grep -E "^(device:|mask_overlap|\| [a-z])" "$2" | grep -v "^| path" ;;
     data) grep -E "^(data:|cache-|device:|input pipeline|crop|\| [a-z]|disentangle )" "$2" | grep -v "^| path" ;;
     scale) grep -E "^(device:|run |1 process|torchrun|commit of|zoo_)" "$2" ;;
+    cpp) grep -E "tests passed|tests failed|Failed|FAIL|\*\*\*|error:|OK \(" "$2" | head -n 30 ;;
     *) tail -n 15 "$2" ;;
   esac | cut -c1-200 | sed 's/^/    /'
 }

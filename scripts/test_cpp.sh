@@ -15,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 BUILD=${BUILD:-build-cpp}
+mkdir -p "$BUILD" && BUILD=$(cd "$BUILD" && pwd)  # absolute: also a folder outside the checkout
 JOBS=${JOBS:-2}
 start=$SECONDS
 case $PYTHON in  # ctest runs in the build folder: an absolute path
@@ -28,7 +29,7 @@ if ! command -v cmake > /dev/null || ! command -v ninja > /dev/null; then
   exit 1
 fi
 
-args=(-G Ninja -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DCMAKE_INSTALL_PREFIX="$PWD/$BUILD/install"
+args=(-G Ninja -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DCMAKE_INSTALL_PREFIX="$BUILD/install"
       -DCMAKE_CUDA_ARCHITECTURES="${CMAKE_CUDA_ARCHITECTURES:-90}" -DNAD_BUILD_TESTS=ON
       -DNAD_TEST_PYTHON="$PYTHON_PATH")
 [ -n "${NAD_WITH_CUDA:-}" ] && args+=(-DNAD_WITH_CUDA="$NAD_WITH_CUDA")
