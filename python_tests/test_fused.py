@@ -15,7 +15,7 @@ from conftest import DEVICES
 from nad_ext.gates import fused as fused_module
 from nad_ext import models
 from nad_ext.gates.fused import GatedConv2d, fold_batchnorm, ieee_float32
-from nad_ext.gates import GatedModel
+from nad_ext.gates import GatedModel, parse_gate_point
 from nad_ext.training import NADConfig, Network, disentangle
 from test_trainer import colour_images, fit_small_cnn
 
@@ -39,6 +39,11 @@ def zoo(name: str) -> tuple[nn.Module, list[str]]:
     spec = models.get_spec(name)
     model = randomise_batchnorm(spec.build(10))
     return model, spec.gate_points(model)
+
+
+def module_names(points):
+    """The modules of gate-point specs (``features.norm5:relu`` -> ``features.norm5``)."""
+    return [parse_gate_point(p)[0] for p in points]
 
 
 def vgg_like() -> nn.Sequential:
@@ -79,7 +84,7 @@ def test_folded_network_computes_the_same_function(name):
     expected = model(x)
     count = lambda: sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # noqa: E731
     before = count()
-    folded = fold_batchnorm(model, x[:1], watch=points)
+    folded = fold_batchnorm(model, x[:1], watch=module_names(points))
     assert folded > 0 and count() == before - folded
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
 
@@ -138,7 +143,7 @@ def test_folding_check_does_not_depend_on_tf32(simulated_tf32, name, api):
     before = count()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        folded = fold_batchnorm(model, x[:1], watch=points)
+        folded = fold_batchnorm(model, x[:1], watch=module_names(points))
     assert folded > 0 and count() == before - folded
     if api == "legacy":
         assert torch.backends.cudnn.allow_tf32
@@ -174,7 +179,7 @@ def test_folding_check_still_refuses_a_wrong_fold_under_tf32(simulated_tf32, mon
     model, points = zoo("zoo_residual")
     enable_tf32("new")
     with pytest.warns(UserWarning, match="left unfolded"):
-        assert fold_batchnorm(model, torch.randn(1, 3, 32, 32), watch=points) == 0
+        assert fold_batchnorm(model, torch.randn(1, 3, 32, 32), watch=module_names(points)) == 0
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 

@@ -74,9 +74,13 @@ def test_every_stage_of_every_call_has_a_command_that_fits_a_call(calls, call):
     assert list(commands) == CALLS[call]
     for stage, (limit, command) in commands.items():
         assert 0 < limit < CALL_LIMIT_S, stage
-        assert command[0] == sys.executable, stage  # the interpreter given in PYTHON
+        if stage == "cpp":  # a shell script, given the interpreter in PYTHON
+            assert command[0] == "env" and f"PYTHON={sys.executable}" in command, command
+            assert command[-2:] == ["bash", "scripts/test_cpp.sh"] and "NAD_WITH_CUDA=ON" in command, command
+        else:
+            assert command[0] == sys.executable, stage  # the interpreter given in PYTHON
         for arg in command[1:]:
-            if arg.endswith(".py") or arg.startswith(("python_tests", "benchmarks/")):
+            if arg.endswith((".py", ".sh")) or arg.startswith(("python_tests", "benchmarks/")):
                 assert (ROOT / arg).exists(), f"{stage}: {arg} does not exist"
 
 
