@@ -123,6 +123,36 @@ def test_an_epoch_commits_copy_then_log_then_bank(reference):
                                             "masks_epoch01.safetensors", "masks_epoch02.safetensors"]
 
 
+def committed_epoch(events: list[str], point: str) -> int:
+    """The epoch committed when the fault ``point`` killed the run: the bank renames at or before
+    a killed write event (the kill comes after the event), or those before a step of epoch E."""
+    kind, *nums = point.removeprefix("at=").split(":")
+    if kind == "write":
+        return sum(1 for e in events[:int(nums[0])] if e.endswith("renamed masks.safetensors"))
+    return int(nums[0]) - 1
+
+
+def assert_rolled_back(out: Path, reference: Path, epoch: int, point: str) -> None:
+    """Opening the killed run's folder for resume (as ``disentangle(resume=True)`` does, before any
+    training) brings it to the committed ``epoch``: no later epoch copies or log entries, the
+    bank that epoch's, no temporary files; the resumed training then overwrites nothing stale."""
+    expected = read_folder(reference)
+    with RunDir.open(out, resume=True) as run:
+        assert run.epoch == epoch, point
+        opened = read_folder(out)
+    copies = [f"masks_epoch{e:02d}.safetensors" for e in range(1, epoch + 1)]
+    committed = ["log.json", "masks.safetensors"] if epoch else []
+    assert opened["files"] == sorted([".nad.lock", *copies, *committed]), point
+    if epoch == 0:
+        return
+    tensors, meta = opened["masks.safetensors"]
+    ref_tensors, ref_meta = expected[copies[-1]]  # the uninterrupted run's bank after that epoch
+    assert meta == ref_meta and tensors.keys() == ref_tensors.keys(), point
+    assert all(torch.equal(tensors[k], ref_tensors[k]) for k in ref_tensors), point
+    assert opened["log.json"]["epochs"] == expected["log.json"]["epochs"][:epoch], point
+    assert [e.get("epoch") for e in run.log] == list(range(1, epoch + 1)), point
+
+
 @pytest.mark.slow
 def test_sigkill_at_every_write_and_mid_epoch_then_resume_gives_the_uninterrupted_run(child, reference, tmp_path):
     folder, events = reference
@@ -135,6 +165,7 @@ def test_sigkill_at_every_write_and_mid_epoch_then_resume_gives_the_uninterrupte
         if (out / "masks.safetensors").exists():
             assert MaskBank.load(out / "masks.safetensors").epoch in (1, 2)
         temp_files_seen += len(list(out.glob(".*.tmp")))
+        assert_rolled_back(out, folder, committed_epoch(events, point), point)
         train(out, resume=True)
         assert_same_folder(out, folder)
         assert not list(out.glob(".*.tmp")), f"{point}: temporary files survived the resume"

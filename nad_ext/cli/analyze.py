@@ -2,6 +2,8 @@
 under torchrun the batches are shared among the processes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from nad_ext.cli.common import add_model_args, add_pipeline_args, load_data, load_model, setup
 
 
@@ -28,12 +30,23 @@ def run(args) -> None:
     if bank.model_id != args.model:  # before its gate points are looked up in the wrong network
         raise ValueError(f"mask bank does not match the model: {args.bank} is for model {bank.model_id!r}, "
                          f"not {args.model!r}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; expected a folder for the analyses (results.json, CSVs)")
     train, val = load_data(args, "train"), load_data(args, "val")
-    model = load_model(args, train, val)
+    model = load_model(args, train, val)  # checks too that train/ and val/ have the same classes
+    beyond = sorted({c for t in bank.tasks for c in t.classes if c >= len(val.classes)})
+    if beyond:
+        raise ValueError(f"--bank {args.bank} does not fit --data {args.data}: its tasks use class index {beyond[-1]}, "
+                         f"the data has {len(val.classes)} classes")
     size = args.image_size or bank.config.get("image_size") or models.get_spec(args.model).input_size
     ctx = setup(args)
-    gated = build_gated_model(model, bank.gate_points, len(bank.tasks), size, model_id=args.model,
-                              device=ctx.device)
+    try:  # the gate points are the bank's: a bank of other shapes fails here
+        gated = build_gated_model(model, bank.gate_points, len(bank.tasks), size, model_id=args.model,
+                                  device=ctx.device)
+    except ValueError as err:
+        raise ValueError(f"mask bank does not match the model: {args.bank} does not fit --model {args.model}: "
+                         f"{err}") from None
     # The analyses' batches come from this loader, on the analyses' device.
     with pipeline.make_loader(val, size, ctx.device, args.data_pipeline or "auto") as loader:
         analysis.run_all(gated, bank, pipeline.with_loader(val, loader), size, args.out, num_mosaics=args.mosaics,

@@ -92,9 +92,22 @@ def load_data(args, split: str):
     return data.image_folder(args.data, split)
 
 
+def check_splits(args, train, val) -> None:
+    """train/ and val/ of ``--data`` must have the same classes: the model is sized, and tasks and
+    banks indexed, by train's; a val/ with other class folders would be scored against wrong labels."""
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        diff = "; ".join(part for part in (f"only in train/: {only_train}" if only_train else "",
+                                           f"only in val/: {only_val}" if only_val else "") if part) \
+            or "the same names in another order"
+        raise ValueError(f"--data {args.data}: train/ and val/ must have the same class folders ({diff})")
+
+
 def load_model(args, train, val):
     from nad_ext import models
 
+    check_splits(args, train, val)
     if args.weights is None and args.model in models.ZOO:
         if args.data != BUILTIN:
             raise ValueError(f"--weights is required for {args.model} on data other than the built-in set")
@@ -114,22 +127,61 @@ def config_from_args(args):
 
 
 def load_tasks(path: str, classes: list[str]):
-    """Tasks from a JSON file {"task name": ["class", ...], ...}."""
+    """Tasks from a JSON file {"task name": ["class", ...], ...}: every task a non-empty name (JSON
+    keys are strings; a duplicated key is refused, not silently dropped) and a non-empty list of
+    distinct class names of the data."""
     from nad_ext.gates.maskbank import Task
 
+    where = f"--tasks {path}"
+    expected = 'expected a JSON object {"task name": ["class", ...], ...}'
+
+    def no_duplicates(pairs):
+        names = [name for name, _ in pairs]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"{where}: task {twice[0]!r} appears more than once; task names must be unique")
+        return dict(pairs)
+
     try:
-        spec = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read tasks file {path}: {err}") from err
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ValueError(f"cannot read tasks file {path} ({where}): {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{where} is not a text file; {expected}") from None
+    try:
+        spec = json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); {expected}, "
+                         "task names in double quotes") from None
     if not isinstance(spec, dict) or not spec:
-        raise ValueError(f"tasks file {path} must hold a non-empty JSON object {{task: [class, ...]}}")
+        got = "an empty object" if isinstance(spec, dict) else _json_kind(spec)
+        raise ValueError(f"tasks file {path} must hold a non-empty JSON object {{task: [class, ...]}} (--tasks); "
+                         f"got {got}")
     tasks = []
     for name, members in spec.items():
+        if not name.strip():
+            raise ValueError(f"{where}: a task has an empty name; {expected}")
+        if not isinstance(members, list) or not all(isinstance(c, str) for c in members):
+            got = _json_kind(members) if not isinstance(members, list) else \
+                f"an array holding {_json_kind(next(c for c in members if not isinstance(c, str)))}"
+            raise ValueError(f"task {name!r} in {path}: expected a list of class names (strings), got {got}")
+        if not members:
+            raise ValueError(f"task {name!r} in {path} has no classes; give it at least one of {classes}")
         unknown = [c for c in members if c not in classes]
-        if unknown or not members:
+        if unknown:
             raise ValueError(f"task {name!r} in {path}: unknown classes {unknown}; the data has {classes}")
+        twice = sorted({c for c in members if members.count(c) > 1})
+        if twice:
+            raise ValueError(f"task {name!r} in {path} lists class {twice[0]!r} more than once")
         tasks.append(Task(name, tuple(classes.index(c) for c in members)))
     return tasks
+
+
+def _json_kind(value) -> str:
+    """What a parsed JSON value is, in JSON's words: "an array", "a number", "null", ..."""
+    kinds = {list: "an array", dict: "an object", str: "a string", int: "a number", float: "a number",
+             bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def network_from_args(args, model):

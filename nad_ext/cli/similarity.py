@@ -27,7 +27,11 @@ def run(args) -> None:
     lines = [",".join(["task"] + names)] + [",".join([n] + [f"{v:.6f}" for v in row]) for n, row in zip(names, np.asarray(sim))]
     text = "\n".join(lines) + "\n"
     if args.out:
-        Path(args.out).write_text(text)
+        from nad_ext._utils.storage import atomic_write
+
+        if Path(args.out).is_dir():
+            raise IsADirectoryError(f"--out {args.out} is a folder; expected the CSV file to write")
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))  # no partial file, links not followed
         print(f"similarity matrix ({len(names)} x {len(names)}): {args.out}")
     else:
         sys.stdout.write(text)

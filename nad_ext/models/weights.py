@@ -54,20 +54,26 @@ def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], name: str
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if not (missing or unexpected or mismatched):
         return
-    lines = [f"weights file {path} does not fit model {name!r}:"]
+    # One line (the command line reports it as one ``error:`` line), its parts separated by "; ".
+    shared = len(state) - len(unexpected)
+    head = f"weights file {path} does not fit model {name!r}"
+    if not shared or shared < len(expected) // 2:
+        head += (f" (it looks like weights of another architecture: {shared} of its {len(state)} keys are among "
+                 f"the model's {len(expected)})")
+    parts = [head]
     show = lambda keys: ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")  # noqa: E731
     if missing:
-        lines.append(f"  missing keys: {show(missing)}")
+        parts.append(f"missing keys: {show(missing)}")
     if unexpected:
-        lines.append(f"  unexpected keys: {show(unexpected)}")
+        parts.append(f"unexpected keys: {show(unexpected)}")
     if mismatched:
         shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})" for k in mismatched]
-        lines.append(f"  shape mismatches: {show(shapes)}")
-        head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
-        if head and f"{head[0]}.weight" in mismatched:
-            lines.append(f"  (the classifier {head[0]} has {state[head[0] + '.weight'].shape[0]} outputs in "
-                         f"the file, {expected[head[0] + '.weight'].shape[0]} in the model: pass num_classes)")
-    raise ValueError("\n".join(lines))
+        parts.append(f"shape mismatches: {show(shapes)}")
+        classifier = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+        if classifier and f"{classifier[0]}.weight" in mismatched:
+            parts.append(f"the classifier {classifier[0]} has {state[classifier[0] + '.weight'].shape[0]} outputs in "
+                         f"the file, {expected[classifier[0] + '.weight'].shape[0]} in the model: pass num_classes")
+    raise ValueError("; ".join(parts))
 
 
 def load_model(name: str, weights: str | Path | None = None, num_classes: int = 1000) -> nn.Module:

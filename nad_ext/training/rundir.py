@@ -17,7 +17,14 @@ rename is uncommitted: on resume (and before a new run) the folder is rolled bac
 committed epoch (later copies and log entries removed, temporary files of our naming and stale
 shards deleted), and what the committed epoch lacks is rebuilt (its copy, for folders written
 before this protocol, whose bank was saved first). So a run killed at any moment and resumed
-ends with the files of an uninterrupted run.
+ends with the files of an uninterrupted run. A folder without a bank but with copies of later
+epochs than the first was not left so by a crash (the bank was lost some other way): it is
+refused rather than rolled back, which would delete those copies.
+
+Symbolic links: the folder itself may be a link to a folder (it is followed). Links inside it
+are never written through: files are replaced by atomic renames (which replace a link, not its
+target), rolled-back files are unlinked (the link, not its target), a ``shards/`` link is
+removed, and a ``.nad.lock`` that is a link is refused (opened with O_NOFOLLOW).
 """
 from __future__ import annotations
 
@@ -119,8 +126,13 @@ class RunDir:
 
     def _prepare(self, resume, overwrite: bool, keep_every_epoch: bool) -> None:
         self._remove_temp_files()
-        shutil.rmtree(self.file(SHARD_DIR), ignore_errors=True)  # shards of an epoch never committed
+        shards = self.file(SHARD_DIR)
+        if shards.is_symlink():  # never followed: the link goes, not what it points to
+            shards.unlink()
+        shutil.rmtree(shards, ignore_errors=True)  # shards of an epoch never committed
         bank_path = self.file(BANK_FILE)
+        if not bank_path.exists() and not overwrite:
+            self._refuse_uncommitted_history()
         if bank_path.exists() and not (resume or overwrite):
             raise FileExistsError(f"{bank_path} exists: pass resume=True (--resume) to continue it or overwrite=True "
                                   "(--overwrite) to replace the run")
@@ -145,6 +157,19 @@ class RunDir:
         if overwrite and bank_path.exists():
             bank_path.unlink()  # first: the folder then holds no committed run
         self._roll_back(0)
+
+    def _refuse_uncommitted_history(self) -> None:
+        """A folder without a bank holds at most what a crash in the first epoch leaves (its copy
+        ``masks_epoch01``, a log of one entry). Later copies mean the bank was lost some other way
+        (a truncated copy of the folder, a deleted file): rolling back to no epoch would delete
+        them, so the folder is refused instead."""
+        later = sorted(int(m.group(1)) for p in self.path.iterdir() if (m := _EPOCH_COPY.fullmatch(p.name)))
+        if later and later[-1] > 1:
+            last = epoch_file(later[-1])
+            raise FileNotFoundError(
+                f"run folder {self.path} has no mask bank ({BANK_FILE}) but epoch copies up to {last}: it was not "
+                f"left so by a crash, and starting over would delete them; copy {last} to {BANK_FILE} to resume "
+                "from that epoch, or pass --overwrite (overwrite=True) to discard them")
 
     def _read_log(self, epoch: int) -> list[dict]:
         path = self.file(LOG_FILE)
@@ -191,7 +216,15 @@ class RunDir:
         except ImportError:  # not POSIX: no advisory locks
             return
         path = self.file(LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a lock file that is a symbolic link (to a file outside the folder, say) is
+        # refused, not written through.
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            if path.is_symlink():
+                raise WriteError(err.errno, f"cannot lock the run folder {self.path}: {LOCK_FILE} is a symbolic link "
+                                 f"(to {os.readlink(path)}), which is not followed for writing; remove it") from None
+            raise WriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
