@@ -39,7 +39,8 @@ nav a { margin-right: 1em; }
 
 SECTIONS = [("summary", "Summary"), ("curves", "Layer-wise curves"), ("hit-rate", "Hit rate"),
             ("similarity", "Task similarity"), ("mosaics", "Mosaic examples"),
-            ("confusion", "Confusion versus similarity"), ("accuracy", "Masked accuracy"), ("metadata", "Run metadata")]
+            ("confusion", "Confusion versus similarity"), ("accuracy", "Masked accuracy"),
+            ("beta", "Beta and the fidelity check"), ("metadata", "Run metadata")]
 MEANINGS = (f"{analysis.MEASURES_MEANING[0].upper()}{analysis.MEASURES_MEANING[1:]}. "
             f"{analysis.OPEN_CHANNELS[0].upper()}{analysis.OPEN_CHANNELS[1:]}: open channels / all gated channels "
             "of a sub-architecture. All on the validation images, with the binary sub-architectures.")
@@ -112,6 +113,57 @@ def curves_figure(results_by_network: dict) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     return _png(fig)
+
+
+def calibration_figure(name: str, calibration: dict) -> str:
+    """A calibration's curve: open ratio (and, by fidelity, balanced accuracy and whether the
+    sub-architectures kept their task) against beta, the beta chosen marked."""
+    curve = calibration["curve"]
+    betas = [row[0] for row in curve]
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
+    ax.semilogx(betas, [row[1] for row in curve], "o-", color="#4477aa", label="open ratio")
+    if calibration.get("criterion") == "fidelity":
+        balanced = [np.nan if row[2] is None else row[2] for row in curve]
+        ax.semilogx(betas, balanced, "s-", color="#228833", label="balanced accuracy (short runs)")
+        lost = [row for row in curve if not row[3]]
+        ax.scatter([row[0] for row in lost], [row[1] for row in lost], s=90, facecolors="none", edgecolors="#cc3311",
+                   label="loses the task", zorder=3)
+        aim = "largest beta that keeps the task"
+    else:
+        ax.axhline(calibration["target_open_ratio"], color="grey", ls="--", lw=1, label="target open ratio")
+        aim = f"open ratio {calibration['target_open_ratio']:.2f}"
+    ax.axvline(calibration["beta"], color="black", lw=1, label=f"beta {calibration['beta']:.3g}")
+    ax.set_title(f"{name}: beta calibration ({aim})", fontsize=10)
+    ax.set_xlabel("beta")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _beta_section(name: str, res: dict) -> str:
+    """How the network's beta was found, and what the run's fidelity check found."""
+    parts = [f"<h3>{html.escape(name)}</h3>"]
+    calibration, fidelity = res.get("calibration"), res.get("fidelity")
+    if calibration:
+        parts.append(calibration_figure(name, calibration))
+    if fidelity:
+        flagged = fidelity.get("flagged") or []
+        mean = lambda key: _as_float([v for v in fidelity[key] if v is not None]).mean()  # noqa: E731
+        text = (f"Fidelity check after the last epoch ({html.escape(fidelity['images_from'])}): mean "
+                f"{analysis.OWN_CLASS_ACCURACY} {_percent(mean('own_class_accuracy'))} (original "
+                f"{_percent(mean('original_own_class_accuracy'))}), {analysis.FALSE_POSITIVES} "
+                f"{_percent(mean('false_positive_rate'))}; ")
+        text += (f"{len(flagged)} of {len(fidelity['tasks'])} sub-architectures do not do their task: "
+                 + html.escape("; ".join(f"{n} ({why})" for n, why in flagged[:10])) if flagged
+                 else "every sub-architecture does its task (none constant, none below half the original's "
+                      f"{analysis.OWN_CLASS_ACCURACY}).")
+        parts.append(f"<p>{text}</p>")
+    if not calibration and not fidelity:
+        parts.append("<p class='note'>beta given, no fidelity check recorded in the bank.</p>")
+    return "".join(parts)
 
 
 def hit_rate_figure(results_by_network: dict) -> str:
@@ -356,6 +408,10 @@ def write_report(results_by_network: dict[str, dict], out_path: str | Path, meta
     parts.append('<h2 id="accuracy">Masked accuracy</h2>')
     parts.append(f"<p class='note'>{html.escape(MEANINGS)} Predictions are the top-1 over all classes.</p>")
     parts += [_accuracy_section(name, res) for name, res in results_by_network.items()]
+    parts.append('<h2 id="beta">Beta and the fidelity check</h2>')
+    parts.append("<p class='note'>A calibrated beta's curve from its short runs; the fidelity check runs each "
+                 "task's binary sub-architecture on a sample after the last epoch (nad_ext.training.fidelity).</p>")
+    parts += [_beta_section(name, res) for name, res in results_by_network.items()]
     parts.append('<h2 id="metadata">Run metadata</h2>')
     parts.append(_metadata_section(metadata, results_by_network))
     page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>NAD report</title>"

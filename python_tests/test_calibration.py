@@ -63,7 +63,7 @@ def zoo_vit():
 @pytest.mark.slow
 def test_beta_auto_calibrates_and_the_bank_says_how(zoo_vit, tmp_path, capsys):
     model, train = zoo_vit
-    settings = CalibrationSettings(num_tasks=2, images_per_task=16, epochs=2, runs=3)
+    settings = CalibrationSettings(num_tasks=2, images_per_task=16, epochs=2, runs=3, criterion="open_ratio")
     config = NADConfig(epochs=1, image_size=64, tasks_per_step=4)
     network = Network(model, "zoo_vit", "zoo_vit")
     with pytest.raises(ValueError, match="'zoo_vit' has no tuned beta.*beta='auto'"):
@@ -84,7 +84,8 @@ def test_beta_auto_calibrates_and_the_bank_says_how(zoo_vit, tmp_path, capsys):
     assert loaded.calibration == cal
     again = calibrate_beta(network, train, config=config, progress=False,
                            settings=CalibrationSettings(num_tasks=2, images_per_task=16, epochs=2, runs=2,
-                                                        bracket=(cal["beta"], cal["beta"] * 10)))
+                                                        bracket=(cal["beta"], cal["beta"] * 10),
+                                                        criterion="open_ratio"))
     assert again["curve"][0] == [cal["beta"], cal["open_ratio"]]
     # Resuming keeps the bank's beta (no second calibration).
     resumed = disentangle(network, train, config=NADConfig(**{**vars(auto), "epochs": 2}), out_dir=tmp_path / "run",
@@ -101,3 +102,6 @@ def test_calibration_settings_are_checked(zoo_vit):
         calibrate_beta(Network(model, "zoo_vit", "zoo_vit"), train, progress=False, target_open_ratio=0.0)
     with pytest.raises(ValueError, match="target_open_ratio"):
         NADConfig(beta="auto", target_open_ratio=1.0).validate()
+    with pytest.raises(ValueError, match="criterion must be one of fidelity, open_ratio, got 'accuracy'"):
+        calibrate_beta(Network(model, "zoo_vit", "zoo_vit"), train, progress=False,
+                       settings=CalibrationSettings(criterion="accuracy"))

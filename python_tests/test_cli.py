@@ -174,7 +174,7 @@ def test_calibrate_and_disentangle_with_beta_auto(tree, tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in models.get_spec("zoo_vit").build(4).state_dict().items()}, str(weights))
     common = ["--model", "zoo_vit", "--weights", weights, "--data", tree, "--image-size", 64]
     code, out, err = run(capsys, "calibrate", *common, "--num-tasks", 2, "--epochs", 1, "--runs", 2,
-                         "--target-open-ratio", 0.4, "--out", tmp_path / "cal.json")
+                         "--by", "open-ratio", "--target-open-ratio", 0.4, "--out", tmp_path / "cal.json")
     assert code == 0, err
     assert "calibrating beta for zoo_vit: target open ratio 0.40" in out and "beta = " in out
     found = json.loads((tmp_path / "cal.json").read_text())
@@ -183,6 +183,10 @@ def test_calibrate_and_disentangle_with_beta_auto(tree, tmp_path, capsys):
     assert code == 0, err
     bank = MaskBank.load(tmp_path / "run" / "masks.safetensors")
     assert bank.calibration is not None and bank.config["beta"] == bank.calibration["beta"]
+    # beta auto calibrates by fidelity unless told otherwise; the run's own check read val/
+    assert bank.calibration["criterion"] == "fidelity" and bank.calibration["images_from"] == "validation images"
+    assert bank.fidelity is not None and bank.fidelity["images_from"] == "validation images"
+    assert "calibrating beta for zoo_vit: the largest beta whose sub-architectures keep" in out
     code, out, err = run(capsys, "disentangle", *common, "--out", tmp_path / "run2", "--epochs", 1)
     assert code == 2 and "no tuned beta" in err and "--beta auto" in err
     with pytest.raises(SystemExit):
@@ -195,7 +199,7 @@ def _disentangle_args(tree, weights, out, *extra):
 
 
 def test_resume_without_a_bank_says_so_in_one_line(tree, weights, tmp_path, capsys):
-    code, _, err = run(capsys, *_disentangle_args(tree, weights, tmp_path / "new", "--resume"))
+    code, _, err = run(capsys, *_disentangle_args(tree, weights, tmp_path / "new", "--resume", "--fidelity-check", "off"))
     assert code == 0, err
     notes = [line for line in err.splitlines() if "note" in line or "bank" in line]  # the rest: progress bars
     assert notes == [f"note: resume: {tmp_path / 'new'} has no mask bank yet: starting a new run"]

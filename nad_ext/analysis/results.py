@@ -72,6 +72,9 @@ def run_all(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size:
         "objective": describe_objective(bank.config),
         "tasks": bank.task_names,
         "stats": subarchitecture_stats(bank),
+        # How beta was found and the run's own fidelity check (None when not made): for the report.
+        "calibration": bank.calibration,
+        "fidelity": bank.fidelity,
         "similarity": {"iou": iou, "iomin": iomin, "order": cluster_order(iou)},
         "layerwise_similarity": layerwise_similarity(bank),
         "masked_accuracy": masked_accuracy(gated, bank, val_images, image_size, batch_size, device,

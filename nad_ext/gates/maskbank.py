@@ -9,6 +9,7 @@ verified on load (a bank written before checksums existed loads with a note).
 from __future__ import annotations
 
 import json
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,16 @@ class Task:
     name: str
     classes: tuple[int, ...]
 
+    def __post_init__(self):
+        # What a bank can store and read back (MaskBank.load refuses other names and classes).
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"a task name must be a non-empty string, got {self.name!r}")
+        classes = tuple(self.classes) if not isinstance(self.classes, (str, bytes)) else None
+        if classes is None or not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 0
+                                      for c in classes):
+            raise ValueError(f"task {self.name!r}: classes must be class indices (integers >= 0), got {self.classes!r}")
+        object.__setattr__(self, "classes", tuple(int(c) for c in classes))
+
 
 @dataclass
 class MaskBank:
@@ -54,6 +65,8 @@ class MaskBank:
     config: dict = field(default_factory=dict)
     epoch: int = 0
     calibration: dict | None = None  # how beta was found, when it was calibrated (beta="auto")
+    # The fidelity check after the run's last epoch (nad_ext.training.fidelity), when it was made.
+    fidelity: dict | None = None
 
     def __post_init__(self):
         if len(self.logits) != len(self.gate_points):
@@ -155,12 +168,17 @@ class MaskBank:
         }
         if self.calibration is not None:
             metadata["calibration"] = json.dumps(self.calibration, sort_keys=True)
+        if self.fidelity is not None:
+            metadata["fidelity"] = json.dumps(self.fidelity, sort_keys=True)
         save_safetensors(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "MaskBank":
         """Reads a bank; a missing, corrupted or foreign file gets an error that says which."""
         path = Path(path)
+        if path.is_dir():
+            hint = f" (such as {path / 'masks.safetensors'})" if (path / "masks.safetensors").is_file() else ""
+            raise IsADirectoryError(f"mask bank {path} is a folder; expected a mask bank file{hint}")
         if not path.is_file():
             raise FileNotFoundError(f"mask bank {path} does not exist")
         try:
@@ -193,7 +211,11 @@ class MaskBank:
             if bad:
                 raise ValueError(f"unknown gate-point records {bad}")
             calibration = json.loads(meta["calibration"]) if "calibration" in meta else None
+            fidelity = json.loads(meta["fidelity"]) if "fidelity" in meta else None
+            _check_fields(names, channels, axes, task_names, task_classes, config, epoch)
             logits = [tensors[f"logits.{i:03d}"] for i in range(len(names))]
+            for i, m in enumerate(logits):
+                _check_logits(f"logits.{i:03d}", names[i], m)
             return cls(
                 model_id=meta["model_id"],
                 gate_points=[GatePoint(n, int(c), int(a), u, r)
@@ -203,9 +225,58 @@ class MaskBank:
                 config=config,
                 epoch=epoch,
                 calibration=calibration,
+                fidelity=fidelity,
             )
+        except _Invalid as err:
+            raise CorruptFileError(f"mask bank {path} is corrupted: {err}") from None
         except (KeyError, ValueError, TypeError) as err:
             raise ValueError(f"mask bank {path} is corrupted: {type(err).__name__}: {err}") from err
+
+
+class _Invalid(ValueError):
+    """A bank's metadata or tensors break the format (reported as a corrupted bank, without the
+    exception type: the message says what was expected)."""
+
+
+def _check_fields(names, channels, axes, task_names, task_classes, config, epoch) -> None:
+    """The metadata's types and ranges, so that a damaged or hand-made bank is refused when it is
+    read, not deep inside an analysis."""
+    def strings(value, what):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise _Invalid(f"{what} must be a JSON list of non-empty strings, got {json.dumps(value)[:80]}")
+
+    def counts(value, what, low):
+        if not isinstance(value, list) or not all(type(v) is int and v >= low for v in value):
+            raise _Invalid(f"{what} must be a JSON list of integers >= {low}, got {json.dumps(value)[:80]}")
+
+    strings(names, "'gate_points'")
+    counts(channels, "'channels'", 1)
+    counts(axes, "'channel_axes'", 1)
+    strings(task_names, "'tasks' (the task names)")
+    if not isinstance(task_classes, list) or len(task_classes) != len(task_names):
+        raise _Invalid(f"'task_classes' must be a JSON list of {len(task_names)} lists (one per task)")
+    for name, members in zip(task_names, task_classes):
+        if not isinstance(members, list) or not members or not all(type(c) is int and c >= 0 for c in members):
+            raise _Invalid(f"'task_classes' of task {name!r} must be a non-empty JSON list of class indices >= 0, "
+                           f"got {json.dumps(members)[:80]}")
+    if not isinstance(config, dict):
+        raise _Invalid("'config' must be a JSON object")
+    if epoch < 0:
+        raise _Invalid(f"'epoch' must be >= 0, got {epoch}")
+
+
+def _check_logits(name: str, point: str, m: torch.Tensor) -> None:
+    """A logits tensor: float32 (the format's dtype) and finite (no run commits a NaN or an
+    infinite gate logit: the non-finite guard stops or skips the step before that)."""
+    about = f"tensor {name!r} (gate point {point!r})"
+    if m.dtype != torch.float32:
+        raise _Invalid(f"{about} is {str(m.dtype).replace('torch.', '')}; gate logits must be float32")
+    bad = ~torch.isfinite(m)
+    if bad.any():
+        nan, inf = int(torch.isnan(m).sum()), int(bad.sum()) - int(torch.isnan(m).sum())
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise _Invalid(f"{about} holds {nan} NaN and {inf} infinite values (the first at {first}); "
+                       "gate logits must be finite")
 
 
 def _describe_tensor(name: str, meta: dict) -> str:

@@ -9,7 +9,10 @@
   :func:`train_in_memory`; :mod:`~nad_ext.training.step_graph`: the step replayed from CUDA graphs;
   :mod:`~nad_ext.training.nonfinite`: NaN or Inf gate gradients, found in every step, stop the
   run (:class:`NonFiniteGradientError`) or skip the task's step;
-- :mod:`~nad_ext.training.calibration`: beta for a target open ratio (short runs, bisection);
+- :mod:`~nad_ext.training.fidelity`: the check after a run that each task's binary
+  sub-architecture still does its task (not constant, near the original's own-class accuracy);
+- :mod:`~nad_ext.training.calibration`: beta by short runs: the largest that keeps the tasks
+  (by default), or the one for a target open ratio;
 - :mod:`~nad_ext.training.driver`: :func:`disentangle`, the whole run;
 - :mod:`~nad_ext.training.rundir`: the run folder, consistent after any crash;
   :mod:`~nad_ext.training.commit`: the run folder across the ranks of a torchrun run.
@@ -19,14 +22,16 @@ May import: :mod:`nad_ext._utils`, :mod:`nad_ext.distributed`, :mod:`nad_ext.dat
 training and analysis stand side by side, both reading and writing mask banks.
 """
 from nad_ext.training.build import Network, build_gated_model
-from nad_ext.training.calibration import CalibrationSettings, calibrate_beta, search_beta
+from nad_ext.training.calibration import CalibrationSettings, calibrate_beta, search_beta, search_beta_by_fidelity
 from nad_ext.training.config import NADConfig
 from nad_ext.training.driver import disentangle
+from nad_ext.training.fidelity import FidelitySettings, FidelityWarning
 from nad_ext.training.loop import train_in_memory, train_step
 from nad_ext.training.nonfinite import NonFiniteGradientError
 from nad_ext.training.objective import SELECTIVE_DEFAULTS
 
 __all__ = [
-    "CalibrationSettings", "NADConfig", "Network", "NonFiniteGradientError", "SELECTIVE_DEFAULTS",
-    "build_gated_model", "calibrate_beta", "disentangle", "search_beta", "train_in_memory", "train_step",
+    "CalibrationSettings", "FidelitySettings", "FidelityWarning", "NADConfig", "Network", "NonFiniteGradientError", "SELECTIVE_DEFAULTS",
+    "build_gated_model", "calibrate_beta", "disentangle", "search_beta",
+    "search_beta_by_fidelity", "train_in_memory", "train_step",
 ]

@@ -19,11 +19,14 @@ from pathlib import Path
 from nad_ext._utils.storage import load_safetensors, save_safetensors
 from nad_ext.distributed import Context
 from nad_ext.gates.maskbank import MaskBank
+from nad_ext.training import fidelity
 from nad_ext.training.rundir import BANK_FILE, SHARD_DIR, RunDir
 
 SHARD_FORMAT = "nad-ext.shard/1"
 PER_TASK = ("skipped_batches", "nonfinite_steps", "ce", "mse", "sparse", "loss")  # the log's per-task lists
-OPTIONAL_PER_TASK = ("negative",)  # the selective objective's term, in its runs' logs only
+# The selective objective's term, in its runs' logs only; the fidelity check's figures, in the
+# last epoch's entry only (nad_ext.training.fidelity).
+OPTIONAL_PER_TASK = ("negative",) + tuple(fidelity.LOG_PREFIX + k for k in fidelity.FIGURES)
 
 
 class SharedRun:
@@ -184,5 +187,7 @@ def assemble(world_size: int, run: RunDir, bank: MaskBank) -> tuple[MaskBank, di
              "data_pipeline": pipeline, "data_wait_s": max(r["data_wait_s"] for r in ranks),
              "step_s": max(r["step_s"] for r in ranks), "bad_images": bad_images, "bad_image_files": bad_files,
              **per_task, "images": images, "seconds": seconds, "ranks": ranks}
-    return MaskBank(bank.model_id, bank.gate_points, bank.tasks, logits, bank.config, bank.epoch,
-                    bank.calibration), entry
+    full = MaskBank(bank.model_id, bank.gate_points, bank.tasks, logits, bank.config, bank.epoch, bank.calibration)
+    if bank.fidelity is not None:  # rank 0's record, its figures now every rank's
+        full.fidelity = fidelity.complete_record(bank.fidelity, entry)
+    return full, entry

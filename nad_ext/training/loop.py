@@ -33,6 +33,7 @@ from nad_ext.ops import checks, normalized_gradient_step_
 from nad_ext.training.build import Network
 from nad_ext.training.commit import SharedRun
 from nad_ext.training.config import EXECUTION_SETTINGS, NADConfig, resolve_run
+from nad_ext.training.fidelity import FidelityCheck
 from nad_ext.training.negatives import add_negatives, task_class_matrix
 from nad_ext.training.nonfinite import NonFiniteTally, guard_step
 from nad_ext.training.objective import nad_loss
@@ -189,10 +190,12 @@ def train_epoch(step, streams, task_of, num_tasks, loader, config: NADConfig, gr
 
 def run_epochs(network: Network, tasks: list[Task], indices: list[list[int]], config: NADConfig, run: SharedRun,
                loader: nad_pipeline.BatchLoader, progress: bool, found: dict | None, num_images: int,
-               num_classes: int) -> MaskBank:
+               num_classes: int, check: FidelityCheck | None = None) -> MaskBank:
     """Trains ``tasks`` (their training images ``indices``, of ``num_images`` in ``num_classes``
     classes) from the committed epoch of ``run`` to ``config.epochs``, committing every epoch;
-    returns the bank of the last. ``found``: how beta was calibrated, recorded in the bank."""
+    returns the bank of the last. ``found``: how beta was calibrated, recorded in the bank.
+    ``check``: the fidelity check after the last epoch (:mod:`nad_ext.training.fidelity`), its
+    figures committed with that epoch (bank and log)."""
     ctx = run.ctx
     device = ctx.device
     task_classes = task_class_matrix([t.classes for t in tasks], num_classes, device) if config.negatives else None
@@ -241,6 +244,8 @@ def run_epochs(network: Network, tasks: list[Task], indices: list[list[int]], co
                                epoch, device)
         stats = train_epoch(step, streams, mine, len(tasks), loader, config, group, epoch, progress, device, tally)
         bank = MaskBank.from_gated(gated, tasks, config_record, epoch + 1, found)
+        if check is not None and epoch + 1 == config.epochs:
+            bank.fidelity = check.run(gated, tasks, mine, config.image_size, stats, progress)
         run.commit_epoch(bank, stats, mine, config.keep_every_epoch)
     return run.finish() or MaskBank.from_gated(gated, tasks, config_record, start_epoch, found)
 
@@ -259,10 +264,11 @@ def check_same_records(bank: MaskBank, gated: GatedModel, where) -> None:
 
 
 def train_in_memory(network: Network, train: ImageSet, *, tasks: Sequence[Task] | None = None,
-                    config: NADConfig | None = None) -> MaskBank:
+                    config: NADConfig | None = None, check: FidelityCheck | None = None) -> MaskBank:
     """:func:`~nad_ext.training.driver.disentangle` in this process alone, nothing written, no
     progress: the short runs of beta calibration. Under torchrun too it runs here only (on this
-    rank's device), so that every rank can run it at once. ``config.beta`` must be a number."""
+    rank's device), so that every rank can run it at once. ``config.beta`` must be a number.
+    ``check``: the fidelity check after the last epoch (``bank.fidelity``), without a warning."""
     config, tasks, indices = resolve_run(train, network.model_id, tasks, config)
     if config.beta == "auto":
         raise ValueError("train_in_memory needs a numeric beta, not 'auto'")
@@ -270,4 +276,5 @@ def train_in_memory(network: Network, train: ImageSet, *, tasks: Sequence[Task] 
     run = SharedRun.open(ctx, None)
     with nad_pipeline.make_loader(train, config.image_size, ctx.device, config.data_pipeline,
                                   config.on_bad_image) as loader:
-        return run_epochs(network, tasks, indices, config, run, loader, False, None, len(train), len(train.classes))
+        return run_epochs(network, tasks, indices, config, run, loader, False, None, len(train), len(train.classes),
+                          check)
