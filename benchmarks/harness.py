@@ -18,7 +18,10 @@ loop, the same under torch.compile, the batched eager path, the fused op...), on
 
 A path's result: median and interquartile range of its samples (seconds per call), and its
 ratio to the baseline, ``baseline time / its time`` (above 1: faster than the baseline), the
-median of the per-round ratios (paired samples) with their quartiles.
+median of the per-round ratios (paired samples) with their quartiles. Where the paths of a
+comparison do different amounts of work per call (``Path.items``: the step's reference-style loop
+does one task's batch, the batched paths several tasks'), the ratio is per item: baseline time
+per item / its time per item, the ratio of the rates.
 
 Every result is written as JSON in pytest-benchmark's format (``pytest-benchmark compare`` and
 benchmarks/compare.py read it): pytest-benchmark's machine info plus the commit of the code
@@ -269,7 +272,9 @@ class Result:
             "ratio": _finite(self.ratio),
             "ratio_q1": _finite(self.ratio_q1),
             "ratio_q3": _finite(self.ratio_q3),
-            "ratio_means": "baseline median time / this path's (paired per round; above 1: faster)",
+            "ratio_means": ("baseline median time / this path's (paired per round; above 1: faster)" if not self.items
+                            else "baseline time per item / this path's: the ratio of the rates (paired per round; "
+                                 "above 1: faster)"),
             "median_s": self.median,
             "iqr_s": q3 - q1,
             "calls_per_sample": self.calls,
@@ -413,23 +418,31 @@ def _measure(comparison, rounds, warmup, min_sample_s, max_seconds, smoke, log) 
                      load, p.items, p.unit, list(p.targets), comparison.baseline)
         if p.name in peaks:  # everything allocated then, the other paths' resident tensors included
             res.extra["peak_allocated_MiB_first_call"] = round(peaks[p.name])
-        res.ratio, res.ratio_q1, res.ratio_q3 = ratio(rounds_of[comparison.baseline], rounds_of[p.name])
+        res.ratio, res.ratio_q1, res.ratio_q3 = ratio(rounds_of[comparison.baseline], rounds_of[p.name],
+                                                      work_scale(comparison.path(comparison.baseline), p))
         res.target_status = [evaluate_target(t, res, comparison, rounds_of, smoke) for t in p.targets]
         results.append(res)
     return results
 
 
-def ratio(base: dict[int, float], this: dict[int, float]) -> tuple[float, float, float]:
-    """(median, q1, q3) of ``base time / this time``: over the rounds both were sampled in (paired,
-    so drift between rounds cancels); without a common round (a one-sample baseline timed by its
-    checked call), the ratio of the medians, its range from this path's quartiles."""
+def work_scale(base: Path, this: Path) -> float:
+    """this path's items per call / the baseline's (1 when either does not count items): the
+    factor that makes a time ratio a ratio of rates."""
+    return this.items / base.items if this.items and base.items else 1.0
+
+
+def ratio(base: dict[int, float], this: dict[int, float], scale: float = 1.0) -> tuple[float, float, float]:
+    """(median, q1, q3) of ``scale x base time / this time``: over the rounds both were sampled in
+    (paired, so drift between rounds cancels); without a common round (a one-sample baseline timed
+    by its checked call), the ratio of the medians, its range from this path's quartiles.
+    ``scale``: :func:`work_scale`, for paths that do different work per call."""
     common = [r for r in this if r in base and this[r] > 0]
     if common:
-        paired = [base[r] / this[r] for r in common]
+        paired = [scale * base[r] / this[r] for r in common]
         return (statistics.median(paired), *quartiles(paired))
     if not base or not this:
         return float("nan"), float("nan"), float("nan")
-    b = statistics.median(base.values())
+    b = scale * statistics.median(base.values())
     q1, q3 = quartiles(list(this.values()))
     return b / statistics.median(this.values()), b / q3, b / q1
 
@@ -501,7 +514,9 @@ def evaluate_target(target_id: str, res: Result, comparison: Comparison, samples
         if other not in samples or not samples[other]:
             out["why"] = f"path {other!r} was not measured in this run"
             return out
-        value = ratio(samples[other], samples[res.name])[0]
+        scale = work_scale(comparison.path(other), comparison.path(res.name)) if any(
+            q.name == other for q in comparison.paths) else 1.0
+        value = ratio(samples[other], samples[res.name], scale)[0]
         ok, shown = value >= float(m_ratio.group(1)), f"{value:.3g}x {other}"
     else:
         raise ValueError(f"target {target_id}: cannot read {target.target!r}")

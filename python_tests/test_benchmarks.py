@@ -90,6 +90,19 @@ def test_ratio_quartiles_and_targets(scripted_times, monkeypatch):
     assert [t["status"] for t in op.target_status] == ["not evaluated"] * 2
 
 
+def test_paths_doing_different_work_per_call_are_compared_by_rate(scripted_times):
+    """The step's reference-style loop does one task's 16 images per call, the batched path 4
+    tasks' 64: twice the time for four times the images is twice as fast."""
+    table, _ = scripted_times
+    table["loop"] = [0.1] * 4
+    table["batched"] = [0.2] * 4
+    cmp = harness.Comparison("step", paths("loop", "batched", loop={"items": 16}, batched={"items": 64}), "loop")
+    loop, batched = harness.measure(cmp, rounds=3, warmup=1, min_sample_s=0.0)
+    assert batched.rate == pytest.approx(320) and loop.rate == pytest.approx(160)
+    assert batched.ratio == pytest.approx(2.0) and "ratio of the rates" in batched.extra_info()["ratio_means"]
+    assert harness.work_scale(cmp.path("loop"), harness.Path("x", lambda: None)) == 1.0  # no items: per call
+
+
 def test_a_cuda_target_is_not_evaluated_on_the_cpu(scripted_times):
     cmp = harness.Comparison("g", paths("op", op={"targets": ["overlap-cuda-t1000"]}), "op", "cpu")
     (op,) = harness.measure(cmp, rounds=2, warmup=0)
