@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Sets up nad-ext (scripts/setup.sh), runs the Python test suite, then the benchmarks as a smoke
 # test, then builds the LibTorch library with CMake and runs the C++ tests (scripts/test_cpp.sh),
-# then runs the CUDA kernels under the CPU simulator (scripts/test_cudasim.sh). Extra arguments go
+# then runs the CUDA kernels under the CPU simulator (scripts/test_cudasim.sh), then fuzzes the mask
+# bank reader (scripts/test_fuzz.sh) and runs the C++ tests under ASan+UBSan (scripts/test_sanitize.sh).
+# Extra arguments go
 # to the Python tests' pytest.
 #   NAD_SKIP_CPP=1       run the Python tests (and the benchmark smoke run) only
 #   NAD_SKIP_CUDASIM=1   skip the CUDA simulator
 #   NAD_SKIP_BENCH=1     skip the benchmark smoke run
+#   NAD_SKIP_HARDENING=1 skip the fuzzing and the sanitizer build (scripts/test_fuzz.sh, test_sanitize.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -28,5 +31,11 @@ if [ "${NAD_SKIP_CPP:-0}" != 1 ]; then
   PYTHON=.venv/bin/python bash scripts/test_cpp.sh
   if [ "${NAD_SKIP_CUDASIM:-0}" != 1 ]; then
     PYTHON=.venv/bin/python bash scripts/test_cudasim.sh
+  fi
+  # The mask bank reader fuzzed (libFuzzer, ~1 minute per target, corpus and regressions replayed)
+  # and the C++ library and tests under ASan+UBSan (a CPU build): about 13 minutes on 2 cores.
+  if [ "${NAD_SKIP_HARDENING:-0}" != 1 ]; then
+    PYTHON=.venv/bin/python bash scripts/test_fuzz.sh
+    PYTHON=.venv/bin/python bash scripts/test_sanitize.sh
   fi
 fi

@@ -1,11 +1,31 @@
 #include "json.h"
 
 #include <charconv>
+#include <unordered_set>
 
 namespace nad::json {
 namespace {
 
 constexpr int kMaxDepth = 64;
+constexpr size_t kLinearKeys = 16;
+
+// The length of the valid UTF-8 sequence that starts at s[i] (a byte >= 0x80), or 0: its length
+// from the lead byte, continuation bytes 10xxxxxx, no overlong forms, no surrogates, nothing
+// above U+10FFFF. `cp` receives the code point.
+int utf8_sequence(std::string_view s, size_t i, unsigned& cp) {
+  const auto c = static_cast<unsigned char>(s[i]);
+  const int len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+  if (len == 0 || len > static_cast<int64_t>(s.size() - i)) return 0;
+  cp = c & (0xFF >> (len + 1));
+  for (int k = 1; k < len; ++k) {
+    const auto cont = static_cast<unsigned char>(s[i + k]);
+    if ((cont & 0xC0) != 0x80) return 0;
+    cp = (cp << 6) | (cont & 0x3F);
+  }
+  const unsigned min = len == 2 ? 0x80 : len == 3 ? 0x800 : 0x10000;
+  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp < 0xE000)) return 0;
+  return len;
+}
 
 class Parser {
  public:
@@ -19,6 +39,15 @@ class Parser {
   }
 
  private:
+  // A byte for a message: 'c' when it is printable ASCII, else its value (a NUL, a control
+  // character or a UTF-8 fragment would make the message unreadable or cut it short).
+  static std::string describe(char c) {
+    const auto b = static_cast<unsigned char>(c);
+    if (b >= 0x20 && b < 0x7F) return std::string("'") + c + "'";
+    static constexpr char kHex[] = "0123456789abcdef";
+    return std::string("byte 0x") + kHex[b >> 4] + kHex[b & 0xF];
+  }
+
   [[noreturn]] void fail(const std::string& what) const {
     throw std::runtime_error(what + " at byte " + std::to_string(pos_));
   }
@@ -58,11 +87,22 @@ class Parser {
       v.kind = Value::Kind::Object;
       ++pos_;
       if (eat('}')) return v;
+      // Duplicate keys: a linear search while the object is small, then a hash set (a linear
+      // search per key would make an object of n keys cost n^2: minutes for a megabyte).
+      std::unordered_set<std::string> keys;
       do {
         skip_space();
         if (pos_ >= s_.size() || s_[pos_] != '"') fail("expected a string key");
         std::string key = string();
-        if (v.find(key)) fail("duplicate key \"" + key + "\"");
+        bool duplicate = false;
+        if (v.members.size() < kLinearKeys) {
+          duplicate = v.find(key) != nullptr;
+        } else {
+          if (keys.empty())
+            for (const auto& member : v.members) keys.insert(member.first);
+          duplicate = !keys.insert(key).second;
+        }
+        if (duplicate) fail("duplicate key " + quote(key));
         expect(':');
         v.members.emplace_back(std::move(key), value(depth + 1));
       } while (eat(','));
@@ -86,7 +126,7 @@ class Parser {
       v.kind = Value::Kind::Number;
       v.text = number();
     } else {
-      fail(std::string("unexpected character '") + c + "'");
+      fail("unexpected character " + describe(c));
     }
     return v;
   }
@@ -154,6 +194,17 @@ class Parser {
       const char c = s_[pos_++];
       if (c == '"') return out;
       if (static_cast<unsigned char>(c) < 0x20) fail("control character in a string");
+      if (static_cast<unsigned char>(c) >= 0x80) {  // JSON text is UTF-8 (RFC 8259, section 8.1)
+        unsigned cp = 0;
+        const int len = utf8_sequence(s_, pos_ - 1, cp);
+        if (len == 0) {
+          --pos_;
+          fail("invalid UTF-8 in a string");
+        }
+        out.append(s_.substr(pos_ - 1, len));
+        pos_ += len - 1;
+        continue;
+      }
       if (c != '\\') {
         out += c;
         continue;
@@ -179,7 +230,9 @@ class Parser {
           append_utf8(out, cp);
           break;
         }
-        default: fail(std::string("bad escape '\\") + e + "'");
+        default:
+          if (describe(e)[0] == '\'') fail(std::string("bad escape '\\") + e + "'");
+          fail("bad escape: a backslash, then " + describe(e));
       }
     }
   }
@@ -189,6 +242,13 @@ class Parser {
 };
 
 }  // namespace
+
+Value::Value() = default;
+Value::Value(const Value&) = default;
+Value::Value(Value&&) noexcept = default;
+Value& Value::operator=(const Value&) = default;
+Value& Value::operator=(Value&&) noexcept = default;
+Value::~Value() = default;
 
 const Value* Value::find(std::string_view key) const {
   for (const auto& [k, v] : members)
@@ -245,20 +305,10 @@ std::string quote(std::string_view utf8) {
       ++i;
       continue;
     }
-    // A multi-byte sequence: its length from the lead byte, continuation bytes 10xxxxxx, no
-    // overlong forms, no surrogates, nothing above U+10FFFF.
-    const int len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
-    if (len == 0 || i + len > utf8.size())
-      throw std::runtime_error("invalid UTF-8 at byte " + std::to_string(i));
-    unsigned cp = c & (0xFF >> (len + 1));
-    for (int k = 1; k < len; ++k) {
-      const auto cont = static_cast<unsigned char>(utf8[i + k]);
-      if ((cont & 0xC0) != 0x80) throw std::runtime_error("invalid UTF-8 at byte " + std::to_string(i + k));
-      cp = (cp << 6) | (cont & 0x3F);
-    }
-    const unsigned min = len == 2 ? 0x80 : len == 3 ? 0x800 : 0x10000;
-    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp < 0xE000))
-      throw std::runtime_error("invalid UTF-8 at byte " + std::to_string(i));
+    // A multi-byte sequence (utf8_sequence says what is valid).
+    unsigned cp = 0;
+    const int len = utf8_sequence(utf8, i, cp);
+    if (len == 0) throw std::runtime_error("invalid UTF-8 at byte " + std::to_string(i));
     if (cp < 0x10000) {
       escape(cp);
     } else {

@@ -18,6 +18,16 @@ struct Value {
   std::vector<Value> items;                            // Array
   std::vector<std::pair<std::string, Value>> members;  // Object, in file order, unique keys
 
+  // Declared here, defined (defaulted) in json.cpp: where Value is complete. Implicit ones would
+  // instantiate std::pair<std::string, Value> while Value is still incomplete, which clang with
+  // libstdc++ refuses (the fuzz targets build with clang, cpp_tests/fuzz).
+  Value();
+  Value(const Value&);
+  Value(Value&&) noexcept;
+  Value& operator=(const Value&);
+  Value& operator=(Value&&) noexcept;
+  ~Value();
+
   // The member `key` of an object, or nullptr.
   const Value* find(std::string_view key) const;
   // The number as an integer; throws std::runtime_error naming `what` if it is not one.

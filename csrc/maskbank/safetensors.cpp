@@ -136,8 +136,11 @@ bool verify_checksums(const SafetensorsFile& file, const char* data,
   }
   TORCH_CHECK(sums.kind == json::Value::Kind::Object, file.path,
               ": metadata \"crc32\" must be a JSON object");
+  std::map<std::string_view, const json::Value*> stored_of;  // not Value::find: linear per tensor
+  for (const auto& [name, value] : sums.members) stored_of.emplace(name, &value);
   for (const auto& [name, range] : ranges) {
-    const auto* stored = sums.find(name);
+    const auto found = stored_of.find(name);
+    const json::Value* stored = found == stored_of.end() ? nullptr : found->second;
     TORCH_CHECK(stored && stored->kind == json::Value::Kind::String, file.path, ": tensor \"",
                 name, "\" has no checksum");
     const std::string actual = hex8(crc32(data + range.first, range.second - range.first));
@@ -239,14 +242,11 @@ SafetensorsFile read_safetensors(const std::string& path) {
     TORCH_CHECK(offsets->kind == json::Value::Kind::Array && offsets->items.size() == 2, where,
                 ": data_offsets must be a list [begin, end]");
     std::vector<int64_t> sizes;
-    uint64_t numel = 1;
     uint64_t begin = 0, end = 0;
     try {
       for (const auto& dim : shape->items) {
         sizes.push_back(dim.as_int("a dimension of shape"));
         TORCH_CHECK(sizes.back() >= 0, where, ": negative dimension in shape");
-        // Overflow would only come from absurd shapes; the size check below catches the rest.
-        numel *= static_cast<uint64_t>(sizes.back());
       }
       const int64_t b = offsets->items[0].as_int("data_offsets[0]");
       const int64_t e = offsets->items[1].as_int("data_offsets[1]");
@@ -258,7 +258,19 @@ SafetensorsFile read_safetensors(const std::string& path) {
     }
     TORCH_CHECK(begin <= end && end <= data_size, where, ": data_offsets [", begin, ", ", end,
                 "] out of range (the data section has ", data_size, " bytes: truncated file?)");
-    const uint64_t nbytes = numel * c10::elementSize(scalar_type);
+    // The element count and byte size, without overflow: a product of the dimensions (the zero
+    // ones aside, which LibTorch's strides still multiply) past int64 is no tensor at all.
+    uint64_t extent = 1, nbytes = 0;
+    bool empty = false;
+    for (const int64_t d : sizes) {
+      empty = empty || d == 0;
+      TORCH_CHECK(d == 0 || (!__builtin_mul_overflow(extent, static_cast<uint64_t>(d), &extent) &&
+                             extent <= static_cast<uint64_t>(INT64_MAX)),
+                  where, ": shape ", sizes, " is too large (its dimensions multiply to 2^63 or more)");
+    }
+    TORCH_CHECK(!__builtin_mul_overflow(empty ? 0 : extent, c10::elementSize(scalar_type), &nbytes) &&
+                    nbytes <= static_cast<uint64_t>(INT64_MAX),
+                where, ": shape ", sizes, " of dtype ", dtype->text, " is too large (2^63 bytes or more)");
     TORCH_CHECK(end - begin == nbytes, where, ": data_offsets [", begin, ", ", end, "] hold ",
                 end - begin, " bytes but dtype ", dtype->text, " and shape ", sizes, " need ",
                 nbytes);
