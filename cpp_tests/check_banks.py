@@ -21,7 +21,7 @@ def main(folder: Path) -> None:
     names = list(json.loads((folder / "banks_expected.json").read_text()))
     for name in names:
         python, cpp = MaskBank.load(folder / f"{name}.safetensors"), MaskBank.load(folder / f"{name}.cpp.safetensors")
-        for field in ("model_id", "gate_points", "tasks", "config", "epoch", "calibration"):
+        for field in ("model_id", "gate_points", "tasks", "config", "epoch", "calibration", "fidelity"):
             assert getattr(cpp, field) == getattr(python, field), (
                 f"{name}: {field} differs: C++ wrote {getattr(cpp, field)!r}, Python {getattr(python, field)!r}")
         assert len(cpp.logits) == len(python.logits)

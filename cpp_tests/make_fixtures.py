@@ -202,6 +202,15 @@ def corrupt_banks(folder, bank_path):
     for name, blob in cases.items():
         with open(os.path.join(folder, f"bad_{name}.safetensors"), "wb") as f:
             f.write(blob)
+    # A NaN logit with checksums that match: refused for the NaN, as Python's reader refuses it.
+    from safetensors import safe_open
+
+    with safe_open(bank_path, framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["logits.001"][1, 2] = float("nan")
+    meta["crc32"] = json.dumps({k: f"{zlib.crc32(t.contiguous().numpy().tobytes()) & 0xFFFFFFFF:08x}"
+                                for k, t in tensors.items()}, sort_keys=True)
+    save_file(tensors, os.path.join(folder, "bad_nonfinite.safetensors"), metadata=meta)
 
 
 def use_library(library: str) -> None:
@@ -221,6 +230,7 @@ def python_banks(folder: str, gen) -> None:
     from nad_ext.gates.points import GatePoint
 
     relu = {"record": "relu"} if "record" in {f.name for f in dataclasses.fields(GatePoint)} else {}
+    has_fidelity = "fidelity" in {f.name for f in dataclasses.fields(MaskBank)}
     banks = {
         "vit_bank": MaskBank(
             model_id="cpp_test_vit",
@@ -232,6 +242,8 @@ def python_banks(folder: str, gen) -> None:
             epoch=3,
             calibration={"beta": 5.0, "open_ratio": 0.31, "target_open_ratio": 0.3, "method": "bisection",
                          "curve": [[0.02, 0.9], [5.0, 0.31]], "runs": 2, "converged": True},
+            **({"fidelity": {"tasks": ["a", "b", "c"], "constant": [False, True, False], "own_class_accuracy":
+                             [1.0, None, 0.5], "flagged": [["b", "constant"]]}} if has_fidelity else {}),
         ),
         "conv_bank": MaskBank(
             model_id="cpp_test_conv", gate_points=[GatePoint("features.0", 4), GatePoint("features.3", 5)],
@@ -249,6 +261,7 @@ def python_banks(folder: str, gen) -> None:
             "config": json.dumps(bank.config, sort_keys=True),
             "epoch": bank.epoch,
             "calibration": None if bank.calibration is None else json.dumps(bank.calibration, sort_keys=True),
+            "fidelity": None if getattr(bank, "fidelity", None) is None else json.dumps(bank.fidelity, sort_keys=True),
         }
         save_file({f"logits.{i:03d}": m for i, m in enumerate(bank.logits)},
                   os.path.join(folder, f"{name}_logits.safetensors"))

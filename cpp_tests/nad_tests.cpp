@@ -198,6 +198,8 @@ void maskbank_corrupt_files_refused(const Args& args) {
   expect_error(load("flipped_bytes"), {"bad_flipped_bytes", "\"logits.001\"", "fails its CRC-32 check"},
                "flipped bytes");
   expect_error(load("checksum_missing"), {"\"logits.002\"", "has no checksum"}, "checksum missing");
+  expect_error(load("nonfinite"), {"bad_nonfinite", "\"logits.001\"", "1 NaN or infinite values", "must be finite"},
+               "a NaN logit with matching checksums");
   expect_error(load("missing"), {"cannot open"}, "missing file");
 }
 
@@ -472,11 +474,16 @@ void maskbank_python_written(const Args& args) {
     else
       REQUIRE(bank.calibration_json() == calibration->text, name << ": calibration "
                                                                   << bank.calibration_json().value_or("none"));
+    const auto* fidelity = want.find("fidelity");
+    if (fidelity == nullptr || fidelity->kind == nad::json::Value::Kind::Null)
+      REQUIRE(!bank.fidelity_json().has_value(), name << ": fidelity where Python wrote none");
+    else
+      REQUIRE(bank.fidelity_json() == fidelity->text, name << ": fidelity " << bank.fidelity_json().value_or("none"));
     const auto logits = nad::read_safetensors(args[0] + "/" + name + "_logits.safetensors");
     for (size_t l = 0; l < bank.logits().size(); ++l)
       REQUIRE(at::equal(bank.logits()[l], logits.tensor(logits.names[l])), name << ": logits of gate point " << l);
     nad::MaskBank(bank.model_id(), bank.points(), bank.task_list(), bank.logits(), bank.config_json(), bank.epoch(),
-                  bank.calibration_json())
+                  bank.calibration_json(), bank.fidelity_json())
         .save(args[0] + "/" + name + ".cpp.safetensors");
   }
   // Made here: non-ASCII names, a head gate point recording relu, a calibration.

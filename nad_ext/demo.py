@@ -76,7 +76,7 @@ def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, 
         config = NADConfig(epochs=epochs, image_size=spec.input_size, tasks_per_step=len(train.classes),
                            device=str(device), **demo_settings(name, selective))
         bank = disentangle(Network(model, name, name), train, config=config, out_dir=out_dir / name,
-                           overwrite=True, progress=progress, calibration=DEMO_CALIBRATION)
+                           overwrite=True, progress=progress, calibration=DEMO_CALIBRATION, check_images=val)
         gated = build_gated_model(model, bank.gate_points, len(bank.tasks), spec.input_size, model_id=name,
                                   device=device)
         results[name] = analysis.run_all(gated, bank, val, spec.input_size, out_dir / name,

@@ -92,13 +92,14 @@ std::string number(int64_t v) { return std::to_string(v); }
 
 MaskBank::MaskBank(std::string model_id, std::vector<GatePoint> points, std::vector<Task> tasks,
                    std::vector<at::Tensor> logits, std::string config_json, int64_t epoch,
-                   std::optional<std::string> calibration_json)
+                   std::optional<std::string> calibration_json, std::optional<std::string> fidelity_json)
     : model_id_(std::move(model_id)),
       points_(std::move(points)),
       tasks_(std::move(tasks)),
       config_json_(std::move(config_json)),
       epoch_(epoch),
-      calibration_json_(std::move(calibration_json)) {
+      calibration_json_(std::move(calibration_json)),
+      fidelity_json_(std::move(fidelity_json)) {
   TORCH_CHECK(logits.size() == points_.size(), "MaskBank: ", logits.size(), " logits tensors for ",
               points_.size(), " gate points");
   for (size_t l = 0; l < logits.size(); ++l) {
@@ -126,6 +127,7 @@ void MaskBank::validate(const std::string& where) const {
   }
   check_json_object(config_json_, where + ": config");
   if (calibration_json_) check_json_object(*calibration_json_, where + ": calibration");
+  if (fidelity_json_) check_json_object(*fidelity_json_, where + ": fidelity");
   TORCH_CHECK(epoch_ >= 0, where, ": epoch must be non-negative, got ", epoch_);
 }
 
@@ -173,6 +175,10 @@ MaskBank MaskBank::load(const std::string& path) {
     metadata_json(file, "calibration", Value::Kind::Object);
     bank.calibration_json_ = file.metadata.at("calibration");
   }
+  if (file.metadata.count("fidelity")) {
+    metadata_json(file, "fidelity", Value::Kind::Object);
+    bank.fidelity_json_ = file.metadata.at("fidelity");
+  }
   const auto epoch = file.metadata.find("epoch");
   TORCH_CHECK(epoch != file.metadata.end(), path, ": metadata \"epoch\" is missing");
   const auto& e = epoch->second;
@@ -194,6 +200,13 @@ MaskBank MaskBank::load(const std::string& path) {
                 ": tensor \"", key, "\" (", names[l], ") must have shape (", T, ", ",
                 channels[l], ") for ", T, " tasks and ", channels[l],
                 " channels, got ", t.sizes());
+    TORCH_CHECK(channels[l] >= 1, path, ": gate point \"", names[l], "\" has ", channels[l],
+                " channels (expected at least 1)");
+    // As Python's reader: no run commits a NaN or infinite gate logit (the trainer stops or skips
+    // such steps), so one is damage.
+    const int64_t bad = (~at::isfinite(t)).sum().item<int64_t>();
+    TORCH_CHECK(bad == 0, path, ": tensor \"", key, "\" (gate point \"", names[l], "\") holds ", bad,
+                " NaN or infinite values; gate logits must be finite");
     bank.logits_.push_back(t);
   }
   bank.validate(path);
@@ -222,6 +235,7 @@ void MaskBank::save(const std::string& path) const {
     TORCH_CHECK(false, "cannot write ", path, ": a gate point or task name: ", e.what());
   }
   if (calibration_json_) metadata["calibration"] = *calibration_json_;
+  if (fidelity_json_) metadata["fidelity"] = *fidelity_json_;
   save_safetensors(path, tensors, metadata);
 }
 

@@ -270,7 +270,7 @@ def calibrate_beta(
     if progress:
         each = "all" if settings.images_per_task is None else f"<= {settings.images_per_task}"
         aim = (f"the largest beta whose sub-architectures keep their own-class accuracy within "
-               f"{settings.accuracy_tolerance:.0%} of the original's and are not constant") if by_fidelity \
+               f"{settings.accuracy_tolerance * 100:.0f} points of the original's and are not constant") if by_fidelity \
             else f"target open ratio {target:.2f}"
         print(f"calibrating beta for {network.model_id}: {aim}; runs of {config.epochs} "
               f"epoch(s) on {count} task(s) ({', '.join(t.name for t in picked)}), {each} images each")

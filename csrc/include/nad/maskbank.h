@@ -46,15 +46,18 @@ class NAD_API MaskBank {
 
   // A bank from its parts, checked as Python's MaskBank(...) checks them: one logits tensor per
   // gate point, of shape (T, channels) with T = tasks.size() (stored as float32 CPU copies);
-  // units "channels" or "heads", records "output" or "relu", channel axes >= 1; config_json and
-  // calibration_json (when given) JSON objects. Throws c10::Error naming what is wrong.
+  // units "channels" or "heads", records "output" or "relu", channel axes >= 1; config_json,
+  // calibration_json and fidelity_json (when given) JSON objects. Throws c10::Error naming what
+  // is wrong.
   MaskBank(std::string model_id, std::vector<GatePoint> points, std::vector<Task> tasks,
            std::vector<at::Tensor> logits, std::string config_json = "{}", int64_t epoch = 0,
-           std::optional<std::string> calibration_json = std::nullopt);
+           std::optional<std::string> calibration_json = std::nullopt,
+           std::optional<std::string> fidelity_json = std::nullopt);
 
   // Reads and validates a bank; throws c10::Error naming the file and what is wrong (a tensor
-  // that fails its checksum is named). A bank without checksums (written before nad-ext stored
-  // them) loads with a warning (TORCH_WARN), and verified() is false. Optional keys absent from
+  // that fails its checksum is named; as Python's reader, gate logits must be float32 and finite
+  // and every gate point must have at least one gate). A bank without checksums (written before
+  // nad-ext stored them) loads with a warning (TORCH_WARN), and verified() is false. Optional keys absent from
   // older banks get Python's defaults: channel axis 1, units "channels", record "output".
   static MaskBank load(const std::string& path);
 
@@ -80,6 +83,9 @@ class NAD_API MaskBank {
   int64_t epoch() const { return epoch_; }
   // How beta was found, as JSON (Python's MaskBank.calibration), when it was calibrated.
   const std::optional<std::string>& calibration_json() const { return calibration_json_; }
+  // The fidelity check after the run's last epoch, as JSON (Python's MaskBank.fidelity: per task
+  // own-class accuracy, false positives, constant answers, flagged tasks), when it was made.
+  const std::optional<std::string>& fidelity_json() const { return fidelity_json_; }
   // Where the bank was read from ("" for a bank made in memory).
   const std::string& path() const { return path_; }
   // Read from a file whose every tensor matched its stored checksum (false for banks made in
@@ -115,6 +121,7 @@ class NAD_API MaskBank {
   std::string config_json_ = "{}";
   int64_t epoch_ = 0;
   std::optional<std::string> calibration_json_;
+  std::optional<std::string> fidelity_json_;
   bool verified_ = false;
   std::vector<at::Tensor> logits_;
 };
