@@ -136,3 +136,28 @@ def test_calibration_by_fidelity_keeps_the_tasks_where_an_open_ratio_target_coll
     kept = [row for row in cal["curve"] if row[3]]
     assert cal["beta"] == max(row[0] for row in kept)
     assert all(len(row) == 4 for row in cal["curve"])  # beta, open ratio, balanced accuracy, keeps the task
+
+
+def test_the_users_network_keeps_its_mode():
+    """The check evaluates in eval mode and leaves every module as it found it (a network left in
+    training mode would update BatchNorm statistics in the user's next forward)."""
+    model = KnownChannels().eval()
+    disentangle(Network(model, ["feat"], "known"), IMAGES, progress=False, config=NADConfig(**CFG))
+    assert not any(m.training for m in model.modules())
+
+
+def test_search_by_fidelity_without_a_keeping_beta_prefers_fewer_constant_answers():
+    """No beta keeps the task: a constant answer scores 0.5 balanced accuracy, above a poor but
+    varied one; the fallback still prefers the beta with fewer constant sub-architectures."""
+    table = {0.02: (0, 0.497), 5.0: (3, 0.5), 0.002: (1, 0.49)}
+    found = search_beta_by_fidelity(
+        lambda b: {"keeps_task": False, "open_ratio": 0.5, "balanced_accuracy": table[b][1], "constant": table[b][0]},
+        bracket=(0.02, 5.0), runs=3, log=None)
+    assert not found["converged"] and found["beta"] == 0.02
+
+
+def test_calibration_that_keeps_nothing_warns():
+    cfg = dict(beta="auto", target_open_ratio=0.3)
+    _, caught = run(**cfg, lr=1.0, calibration=CalibrationSettings(epochs=2, runs=2, bracket=(1000.0, 5000.0)))
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("beta calibration by fidelity: no beta of 2 short runs") for m in messages), messages

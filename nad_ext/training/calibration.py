@@ -17,6 +17,7 @@ Either way the bank records how its beta was found, with the whole curve.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -26,7 +27,7 @@ from nad_ext.data import ImageSet
 from nad_ext.gates.maskbank import Task
 from nad_ext.training.build import Network
 from nad_ext.training.config import DEFAULT_TARGET, NADConfig, check_target, default_tasks, task_indices
-from nad_ext.training.fidelity import FidelityCheck, FidelitySettings
+from nad_ext.training.fidelity import FidelityCheck, FidelitySettings, FidelityWarning
 from nad_ext.training.loop import train_in_memory
 
 METHOD = "bisection in log(beta)"
@@ -131,7 +132,8 @@ def search_beta_by_fidelity(measure: Callable[[float], dict], *, bracket: tuple[
     Returns ``{"beta", "method", "runs", "converged", "curve": [[beta, open ratio, balanced
     accuracy, keeps task], ...] (sorted by beta), "open_ratio", "balanced_accuracy"}``:
     ``beta`` is the largest measured beta that keeps the task; when none does, the one with the
-    best balanced accuracy (``converged`` False). ``converged``: a beta that keeps the task
+    fewest constant sub-architectures (``measure(beta)["constant"]``, a count, when given), then
+    the best balanced accuracy (``converged`` False). ``converged``: a beta that keeps the task
     was found below one that does not.
     """
     low, high = bracket
@@ -167,8 +169,8 @@ def search_beta_by_fidelity(measure: Callable[[float], dict], *, bracket: tuple[
     keeping = [b for b, m in curve.items() if m["keeps_task"]]
     if keeping:
         beta = max(keeping)
-    else:  # the tie-breaker: the best balanced accuracy
-        beta = max(curve, key=lambda b: (_or(curve[b]["balanced_accuracy"], -1.0), -b))
+    else:  # the tie-breaker: fewest constant sub-architectures, then the best balanced accuracy
+        beta = max(curve, key=lambda b: (-curve[b].get("constant", 0), _or(curve[b]["balanced_accuracy"], -1.0), -b))
     converged = bool(keeping) and any(b > beta and not m["keeps_task"] for b, m in curve.items())
     return {
         "beta": beta,
@@ -292,9 +294,20 @@ def calibrate_beta(
             keeps, why = keeps_task(bank.fidelity, range(count), settings.accuracy_tolerance)
             balanced = [b for b in bank.fidelity["balanced_accuracy"] if b is not None]
             return {"keeps_task": keeps, "why": why, "open_ratio": float(bank.binary().float().mean()),
-                    "balanced_accuracy": sum(balanced) / len(balanced) if balanced else None}
+                    "balanced_accuracy": sum(balanced) / len(balanced) if balanced else None,
+                    "constant": sum(bool(c) for c in bank.fidelity["constant"][:count])}
 
         found = search_beta_by_fidelity(fidelity, bracket=settings.bracket, runs=settings.runs, log=log)
+        if not any(row[3] for row in found["curve"]):
+            shorter = (f"; its runs made {updates:.0f} updates per task against {run_updates:.0f} in the full run, "
+                       "and shorter runs leave sub-architectures that a full run would not"
+                       if updates < 0.9 * run_updates else "")
+            warnings.warn(f"beta calibration by fidelity: no beta of {len(found['curve'])} short runs "
+                          f"({found['curve'][0][0]:.3g} to {found['curve'][-1][0]:.3g}) kept every calibration task "
+                          f"(own-class accuracy within {settings.accuracy_tolerance * 100:.0f} points of the original's, "
+                          f"not constant){shorter}; beta {found['beta']:.4g} has the fewest constant "
+                          "sub-architectures. Give calibration the run's epochs (CalibrationSettings(epochs=None)), "
+                          "more runs or a wider bracket, or pass a beta", FidelityWarning, stacklevel=2)
         if progress:
             print(f"beta = {found['beta']:.4g} (open ratio {found['open_ratio']:.3f}, balanced accuracy "
                   f"{_fmt(found['balanced_accuracy'])}" + ("" if found["converged"] else

@@ -104,7 +104,7 @@ def measure_fidelity(gated: GatedModel, tasks: Sequence[Task], which: Sequence[i
         pairs += [(t, i, True) for i in own] + [(t, i, False) for i in other]
     num_outputs = None
     answers, original = [], []
-    was_training = gated.training
+    modes = [(m, m.training) for m in gated.modules()]  # restored exactly: the user's network stays as it was
     gated.eval()
     try:
         for lo in range(0, len(pairs), settings.batch_size):
@@ -116,7 +116,8 @@ def measure_fidelity(gated: GatedModel, tasks: Sequence[Task], which: Sequence[i
             original.append(out.argmax(1).cpu())
             answers.append(gated(x, ids, binary=True)[0].argmax(1).cpu())
     finally:
-        gated.train(was_training)
+        for m, training in modes:
+            m.training = training
     answers = torch.cat(answers) if answers else torch.zeros(0, dtype=torch.long)
     original = torch.cat(original) if original else torch.zeros(0, dtype=torch.long)
     result = {k: [None] * len(tasks) for k in FIGURES}
