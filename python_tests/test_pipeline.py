@@ -236,6 +236,9 @@ def test_disentangle_through_the_fast_pipeline(tmp_path, plain_weights):
     assert log["data_pipeline"] == "fast" and log["bad_images"] == 2
     assert any("b_garbage.jpg" in f for f in log["bad_image_files"])
     assert log["data_wait_s"] >= 0 and log["step_s"] > 0
+    # The fidelity check after the run leaves the two unreadable images out of its sample.
+    fid = banks["fast"].fidelity
+    assert sum(fid["images"]) + sum(fid["other_images"]) == 4 * (len(train) - 2)
     with pytest.raises(pipeline.BadImageError, match="(a_truncated|b_garbage).jpg"):
         disentangle(Network(model, "zoo_plain", "zoo_plain"), train, progress=False,
                     config=NADConfig(data_pipeline="fast", on_bad_image="stop", **config))

@@ -106,10 +106,19 @@ def measure_fidelity(gated: GatedModel, tasks: Sequence[Task], which: Sequence[i
     answers, original = [], []
     modes = [(m, m.training) for m in gated.modules()]  # restored exactly: the user's network stays as it was
     gated.eval()
+    kept = []  # the pairs whose image could be read
     try:
         for lo in range(0, len(pairs), settings.batch_size):
             chunk = pairs[lo: lo + settings.batch_size]
-            x = load_batch(images, [i for _, i, _ in chunk], image_size)[0].to(device)
+            try:
+                x = load_batch(images, [i for _, i, _ in chunk], image_size)[0]
+            except ValueError:  # an unreadable image (training skipped it too): left out of the sample
+                chunk = [p for p in chunk if _readable(images, p[1], image_size)]
+                if not chunk:
+                    continue
+                x = load_batch(images, [i for _, i, _ in chunk], image_size)[0]
+            kept += chunk
+            x = x.to(device)
             ids = torch.tensor([t for t, _, _ in chunk], device=device)
             out = gated.original(x, record=False)[0]
             num_outputs = out.shape[1]
@@ -118,6 +127,7 @@ def measure_fidelity(gated: GatedModel, tasks: Sequence[Task], which: Sequence[i
     finally:
         for m, training in modes:
             m.training = training
+    pairs = kept
     answers = torch.cat(answers) if answers else torch.zeros(0, dtype=torch.long)
     original = torch.cat(original) if original else torch.zeros(0, dtype=torch.long)
     result = {k: [None] * len(tasks) for k in FIGURES}
@@ -144,6 +154,14 @@ def measure_fidelity(gated: GatedModel, tasks: Sequence[Task], which: Sequence[i
         for k, v in values.items():
             result[k][t] = v
     return result
+
+
+def _readable(images: ImageSet, index: int, image_size: int) -> bool:
+    try:
+        load_batch(images, [index], image_size)
+        return True
+    except ValueError:
+        return False
 
 
 def flagged_tasks(figures: dict[str, list], task_names: Sequence[str], settings: FidelitySettings | None = None
