@@ -67,6 +67,17 @@ def _same(expected, tol):
     return check
 
 
+def _reference_paths(make, reference, dtype, smoke: bool, eager_note: str = ""):
+    """``(paths, check)``: the baselines of an op's comparison, ``reference`` eager and under
+    torch.compile (``make(fn)``: the timed call of the workload through ``fn``), and the check of
+    every other path against the eager reference's result."""
+    name = reference.__name__
+    check = _same([t.detach() for t in make(reference)()], _tolerance(dtype))
+    return [harness.Path("reference", make(reference), None, eager_note or f"{name}, eager"),
+            harness.Path("reference-compiled", make(compiled(reference, smoke)), check,
+                         f"{name} under torch.compile")], check
+
+
 def conv_comparison(device: str, smoke: bool) -> harness.Comparison:
     s = SHAPES["smoke" if smoke else device]
     fmt = torch.channels_last if s["channels_last"] else torch.contiguous_format
@@ -87,11 +98,8 @@ def conv_comparison(device: str, smoke: bool) -> harness.Comparison:
             return (y, *torch.autograd.grad(y, (x, logits), grad_y))
         return run
 
-    check = _same([t.detach() for t in make(masked_conv2d_reference)()], _tolerance(s["dtype"]))
-    paths = [harness.Path("reference", make(masked_conv2d_reference), None, "masked_conv2d_reference, eager"),
-             harness.Path("reference-compiled", make(compiled(masked_conv2d_reference, smoke)), check,
-                          "masked_conv2d_reference under torch.compile"),
-             harness.Path("fused", make(masked_conv2d), check, "nad::masked_conv2d")]
+    paths, check = _reference_paths(make, masked_conv2d_reference, s["dtype"], smoke)
+    paths.append(harness.Path("fused", make(masked_conv2d), check, "nad::masked_conv2d"))
     return harness.Comparison(f"masked_conv2d fwd+bwd [{device}]", paths, "reference", device, _info(s))
 
 
@@ -111,11 +119,8 @@ def mse_comparison(device: str, smoke: bool) -> harness.Comparison:
             return (out, *torch.autograd.grad(out.sum(), masked))
         return run
 
-    check = _same([t.detach() for t in make(gate_mse_reference)()], _tolerance(s["dtype"]))
-    paths = [harness.Path("reference", make(gate_mse_reference), None, "gate_mse_reference, eager"),
-             harness.Path("reference-compiled", make(compiled(gate_mse_reference, smoke)), check,
-                          "gate_mse_reference under torch.compile"),
-             harness.Path("fused", make(gate_mse), check, "nad::gate_mse")]
+    paths, check = _reference_paths(make, gate_mse_reference, s["dtype"], smoke)
+    paths.append(harness.Path("fused", make(gate_mse), check, "nad::gate_mse"))
     return harness.Comparison(f"gate_mse fwd+bwd [{device}]", paths, "reference", device, _info(s))
 
 
@@ -168,13 +173,11 @@ def tokens_comparison(device: str, smoke: bool) -> harness.Comparison:
             return (y, *torch.autograd.grad(y, (x, logits), grad_y))
         return run
 
-    check = _same([t.detach() for t in make(task_gate_reference)()], _tolerance(s["dtype"]))
-    paths = [harness.Path("reference", make(task_gate_reference), None, "task_gate_reference on the view, eager"),
-             harness.Path("reference-compiled", make(compiled(task_gate_reference, smoke)), check,
-                          "task_gate_reference under torch.compile"),
-             harness.Path("copied", make(task_gate, copy=True), check,
-                          "nad::task_gate on a contiguous (N, C, L) copy, copied back"),
-             harness.Path("in-place", make(task_gate), check, "nad::task_gate reading the (N, C, L) view in place")]
+    paths, check = _reference_paths(make, task_gate_reference, s["dtype"], smoke,
+                                    "task_gate_reference on the view, eager")
+    paths += [harness.Path("copied", make(task_gate, copy=True), check,
+                           "nad::task_gate on a contiguous (N, C, L) copy, copied back"),
+              harness.Path("in-place", make(task_gate), check, "nad::task_gate reading the (N, C, L) view in place")]
     return harness.Comparison(f"task_gate on (N, L, C) tokens fwd+bwd [{device}]", paths, "reference", device,
                               {k: str(v) for k, v in s.items()})
 

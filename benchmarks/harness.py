@@ -49,6 +49,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from compare import fmt_time  # one time format for the tables and for compare.py (which needs no torch)
+
 HERE = FilePath(__file__).resolve().parent
 TARGETS_FILE = HERE / "TARGETS.md"
 FORMAT = "nad-bench/1"
@@ -537,14 +539,6 @@ def target_text(res: Result) -> str:
 
 # ---- printing -------------------------------------------------------------------------------------
 
-def format_time(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.3g} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3g} ms"
-    return f"{seconds * 1e6:.3g} us"
-
-
 def table(results: Sequence[Result], title: str = "") -> str:
     """A Markdown table of one comparison: median, IQR, rate, ratio to the baseline, targets."""
     lines = [f"\n{title or results[0].group}" + f" (baseline: {results[0].baseline})"]
@@ -557,7 +551,7 @@ def table(results: Sequence[Result], title: str = "") -> str:
         ratio = f"{r.ratio:.3g} ({r.ratio_q1:.3g}-{r.ratio_q3:.3g})" if math.isfinite(r.ratio) else "-"
         check = ("ok" if r.check.startswith("passed") else
                  "reference" if r.check.startswith(("no check", "the reference")) else r.check)
-        lines.append(f"| {r.name} | {format_time(r.median)} | {format_time(q3 - q1)} | {rate}{ratio} | "
+        lines.append(f"| {r.name} | {fmt_time(r.median)} | {fmt_time(q3 - q1)} | {rate}{ratio} | "
                      f"{len(r.samples)} x {r.calls} | {check} | {target_text(r) or '-'} |")
     return "\n".join(lines)
 

@@ -14,31 +14,18 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 
-from nad_ext import cli, data, models
+from nad_ext import cli, models
 from nad_ext._utils.storage import CorruptFileError, save_safetensors
 from nad_ext.gates import MaskBank
+from test_cli import tree  # noqa: F401 - the same small ImageFolder tree (a module-scoped fixture)
 
 LOCK = ".nad.lock"
 
 
 # ----------------------------------------------------------------------------------------------
 # inputs shared by the rows (made once) and the state of a folder
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    """A small ImageFolder tree (4 classes) written from the generated shapes."""
-    root = tmp_path_factory.mktemp("tree")
-    for split, n in (("train", 6), ("val", 3)):
-        images = data.generated_shapes(split, num_classes=4, images_per_class=n, image_size=32)
-        for i in range(len(images)):
-            folder = root / split / images.classes[images.labels[i]]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images.load(i).permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
