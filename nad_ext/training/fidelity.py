@@ -104,6 +104,7 @@ def measure_fidelity(gated: GatedModel, tasks: Sequence[Task], which: Sequence[i
         pairs += [(t, i, True) for i in own] + [(t, i, False) for i in other]
     num_outputs = None
     answers, original = [], []
+    known = {}  # image -> the original network's prediction (an image recurs across tasks' samples)
     modes = [(m, m.training) for m in gated.modules()]  # restored exactly: the user's network stays as it was
     gated.eval()
     kept = []  # the pairs whose image could be read
@@ -120,9 +121,12 @@ def measure_fidelity(gated: GatedModel, tasks: Sequence[Task], which: Sequence[i
             kept += chunk
             x = x.to(device)
             ids = torch.tensor([t for t, _, _ in chunk], device=device)
-            out = gated.original(x, record=False)[0]
-            num_outputs = out.shape[1]
-            original.append(out.argmax(1).cpu())
+            new = [k for k, (_, i, _) in enumerate(chunk) if i not in known]
+            if new:
+                out = gated.original(x[new], record=False)[0]
+                num_outputs = out.shape[1]
+                known.update(zip((chunk[k][1] for k in new), out.argmax(1).cpu().tolist()))
+            original.append(torch.tensor([known[i] for _, i, _ in chunk], dtype=torch.long))
             answers.append(gated(x, ids, binary=True)[0].argmax(1).cpu())
     finally:
         for m, training in modes:
