@@ -42,7 +42,7 @@ from nad_ext.training import (SELECTIVE_DEFAULTS, CalibrationSettings, FidelityW
 
 SIZE = real_digits.IMAGE_SIZE
 RESNET18_POINTS = ["maxpool"] + [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
-# name: (objective, beta, calibration criterion)
+# name: (objective, beta, calibration criterion); more by name in parse_run
 RUNS = {
     "paper-1": ({}, 1.0, None),
     "paper-0.1": ({}, 0.1, None),
@@ -51,7 +51,35 @@ RUNS = {
     "paper-auto-open-ratio": ({}, "auto", "open_ratio"),
     "selective-1": (SELECTIVE_DEFAULTS, 1.0, None),
     "selective-0.1": (SELECTIVE_DEFAULTS, 0.1, None),
+    "selective-st-1": ({**SELECTIVE_DEFAULTS, "gate": "straight_through"}, 1.0, None),
+    "selective-st-0.1": ({**SELECTIVE_DEFAULTS, "gate": "straight_through"}, 0.1, None),
 }
+
+
+def parse_run(name: str):
+    """RUNS[name], or a run spelled ``<paper|selective>[-st|-an<TAU>]-<beta>[-r<R>][-g<GAMMA>]``
+    (``st``: straight-through gates; ``an<TAU>``: gates annealed to temperature TAU; r and gamma
+    override the selective defaults)."""
+    if name in RUNS:
+        return RUNS[name]
+    parts = name.split("-")
+    try:
+        objective = dict(SELECTIVE_DEFAULTS) if parts[0] == "selective" else {}
+        if parts[0] not in ("paper", "selective"):
+            raise ValueError
+        rest = parts[1:]
+        if rest and rest[0] == "st":
+            objective["gate"], rest = "straight_through", rest[1:]
+        elif rest and rest[0].startswith("an"):
+            objective["gate"], objective["gate_temperature"], rest = "annealed", float(rest[0][2:]), rest[1:]
+        beta = float(rest[0])
+        for part in rest[1:]:
+            key = {"r": "negatives", "g": "negative_weight"}[part[0]]
+            objective[key] = float(part[1:])
+    except (ValueError, IndexError, KeyError):
+        raise argparse.ArgumentTypeError(f"unknown run {name!r}: one of {', '.join(RUNS)} or "
+                                         "<paper|selective>[-st|-an<TAU>]-<beta>[-r<R>][-g<GAMMA>]") from None
+    return objective, beta, None
 
 
 def make_network(name: str, train, val, seed: int):
@@ -95,7 +123,7 @@ def soft_accuracy(gated, val, num_tasks: int, batch_size: int = 128) -> dict:
 
 def evaluate(network: str, run: str, model, points, train, val, epochs: int, seed: int, cal_epochs: int,
              cal_runs: int, lr: float = NADConfig.lr) -> dict:
-    objective, beta, criterion = RUNS[run]
+    objective, beta, criterion = parse_run(run)
     config = NADConfig(beta=beta, epochs=epochs, image_size=SIZE, seed=seed, tasks_per_step=len(train.classes),
                        device="cpu", keep_every_epoch=False, lr=lr, **objective)
     calibration = CalibrationSettings(num_tasks=3, epochs=cal_epochs, runs=cal_runs, criterion=criterion) \
@@ -109,12 +137,14 @@ def evaluate(network: str, run: str, model, points, train, val, epochs: int, see
     warned = [str(w.message) for w in caught if issubclass(w.category, FidelityWarning)]
     gated = build_gated_model(model, points, len(bank.tasks), SIZE, model_id=network)
     full = analysis.masked_accuracy(gated, bank, val, SIZE)  # loads the bank's gates into gated
+    gated.set_temperature(config.gate_temperature if config.gate == "annealed" else 1.0)  # as trained last
     soft = soft_accuracy(gated, val, len(bank.tasks))
     stats = analysis.subarchitecture_stats(bank)
     fid = bank.fidelity
     mean = full["mean"]
     return {
-        "network": network, "run": run, "objective": "selective" if objective else "paper",
+        "network": network, "run": run, "objective": "selective" if objective.get("negatives") else "paper",
+        "gate": config.gate, "gate_temperature": config.gate_temperature if config.gate == "annealed" else None,
         "negatives": objective.get("negatives", 0.0), "negative_weight": objective.get("negative_weight", 0.0),
         "beta": float(bank.config["beta"]), "epochs": epochs, "lr": config.lr, "seed": seed,
         "calibration": None if bank.calibration is None else {
@@ -153,7 +183,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="nad_output/eval_real_data.json", help="the results (JSON), kept as they come")
     parser.add_argument("--networks", nargs="+", default=["digits_cnn", "resnet18"])
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), help="names from RUNS or parse_run's spelling")
     parser.add_argument("--epochs", type=int, default=8, help="NAD epochs (the paper: 21)")
     parser.add_argument("--resnet-epochs", type=int, default=4, help="NAD epochs on resnet18")
     parser.add_argument("--lr", type=float, default=NADConfig.lr, help="NAD's learning rate (the paper: 0.1)")
@@ -162,6 +192,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the split's, the networks' and NAD's seed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core VM)")
     args = parser.parse_args(argv)
+    for run in args.runs:
+        parse_run(run)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     saved = json.loads(out.read_text()) if out.is_file() else {"networks": {}, "rows": []}

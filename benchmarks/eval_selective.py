@@ -37,6 +37,14 @@ from nad_ext._utils.storage import atomic_write
 from nad_ext.training import NADConfig, Network, build_gated_model, disentangle
 
 
+def number_or_text(value: str):
+    """A ``--set`` value: a number where it reads as one (lr=0.2), else the text (gate=annealed)."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def parse_objective(text: str) -> tuple[float, float]:
     try:
         r, gamma = (float(v) for v in text.split(":"))
@@ -142,7 +150,7 @@ def main(argv=None) -> None:
         model, accuracy = zoo[name]
         for r, gamma in args.objectives:
             rows.append(evaluate(name, model, accuracy, train, val, r, gamma, args.epochs, args.seed, out_dir,
-                                 args.beta, {k: float(v) for k, v in (a.split("=") for a in args.set)}))
+                                 args.beta, {k: number_or_text(v) for k, v in (a.split("=", 1) for a in args.set)}))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))

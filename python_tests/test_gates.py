@@ -330,3 +330,63 @@ def test_gate_tensor_on_every_layout_against_the_reference(layout):
     m32 = logits.float().requires_grad_()
     (g_ref,) = torch.autograd.grad(_gate_reference(xb.detach().float(), m32, ids, axis).sum(), m32)
     torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)
+
+
+def one_point_network():
+    """conv -> ReLU (the gate point) -> pool -> linear: the gate's logits gradient by hand is
+    sum over the sample of d loss / d gated output * ungated output * d gate / d logit."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(5, 4))
+
+
+def test_straight_through_gates_are_binary_forward_with_the_soft_gradient():
+    """What is trained is what is kept: the masked pass equals the binary one, the logits get
+    d sigmoid(m) / dm times the upstream gradient (the straight-through estimator)."""
+    model = one_point_network()
+    x = torch.randn(6, 3, 8, 8)
+    ids = torch.tensor([0, 1, 2, 2, 1, 0])
+    gated = GatedModel(model, ["1"], num_tasks=3, example_input=x[:1], straight_through=True)
+    m = gated.logits[0]
+    out, acts = gated(x, ids, record=True)
+    torch.testing.assert_close(out, gated(x, ids, binary=True)[0])
+    hard = (m.detach() > 0).float()[ids][:, :, None, None]
+    h = model[1](model[0](x))
+    torch.testing.assert_close(acts[0], h * hard)
+    weights = torch.randn(6, 4)
+    (grad,) = torch.autograd.grad((out * weights).sum(), [m])
+    # d loss / d gated output: linear weights spread over the pooled positions
+    upstream = (weights @ model[4].weight)[:, :, None, None] / (8 * 8)
+    s = torch.sigmoid(m.detach())
+    per_sample = (upstream * h).sum(dim=(2, 3)) * (s * (1 - s))[ids]
+    expected = torch.zeros_like(m).index_add_(0, ids, per_sample)
+    torch.testing.assert_close(grad, expected)
+    with torch.no_grad():  # no gradient wanted: the plain binary pass
+        torch.testing.assert_close(gated(x, ids)[0], out.detach())
+
+
+def test_temperature_scales_the_soft_gates_and_leaves_the_binary_ones():
+    model = one_point_network()
+    x = torch.randn(4, 3, 8, 8)
+    ids = torch.tensor([0, 1, 1, 0])
+    gated = GatedModel(model, ["1"], num_tasks=2, example_input=x[:1])
+    soft1, binary1 = gated(x, ids)[0], gated(x, ids, binary=True)[0]
+    gated.set_temperature(0.25)
+    h = model[1](model[0](x))
+    expected = model[4](model[3](model[2](h * torch.sigmoid(gated.logits[0].detach() / 0.25)[ids][:, :, None, None])))
+    torch.testing.assert_close(gated(x, ids)[0], expected)
+    torch.testing.assert_close(gated(x, ids, binary=True)[0], binary1)
+    torch.testing.assert_close(gated.scaled_logits()[0], gated.logits[0] / 0.25)
+    gated.set_temperature(1)
+    torch.testing.assert_close(gated(x, ids)[0], soft1)
+    for bad in (0, -1.0, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="temperature must be a positive number"):
+            gated.set_temperature(bad)
+
+
+def test_straight_through_gate_points_are_not_fused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    x = torch.randn(1, 3, 8, 8)
+    assert GatedModel(model, ["1"], 2, x, fuse=True).fused_points == [0]
+    assert GatedModel(model, ["1"], 2, x, fuse=True, straight_through=True).fused_points == []

@@ -225,7 +225,8 @@ def test_tasks_made_of_several_classes():
 @pytest.mark.parametrize("field, value", [("beta", -1.0), ("beta", float("nan")), ("lr", 0), ("lr", "fast"),
                                           ("epochs", 0), ("batch_size", 1.5), ("mode", "fast"),
                                           ("negatives", -0.5), ("negative_weight", float("inf")),
-                                          ("negative_weight", 1.0)])
+                                          ("negative_weight", 1.0), ("gate", "hard"), ("gate_temperature", 0),
+                                          ("gate_temperature", 1.5)])
 def test_bad_settings_are_named(field, value):
     images = colour_images(per_class=4)
     with pytest.raises(ValueError, match=field):
@@ -310,6 +311,47 @@ def test_selective_settings_are_checked_and_recorded(tmp_path):
     with pytest.raises(ValueError, match="other settings.*negatives"):
         disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False, out_dir=tmp_path,
                     resume=True, config=NADConfig(**{**CFG, "epochs": 3}, **SELECTIVE))
+
+
+# ----------------------------------------------------------------------------------------------
+# How the gates are trained: soft (the paper's), annealed, straight-through
+
+
+def test_annealed_gates_follow_their_schedule_and_are_recorded(tmp_path, monkeypatch):
+    from nad_ext.gates import describe_objective
+    from nad_ext.gates.model import GatedModel
+    from nad_ext.training.config import gate_temperature
+
+    cfg = NADConfig(**{**CFG, "epochs": 3}, gate="annealed", gate_temperature=0.04)
+    assert [round(gate_temperature(cfg, e), 6) for e in range(3)] == [1.0, 0.2, 0.04]
+    assert gate_temperature(NADConfig(**CFG), 1) == 1.0
+    seen = []
+    original = GatedModel.set_temperature
+    monkeypatch.setattr(GatedModel, "set_temperature", lambda self, t: (seen.append(round(t, 6)), original(self, t)))
+    images = colour_images(per_class=8)
+    bank = disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False, out_dir=tmp_path,
+                       config=cfg)
+    assert seen == [1.0, 0.2, 0.04]
+    assert bank.config["gate"] == "annealed" and bank.config["gate_temperature"] == 0.04
+    assert describe_objective(bank.config) == "paper, gates annealed to temperature 0.04"
+    assert describe_objective({**bank.config, "gate": "straight_through"}) == "paper, straight-through gates"
+    assert describe_objective({}) == "paper"
+    with pytest.raises(ValueError, match="other settings.*gate"):
+        disentangle(Network(KnownChannels(), ["feat"], "known"), images, progress=False, out_dir=tmp_path,
+                    resume=True, config=NADConfig(**{**CFG, "epochs": 4}))
+
+
+def test_annealed_gates_still_find_known_channels():
+    bank = disentangle(Network(KnownChannels(), ["feat"], "known"), colour_images(per_class=48), progress=False,
+                       config=NADConfig(beta=2.0, epochs=21, image_size=16, gate="annealed"))
+    for c in range(3):
+        assert bank.binary()[c].nonzero().flatten().tolist() == [2 * c, 2 * c + 1]
+
+
+def test_paper_mode_trains_only_soft_gates():
+    with pytest.raises(ValueError, match="mode='paper' trains the paper's soft gates"):
+        disentangle(Network(KnownChannels(), ["feat"], "known"), colour_images(per_class=4), progress=False,
+                    config=NADConfig(**CFG, mode="paper", gate="annealed"))
 
 
 # ----------------------------------------------------------------------------------------------

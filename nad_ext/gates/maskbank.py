@@ -27,9 +27,14 @@ FORMAT = "nad-ext.maskbank/1"
 def describe_objective(config: dict) -> str:
     """Which objective a run's config (``NADConfig`` as a dict, e.g. a mask bank's) stands for:
     "paper" or "selective (negatives r, weight gamma)" (the variant of
-    :mod:`nad_ext.training.objective`). Banks from before the variant: paper."""
+    :mod:`nad_ext.training.objective`), followed by how the gates were trained when that was not
+    the paper's way (``NADConfig.gate``). Banks from before the variants: paper."""
     r, gamma = config.get("negatives") or 0, config.get("negative_weight") or 0
-    return "paper" if not r else f"selective (negatives {r:g}, weight {gamma:g})"
+    name = "paper" if not r else f"selective (negatives {r:g}, weight {gamma:g})"
+    gate = config.get("gate", "soft")
+    if gate == "annealed":
+        return name + f", gates annealed to temperature {config.get('gate_temperature', 0.1):g}"
+    return name + (", straight-through gates" if gate == "straight_through" else "")
 
 
 @dataclass(frozen=True)

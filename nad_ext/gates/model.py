@@ -44,6 +44,22 @@ def gate_tensor(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor, c
     return task_gate(view, logits, task_ids).movedim(1, channel_axis)
 
 
+def binary_logits(logits: torch.Tensor) -> torch.Tensor:
+    """+inf where ``logits`` > 0, else -inf (detached): sigmoid of them is the exact 0/1 gates."""
+    return torch.where(logits.detach() > 0, float("inf"), float("-inf"))
+
+
+def straight_through_gate(x: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor, channel_axis: int,
+                          per_head: bool = False) -> torch.Tensor:
+    """:func:`gate_tensor` with the binary gates (1 where ``logits`` > 0, else 0) in the forward
+    pass and the soft gates' logits gradient (the straight-through estimator): the value is
+    ``x * binary``, its gradient with respect to ``x`` that of ``x * binary``, and with respect to
+    ``logits`` that of ``x * sigmoid(logits)``. Three ``nad::task_gate`` passes instead of one."""
+    hard = gate_tensor(x, binary_logits(logits), task_ids, channel_axis, per_head)
+    soft = gate_tensor(x.detach(), logits, task_ids, channel_axis, per_head)
+    return hard + (soft - soft.detach())
+
+
 def init_logits(num_tasks: int, channels: Sequence[int], seed: int, std: float) -> list[torch.Tensor]:
     """m ~ N(0, std^2), drawn per task from its own generator, so that a task's initial gates
     do not depend on how many other tasks there are or how they are batched."""
@@ -81,6 +97,16 @@ class GatedModel(nn.Module):
             function, fewer passes over the activations.
         dtype, channels_last: run the network in this dtype and memory format (e.g. bfloat16
             and channels_last on a GPU); inputs are converted, gate logits stay float32.
+        straight_through: masked passes gate with the binary gates (the sub-architecture that
+            is kept, 0/1 where sigmoid(m) is below / above 0.5); where gradients are tracked the
+            logits get the soft gate's gradient, d sigmoid(m) / dm (the straight-through
+            estimator): what is trained is what is kept. Not the paper's (its gates are soft);
+            see :class:`~nad_ext.training.config.NADConfig` ``gate``. Such gate points are not
+            fused into convolutions.
+
+    Soft gates are sigmoid(m / temperature); :meth:`set_temperature` changes it (1, the
+    paper's, by default; an annealed schedule lowers it towards binary gates). Binary gates and
+    the binary sub-architecture (m > 0) do not depend on it.
     """
 
     def __init__(
@@ -97,6 +123,7 @@ class GatedModel(nn.Module):
         fuse: bool = False,
         dtype: torch.dtype | None = None,
         channels_last: bool = False,
+        straight_through: bool = False,
     ):
         super().__init__()
         if num_tasks < 1:
@@ -131,9 +158,13 @@ class GatedModel(nn.Module):
         self.logits = nn.ParameterList(nn.Parameter(m.to(device)) for m in init)
         self._task_ids: torch.Tensor | None = None
         self._binary = False
+        self.straight_through = straight_through
+        # A device tensor, updated in place: a step captured in a CUDA graph reads the new value.
+        self.register_buffer("temperature", torch.ones((), device=device), persistent=False)
+        self._tempered = False
         self._record: list | None = None
         self.fused_points: list[int] = []  # gate points gated inside a convolution
-        if fuse:
+        if fuse and not straight_through:  # masked_conv2d applies soft or binary gates only
             from nad_ext.gates.fused import fuse_gated_convolutions
 
             # Only conv chains with channels on axis 1 fuse; token / NHWC / head points stay hooks.
@@ -152,9 +183,21 @@ class GatedModel(nn.Module):
 
     def _gate_logits(self, index: int) -> torch.Tensor:
         logits = self.logits[index]
-        if self._binary:  # sigmoid(+inf) = 1, sigmoid(-inf) = 0: exact 0/1 gates
-            logits = torch.where(logits.detach() > 0, float("inf"), float("-inf"))
-        return logits
+        if self._binary:
+            return binary_logits(logits)
+        return logits / self.temperature if self._tempered else logits
+
+    def set_temperature(self, temperature: float) -> None:
+        """Soft gates sigmoid(m / ``temperature``) from now on (a positive number; 1: the paper's)."""
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.temperature.fill_(float(temperature))
+        self._tempered = self._tempered or temperature != 1
+
+    def scaled_logits(self) -> list[torch.Tensor]:
+        """Per gate point, m / temperature: the soft gates are sigmoid of these (the sparsity
+        term of the objective reads them)."""
+        return [m / self.temperature for m in self.logits] if self._tempered else list(self.logits)
 
     def _gate_source(self, index: int):
         """For a fused convolution: its gate's (logits, task_ids) in masked passes, else None."""
@@ -170,7 +213,13 @@ class GatedModel(nn.Module):
 
         def gate(output: torch.Tensor) -> torch.Tensor:
             if self._task_ids is not None and not gated_inside:
-                output = gate_tensor(output, self._gate_logits(index), self._task_ids, axis, per_head)
+                logits = self._gate_logits(index)
+                if self.straight_through and not self._binary and torch.is_grad_enabled():
+                    output = straight_through_gate(output, logits, self._task_ids, axis, per_head)
+                elif self.straight_through and not self._binary:  # the same value, no gradient wanted
+                    output = gate_tensor(output, binary_logits(logits), self._task_ids, axis, per_head)
+                else:
+                    output = gate_tensor(output, logits, self._task_ids, axis, per_head)
             if self._record is not None:
                 self._record[index] = torch.relu(output) if relu else output
             return output

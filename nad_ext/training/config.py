@@ -40,7 +40,12 @@ class NADConfig:
     penalised with weight gamma. 0 and 0 (default) is the paper's. ``on_nonfinite``: what a
     NaN or Inf in a task's gate gradient does (:mod:`nad_ext.training.nonfinite`): "stop" the
     run naming the task, gate points and epoch, before the epoch is committed, or "skip" that
-    task's step and count it in log.json (``nonfinite_steps``).
+    task's step and count it in log.json (``nonfinite_steps``). ``gate``: how the gates are
+    trained; "soft" (the paper's) multiplies by sigmoid(m); "annealed" by sigmoid(m / tau),
+    tau lowered geometrically from 1 in the first epoch to ``gate_temperature`` in the last,
+    so that the gates trained last are nearly the binary ones the analyses keep;
+    "straight_through" by the binary gates themselves, with the soft gates' gradient (see
+    :func:`nad_ext.gates.model.straight_through_gate`). Only "soft" is the paper's.
     """
 
     beta: float | str | None = None
@@ -63,6 +68,8 @@ class NADConfig:
     negatives: float = 0.0
     negative_weight: float = 0.0
     on_nonfinite: str = "stop"
+    gate: str = "soft"
+    gate_temperature: float = 0.1
 
     def validate(self) -> None:
         for name in ("beta", "lr", "init_std"):
@@ -90,6 +97,14 @@ class NADConfig:
                              f"got {self.on_bad_image!r}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}")
+        value = self.gate_temperature
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+            raise ValueError(f"gate_temperature must be a number in (0, 1], got {value!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if self.mode == "paper" and self.gate != "soft":
+            raise ValueError(f"mode='paper' trains the paper's soft gates; gate={self.gate!r} is not the paper's "
+                             "(use mode='batched')")
         check_target(self.target_open_ratio)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -115,6 +130,15 @@ class NADConfig:
         return fuse, PRECISIONS[precision], graph
 
 
+GATES = ("soft", "annealed", "straight_through")
+
+
+def gate_temperature(config: NADConfig, epoch: int) -> float:
+    """The soft gates' temperature in ``epoch`` (0-based): 1, except under ``gate="annealed"``,
+    geometric from 1 in the first epoch to ``config.gate_temperature`` in the last."""
+    if config.gate != "annealed":
+        return 1.0
+    return config.gate_temperature ** (epoch / max(config.epochs - 1, 1))
 PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # Settings that change how a run executes but not its result; a run may resume with others.
 # (target_open_ratio only matters before training, when it chooses beta.)

@@ -32,7 +32,7 @@ from nad_ext.gates.model import GatedModel
 from nad_ext.ops import checks, normalized_gradient_step_
 from nad_ext.training.build import Network
 from nad_ext.training.commit import SharedRun
-from nad_ext.training.config import EXECUTION_SETTINGS, NADConfig, resolve_run
+from nad_ext.training.config import EXECUTION_SETTINGS, NADConfig, gate_temperature, resolve_run
 from nad_ext.training.fidelity import FidelityCheck
 from nad_ext.training.negatives import add_negatives, task_class_matrix
 from nad_ext.training.nonfinite import NonFiniteTally, guard_step
@@ -64,7 +64,8 @@ def train_step(gated: GatedModel, x, labels, task_ids, tasks, config: NADConfig,
         if config.negatives:
             selective = dict(negative=~task_classes[task_ids, labels], task_classes=task_classes,
                              negative_weight=config.negative_weight)
-        terms = nad_loss(masked_out, labels, masked_acts, original_acts, correct, task_ids, logits, config.beta,
+        terms = nad_loss(masked_out, labels, masked_acts, original_acts, correct, task_ids, gated.scaled_logits(),
+                         config.beta,
                          [p.channel_axis for p in gated.gate_points], **selective)
         grads = torch.autograd.grad(terms.total, logits)
         tasks = tasks.to(x.device, non_blocking=True)
@@ -201,7 +202,7 @@ def run_epochs(network: Network, tasks: list[Task], indices: list[list[int]], co
     task_classes = task_class_matrix([t.classes for t in tasks], num_classes, device) if config.negatives else None
     fuse, dtype, graph = config.execution(device)
     gated = network.gated(len(tasks), config.image_size, seed=config.seed, init_std=config.init_std, device=device,
-                          fuse=fuse, dtype=dtype)
+                          fuse=fuse, dtype=dtype, straight_through=config.gate == "straight_through")
     if progress:
         path = ", ".join((["fused"] if fuse else []) + [str(dtype).replace("torch.", "")]
                          + (["CUDA graphs"] if graph else []))
@@ -238,6 +239,7 @@ def run_epochs(network: Network, tasks: list[Task], indices: list[list[int]], co
     group = 1 if config.mode == "paper" else config.tasks_per_step
     mine = ctx.my_tasks([len(i) for i in indices], group)  # every task, unless under torchrun
     for epoch in range(start_epoch, config.epochs):
+        gated.set_temperature(gate_temperature(config, epoch))
         streams = [TaskStream(indices[t], config.batch_size, epoch_generator(config.seed, epoch, t), num_images,
                               config.negatives) for t in mine]
         tally = NonFiniteTally(config.on_nonfinite, [t.name for t in tasks], [p.name for p in gated.gate_points],
