@@ -269,6 +269,66 @@ def python_banks(folder: str, gen) -> None:
         json.dump(expected, f, indent=1)
 
 
+def python_path_store(folder: str, gen) -> None:
+    """A path store written by nad_ext's PathStore (the C++ case pathstore_python_written reads it
+    and compares it with paths_expected.safetensors): 10 images in shards of 4, 4 and 2, float16
+    logits kept, odd channel counts, an orphan shard after the committed ones; and damaged copies
+    (paths_bad_<what>) that the C++ reader must refuse."""
+    import shutil
+
+    from nad_ext.gates.pathstore import PathChunk, PathStore, pack_bits
+    from nad_ext.gates.points import GatePoint
+
+    points = [GatePoint("conv1", 13), GatePoint("blocks.0", 8, 2), GatePoint("attn", 3, 2, "heads"),
+              GatePoint("fc", 21, record="relu")]
+    meta = {"target": "label", "steps": 30, "beta": 0.5, "note": "caf\u00e9", "views": [1, 2]}
+    root = os.path.join(folder, "paths")
+    store = PathStore.create(root, points, "cpp_test_paths", meta, logits=True, shard_size=4, overwrite=True)
+    idx = torch.arange(100, 110)
+    logits = [torch.randn(10, p.channels, generator=gen) for p in points]
+    store.append(PathChunk(idx, idx % 7, idx % 5, idx % 3, (idx % 4).to(torch.int8), logits))
+    store.close()
+    shutil.copy(os.path.join(root, "shard-00000.safetensors"), os.path.join(root, "shard-00003.safetensors"))
+    expected = {"image_index": idx, "label": idx % 7, "target": idx % 5, "prediction": idx % 3,
+                "status": (idx % 4).to(torch.int8), "packed": pack_bits(torch.cat(logits, dim=1) > 0),
+                "logits": torch.cat(logits, dim=1).half(), **{f"masks.{i}": m > 0 for i, m in enumerate(logits)}}
+    shard1 = os.path.join(root, "shard-00001.safetensors")
+    with open(shard1, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    save_file(expected, os.path.join(folder, "paths_expected.safetensors"),
+              metadata={"meta": json.dumps(meta, sort_keys=True), "flipped_tensor": last})
+
+    def damaged(what, change):
+        copy = os.path.join(folder, f"paths_bad_{what}")
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(root, copy)
+        change(copy)
+
+    def flip(copy):
+        path = os.path.join(copy, "shard-00001.safetensors")
+        data = bytearray(open(path, "rb").read())
+        data[-2] ^= 0xFF  # in the last tensor's bytes
+        open(path, "wb").write(bytes(data))
+
+    def manifest(**changes):
+        def change(copy):
+            path = os.path.join(copy, "manifest.json")
+            m = json.load(open(path))
+            for key, value in changes.items():
+                if key == "rows":
+                    m["shards"][1]["images"], m["images"] = value, m["images"] - 4 + value
+                else:
+                    m[key] = value
+            json.dump(m, open(path, "w"))
+        return change
+
+    damaged("flipped", flip)
+    damaged("missing", lambda copy: os.remove(os.path.join(copy, "shard-00002.safetensors")))
+    damaged("format", manifest(format="nad-ext.pathstore/2"))
+    damaged("rows", manifest(rows=3))
+
+
 def export_gated_model(folder: str) -> None:
     """A small gated CNN packaged for C++ (torch.export + AOTInductor, CPU), with a batch of
     another size than at export and the outputs the C++ side must reproduce."""
@@ -339,6 +399,7 @@ def main(folder: str, library: str | None) -> None:
     if library:
         use_library(library)
         python_banks(folder, gen)
+        python_path_store(folder, gen)
         export_gated_model(folder)
     print(f"fixtures written to {folder}")
 

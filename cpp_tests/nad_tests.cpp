@@ -23,6 +23,7 @@
 
 #include <nad/maskbank.h>
 #include <nad/nad.h>
+#include <nad/pathstore.h>
 #include <nad/safetensors.h>
 #include <nad/version.h>
 
@@ -644,6 +645,62 @@ void similarity_program_vs_python(const Args& args) {
         "bad metric accepted");
 }
 
+// A path store written by Python's PathStore (make_fixtures.py), read here: the manifest, every
+// shard (not the orphan shard-00003 after them), the packed and unpacked masks, fields and
+// float16 logits equal to what Python wrote; the bit order pinned; damaged copies refused.
+void pathstore_python_written(const Args& args) {
+  REQUIRE(std::filesystem::is_directory(args[0] + "/paths"), "no paths/: run make_fixtures.py with --library");
+  const auto store = nad::PathStore::open(args[0] + "/paths");
+  const auto fx = nad::read_safetensors(args[0] + "/paths_expected.safetensors");
+  REQUIRE(store.model_id() == "cpp_test_paths", "model_id " << store.model_id());
+  const std::vector<nad::GatePoint> points{{"conv1", 13, 1, "channels", "output"}, {"blocks.0", 8, 2, "channels", "output"},
+                                           {"attn", 3, 2, "heads", "output"}, {"fc", 21, 1, "channels", "relu"}};
+  REQUIRE(store.points() == points, store.points().size() << " gate points, not the 4 Python wrote");
+  REQUIRE(store.channels_total() == 45 && store.mask_bytes() == 6 && store.has_logits() && store.shard_size() == 4,
+          "channels " << store.channels_total() << ", mask bytes " << store.mask_bytes());
+  REQUIRE((store.shard_images() == std::vector<int64_t>{4, 4, 2}) && store.num_images() == 10,
+          store.num_shards() << " shards, " << store.num_images() << " images");
+  REQUIRE(store.meta_json() == fx.metadata.at("meta"), "meta " << store.meta_json() << " != " << fx.metadata.at("meta"));
+  REQUIRE(at::equal(store.image_indices(), fx.tensor("image_index")), "image_index " << store.image_indices());
+  REQUIRE(at::equal(store.packed(), fx.tensor("packed")), "packed masks differ");
+  const auto masks = store.masks();
+  REQUIRE(masks.size() == 4, masks.size() << " mask tensors");
+  for (size_t l = 0; l < masks.size(); ++l)
+    REQUIRE(masks[l].scalar_type() == at::kBool && at::equal(masks[l], fx.tensor("masks." + std::to_string(l))),
+            "masks of gate point " << l << " differ");
+  std::map<std::string, std::vector<at::Tensor>> parts;
+  for (int64_t i = 0; i < store.num_shards(); ++i) {
+    const auto s = store.shard(i);
+    for (const auto& [name, t] : std::map<std::string, at::Tensor>{{"label", s.label}, {"target", s.target},
+                                                                   {"prediction", s.prediction}, {"status", s.status},
+                                                                   {"logits", s.logits}})
+      parts[name].push_back(t);
+  }
+  for (const auto& [name, ts] : parts)
+    REQUIRE(at::equal(at::cat(ts), fx.tensor(name)), name << " differs from what Python wrote");
+  // The bit order: channel j is bit j % 8 of byte j / 8.
+  const std::vector<uint8_t> bytes{9, 1, 128, 4};
+  const auto bits = nad::PathStore::unpack(at::tensor(bytes).reshape({2, 2}), 11);
+  const auto want = at::zeros({2, 11}, at::kBool);
+  for (const auto& [row, col] : std::vector<std::pair<int, int>>{{0, 0}, {0, 3}, {0, 8}, {1, 7}, {1, 10}})
+    want.select(0, row).select(0, col).fill_(true);
+  REQUIRE(at::equal(bits, want), "unpack of the hand-made example: " << bits);
+  REQUIRE(at::equal(nad::PathStore::unpack(at::tensor(bytes).reshape({2, 2}), 5, 3), want.narrow(1, 3, 5)),
+          "unpack from bit 3");
+
+  const auto read = [&](const std::string& what) {
+    return [&args, what] { nad::PathStore::open(args[0] + "/paths_bad_" + what).packed(); };
+  };
+  expect_error(read("flipped"), {"paths_bad_flipped/shard-00001.safetensors", "\"" + fx.metadata.at("flipped_tensor") + "\"",
+                                 "fails its CRC-32 check"}, "flipped byte");
+  expect_error(read("missing"), {"shard-00002.safetensors is missing"}, "missing shard");
+  expect_error(read("format"), {"unknown path store format \"nad-ext.pathstore/2\""}, "format version");
+  expect_error(read("rows"), {"shard-00001.safetensors", "\"image_index\"", "the manifest says", "(3 images"},
+               "row count");
+  expect_error([&] { nad::PathStore::open(args[0] + "/nowhere"); }, {"does not exist"}, "missing folder");
+  expect_error([&] { nad::PathStore::open(args[0]); }, {"is not a path store"}, "folder without a manifest");
+}
+
 const std::map<std::string, void (*)(const Args&)> kCases = {
     {"task_gate_forward_backward", task_gate_forward_backward},
     {"launch_geometry", launch_geometry},
@@ -661,6 +718,7 @@ const std::map<std::string, void (*)(const Args&)> kCases = {
     {"maskbank_python_written", maskbank_python_written},
     {"maskbank_save_atomic", maskbank_save_atomic},
     {"pt2_gated_model", pt2_gated_model},
+    {"pathstore_python_written", pathstore_python_written},
 };
 
 }  // namespace

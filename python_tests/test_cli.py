@@ -328,6 +328,12 @@ def test_defaults_shown_are_the_ones_used():
     assert common.config_from_args(args) == NADConfig(**SELECTIVE_DEFAULTS)
     args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x", "--selective", "--negative-weight", "7"])
     assert common.config_from_args(args) == NADConfig(**{**SELECTIVE_DEFAULTS, "negative_weight": 7.0})
+    assert common.GATE_TEMPERATURE == NADConfig.gate_temperature
+    args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x", "--selective", "--gate", "soft"])
+    assert common.config_from_args(args) == NADConfig(**{**SELECTIVE_DEFAULTS, "gate": "soft"})
+    args = parser.parse_args(["disentangle", "--model", "vgg16", "--out", "x", "--gate", "annealed",
+                              "--gate-temperature", "0.05"])
+    assert common.config_from_args(args) == NADConfig(gate="annealed", gate_temperature=0.05)
     args = parser.parse_args(["demo"])
     assert (args.epochs, args.mosaics) == (demo.DEMO_EPOCHS, demo.DEMO_MOSAICS)
 

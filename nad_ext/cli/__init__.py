@@ -25,11 +25,11 @@ from pathlib import Path
 
 import nad_ext
 from nad_ext import __version__, distributed
-from nad_ext.cli import analyze, calibrate, demo, disentangle, gate_points, prepare_data, report, similarity
+from nad_ext.cli import analyze, calibrate, demo, disentangle, gate_points, paths, prepare_data, report, similarity
 from nad_ext.cli.common import USER_ERROR, Parser
 
 # The verbs, in the order `nad --help` lists them.
-VERBS = (demo, gate_points, disentangle, calibrate, analyze, prepare_data, report, similarity)
+VERBS = (demo, gate_points, disentangle, calibrate, paths, analyze, prepare_data, report, similarity)
 
 
 def build_parser() -> argparse.ArgumentParser:

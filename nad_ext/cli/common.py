@@ -10,9 +10,10 @@ from pathlib import Path
 
 BUILTIN = "builtin"
 USER_ERROR = 2  # argparse's own exit status for usage errors; used for every user error
-# training.SELECTIVE_DEFAULTS, written out so that --help shows them without importing torch
-# (python_tests/test_cli.py checks that they agree).
-SELECTIVE = {"negatives": 0.25, "negative_weight": 2.0}
+# training.SELECTIVE_DEFAULTS and NADConfig.gate_temperature, written out so that --help shows
+# them without importing torch (python_tests/test_cli.py checks that they agree).
+SELECTIVE = {"negatives": 0.25, "negative_weight": 2.0, "gate": "annealed"}
+GATE_TEMPERATURE = 0.2
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -115,6 +116,17 @@ def load_model(args, train, val):
     if args.weights is None:
         raise ValueError(f"--weights is required for {args.model}: no pretrained weights can be downloaded")
     return models.load_model(args.model, args.weights, num_classes=len(train.classes))
+
+
+def add_gate_args(p) -> None:
+    """--gate and --gate-temperature: how the gates are trained (NADConfig.gate)."""
+    p.add_argument("--gate", choices=["soft", "annealed", "straight_through"],
+                   help="how the gates are trained: soft, sigmoid(m) (the paper's); annealed, sigmoid(m / tau) with "
+                        "tau lowered from 1 to --gate-temperature over the run, so that what is trained ends near "
+                        "the binary sub-architecture that is kept; straight_through, the binary gates with the soft "
+                        f"gradient (default: soft; {SELECTIVE['gate']} with --selective)")
+    p.add_argument("--gate-temperature", type=float, metavar="TAU",
+                   help=f"--gate annealed: the temperature at the end of the run (default: {GATE_TEMPERATURE:g})")
 
 
 def config_from_args(args):

@@ -7,8 +7,9 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from nad_ext.cli.common import (SELECTIVE, add_model_args, add_nonfinite_arg, add_pipeline_args, add_units_arg,
-                                config_from_args, load_data, load_model, load_tasks, network_from_args, setup)
+from nad_ext.cli.common import (SELECTIVE, add_gate_args, add_model_args, add_nonfinite_arg, add_pipeline_args,
+                                add_units_arg, config_from_args, load_data, load_model, load_tasks,
+                                network_from_args, setup)
 
 
 def beta_value(value: str):
@@ -68,8 +69,10 @@ def add(sub) -> None:
                    help="selective objective: weight of the term that keeps a task from predicting itself on "
                         f"other classes' images (default: 0; {SELECTIVE['negative_weight']:g} with --selective)")
     p.add_argument("--selective", action="store_true",
-                   help="the selective objective with the settings tuned on the demo zoo (the --negatives and "
-                        "--negative-weight above); either option given explicitly overrides its value")
+                   help="the selective objective with the settings tuned on the demo zoo and a real-data CNN (the "
+                        "--negatives, --negative-weight, --gate and --gate-temperature here); an option given "
+                        "explicitly overrides its value")
+    add_gate_args(p)
     p.add_argument("--tasks", help='JSON file {"task": ["class", ...]} (default: one task per class)')
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last committed epoch (starts a new run, with a note, "

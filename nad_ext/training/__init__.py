@@ -14,6 +14,8 @@
 - :mod:`~nad_ext.training.calibration`: beta by short runs: the largest that keeps the tasks
   (by default), or the one for a target open ratio;
 - :mod:`~nad_ext.training.driver`: :func:`disentangle`, the whole run;
+- :mod:`~nad_ext.training.paths`: per-image routing paths, one task per image
+  (:func:`learn_paths`, :func:`iter_paths`, :class:`PathSettings`), into a path store;
 - :mod:`~nad_ext.training.rundir`: the run folder, consistent after any crash;
   :mod:`~nad_ext.training.commit`: the run folder across the ranks of a torchrun run.
 
@@ -29,9 +31,10 @@ from nad_ext.training.fidelity import FidelitySettings, FidelityWarning
 from nad_ext.training.loop import train_in_memory, train_step
 from nad_ext.training.nonfinite import NonFiniteGradientError
 from nad_ext.training.objective import SELECTIVE_DEFAULTS
+from nad_ext.training.paths import PathSettings, PathWarning, iter_paths, learn_paths
 
 __all__ = [
     "CalibrationSettings", "FidelitySettings", "FidelityWarning", "NADConfig", "Network", "NonFiniteGradientError", "SELECTIVE_DEFAULTS",
-    "build_gated_model", "calibrate_beta", "disentangle", "search_beta",
-    "search_beta_by_fidelity", "train_in_memory", "train_step",
+    "PathSettings", "PathWarning", "build_gated_model", "calibrate_beta", "disentangle", "iter_paths", "learn_paths",
+    "search_beta", "search_beta_by_fidelity", "train_in_memory", "train_step",
 ]

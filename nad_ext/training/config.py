@@ -69,7 +69,7 @@ class NADConfig:
     negative_weight: float = 0.0
     on_nonfinite: str = "stop"
     gate: str = "soft"
-    gate_temperature: float = 0.1
+    gate_temperature: float = 0.2
 
     def validate(self) -> None:
         for name in ("beta", "lr", "init_std"):

@@ -37,11 +37,14 @@ import torch.nn.functional as F
 
 from nad_ext.ops import gate_mse, normalized_gradient_step_
 
-# The selective objective's settings behind ``--selective`` (r, gamma): 4 negatives per 16
-# own-class images, weight 2; tuned on the demo zoo (8 epochs at lr 0.2), see
-# benchmarks/RESULTS.md ("Selective sub-architectures on the zoo"). A bank's config names its
-# objective through :func:`nad_ext.gates.maskbank.describe_objective`.
-SELECTIVE_DEFAULTS = {"negatives": 0.25, "negative_weight": 2.0}
+# The selective objective's settings behind ``--selective``: 4 negatives per 16 own-class
+# images, weight 2 (r, gamma: tuned on the demo zoo, 8 epochs at lr 0.2), and gates annealed to
+# temperature 0.2 (NADConfig.gate_temperature's default): with soft gates a real-data CNN's
+# binary sub-architectures lost 10-17 points of own-class accuracy that the soft ones kept
+# (benchmarks/RESULTS.md, "Sub-architectures on real data" and "The selective variant on real
+# data"). A bank's config names its objective through
+# :func:`nad_ext.gates.maskbank.describe_objective`.
+SELECTIVE_DEFAULTS = {"negatives": 0.25, "negative_weight": 2.0, "gate": "annealed"}
 
 
 @dataclass
