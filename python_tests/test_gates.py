@@ -377,8 +377,13 @@ def test_temperature_scales_the_soft_gates_and_leaves_the_binary_ones():
     torch.testing.assert_close(gated(x, ids)[0], expected)
     torch.testing.assert_close(gated(x, ids, binary=True)[0], binary1)
     torch.testing.assert_close(gated.scaled_logits()[0], gated.logits[0] / 0.25)
+    tempered = gated(x, ids)[0]
     gated.set_temperature(1)
     torch.testing.assert_close(gated(x, ids)[0], soft1)
+    # Every pass reads the buffer once a temperature was set (1 too), as a replayed CUDA graph
+    # captured at temperature 1 would: an in-place change is seen.
+    gated.temperature.fill_(0.25)
+    torch.testing.assert_close(gated(x, ids)[0], tempered)
     for bad in (0, -1.0, float("nan"), True, "1"):
         with pytest.raises(ValueError, match="temperature must be a positive number"):
             gated.set_temperature(bad)

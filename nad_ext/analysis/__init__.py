@@ -16,9 +16,11 @@ processes (``nad_ext.distributed.Context.map_units``, under torchrun) gives the 
 Modules: :mod:`~nad_ext.analysis.masks` (the masks alone: open ratios, similarity, clustering),
 :mod:`~nad_ext.analysis.accuracy` (what the sub-architectures predict, confusions against
 similarity), :mod:`~nad_ext.analysis.maps` (activation maps, the single-image view),
-:mod:`~nad_ext.analysis.hit_rate` (the mosaic hit rate), :mod:`~nad_ext.analysis.results`
-(everything at once, written and read back); :mod:`~nad_ext.analysis.common` holds what they
-share.
+:mod:`~nad_ext.analysis.hit_rate` (the mosaic hit rate), :mod:`~nad_ext.analysis.paths`
+(per-image routing paths against the class sub-architectures, issue 26: path to class,
+misclassified images, per-gate-point class specificity, the far-path detector with its FGSM /
+PGD attacks), :mod:`~nad_ext.analysis.results` (everything at once, written and read back);
+:mod:`~nad_ext.analysis.common` holds what they share.
 
 May import: :mod:`nad_ext._utils`, :mod:`nad_ext.distributed`, :mod:`nad_ext.data`,
 :mod:`nad_ext.models`, :mod:`nad_ext.gates`, :mod:`nad_ext.ops`. Not :mod:`nad_ext.training`:
@@ -31,11 +33,15 @@ from nad_ext.analysis.hit_rate import ALL_CONSTANT_NOTE, CHANCE_HIT, NON_SPATIAL
 from nad_ext.analysis.maps import activation_maps, position_map, single_image_view, top_hits
 from nad_ext.analysis.masks import (cluster_order, layerwise_similarity, relative_depth, similarity,
                                     subarchitecture_stats)
+from nad_ext.analysis.paths import (detector_auc, fgsm, layerwise_path_to_class, misclassified_paths,
+                                    path_class_similarity, path_outlier_scores, path_to_class, pgd, roc_auc)
 from nad_ext.analysis.results import load_results, run_all
 
 __all__ = [
     "ALL_CONSTANT_NOTE", "BALANCED_ACCURACY", "CHANCE_HIT", "FALSE_POSITIVES", "MEASURES_MEANING", "NON_SPATIAL_NOTE",
-    "OPEN_CHANNELS", "OWN_CLASS_ACCURACY", "activation_maps", "cluster_order", "confusion_vs_similarity", "hit_rate",
-    "layerwise_similarity", "load_results", "masked_accuracy", "position_map", "relative_depth", "run_all",
-    "similarity", "single_image_view", "subarchitecture_stats", "top_hits",
+    "OPEN_CHANNELS", "OWN_CLASS_ACCURACY", "activation_maps", "cluster_order", "confusion_vs_similarity",
+    "detector_auc", "fgsm", "hit_rate", "layerwise_path_to_class", "layerwise_similarity", "load_results",
+    "masked_accuracy", "misclassified_paths", "path_class_similarity", "path_outlier_scores", "path_to_class", "pgd",
+    "position_map", "relative_depth", "roc_auc", "run_all", "similarity", "single_image_view",
+    "subarchitecture_stats", "top_hits",
 ]

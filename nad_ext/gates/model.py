@@ -192,7 +192,9 @@ class GatedModel(nn.Module):
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.temperature.fill_(float(temperature))
-        self._tempered = self._tempered or temperature != 1
+        # From now on every masked pass divides by the buffer (by 1 too): a step captured in a
+        # CUDA graph at temperature 1 must still read the later temperatures.
+        self._tempered = True
 
     def scaled_logits(self) -> list[torch.Tensor]:
         """Per gate point, m / temperature: the soft gates are sigmoid of these (the sparsity

@@ -239,7 +239,8 @@ def run_epochs(network: Network, tasks: list[Task], indices: list[list[int]], co
     group = 1 if config.mode == "paper" else config.tasks_per_step
     mine = ctx.my_tasks([len(i) for i in indices], group)  # every task, unless under torchrun
     for epoch in range(start_epoch, config.epochs):
-        gated.set_temperature(gate_temperature(config, epoch))
+        if config.gate == "annealed":
+            gated.set_temperature(gate_temperature(config, epoch))
         streams = [TaskStream(indices[t], config.batch_size, epoch_generator(config.seed, epoch, t), num_images,
                               config.negatives) for t in mine]
         tally = NonFiniteTally(config.on_nonfinite, [t.name for t in tasks], [p.name for p in gated.gate_points],

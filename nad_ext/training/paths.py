@@ -384,7 +384,8 @@ class _Trainer:
             counts = torch.tensor(batch.counts).view(len(group), per_part)
             views_seen[group] += counts[:, 0]
             if len(batch.labels):
-                gated.set_temperature(gate_temperature(self.config, step))
+                if self.config.gate == "annealed":
+                    gated.set_temperature(gate_temperature(self.config, step))
                 positions = torch.tensor(group)
                 task_ids = torch.repeat_interleave(positions.repeat_interleave(per_part), counts.flatten())
                 own = torch.repeat_interleave(torch.arange(per_part).repeat(len(group)) == 0, counts.flatten())
