@@ -118,6 +118,32 @@ def load_model(args, train, val):
     return models.load_model(args.model, args.weights, num_classes=len(train.classes))
 
 
+def add_execution_args(p) -> None:
+    """--fuse, --precision, --cuda-graph: how a step runs (NADConfig's execution settings)."""
+    p.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
+                   help="fused fast path: BatchNorm folded, nad::masked_conv2d (auto: on with CUDA)")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="network precision; gate logits stay float32 (auto: bfloat16 on the fused CUDA path)")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                   help="replay the step from CUDA graphs (auto: on with the fused CUDA path)")
+
+
+def add_selective_args(p, batch: str, task: str) -> None:
+    """--negatives, --negative-weight, --selective and the gate options: the objective's variants.
+    ``batch`` names what the negatives join ("each task batch"), ``task`` what must not claim them."""
+    p.add_argument("--negatives", type=float, metavar="R",
+                   help=f"selective objective (not the paper's): R x its size images of other classes join {batch} "
+                        f"(default: 0, the paper's objective; {SELECTIVE['negatives']:g} with --selective)")
+    p.add_argument("--negative-weight", type=float, metavar="GAMMA",
+                   help=f"selective objective: weight of the term that keeps {task} from predicting its classes on "
+                        f"other classes' images (default: 0; {SELECTIVE['negative_weight']:g} with --selective)")
+    p.add_argument("--selective", action="store_true",
+                   help="the selective objective with the settings tuned on the demo zoo and a real-data CNN (the "
+                        "--negatives, --negative-weight and --gate here); an option given explicitly overrides its "
+                        "value")
+    add_gate_args(p)
+
+
 def add_gate_args(p) -> None:
     """--gate and --gate-temperature: how the gates are trained (NADConfig.gate)."""
     p.add_argument("--gate", choices=["soft", "annealed", "straight_through"],

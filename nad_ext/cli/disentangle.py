@@ -7,8 +7,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from nad_ext.cli.common import (SELECTIVE, add_gate_args, add_model_args, add_nonfinite_arg, add_pipeline_args,
-                                add_units_arg, config_from_args, load_data, load_model, load_tasks,
+from nad_ext.cli.common import (add_execution_args, add_model_args, add_nonfinite_arg, add_pipeline_args,
+                                add_selective_args, add_units_arg, config_from_args, load_data, load_model, load_tasks,
                                 network_from_args, setup)
 
 
@@ -49,12 +49,7 @@ def add(sub) -> None:
                    help="batched: many tasks per step; paper: one task per step, as the reference code (same gates)")
     p.add_argument("--seed", type=int, default=0, help="seed of the gates' initialisation and the data order")
     p.add_argument("--image-size", type=int, help="training crop size (default: the model preset's input size)")
-    p.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
-                   help="fused fast path: BatchNorm folded, nad::masked_conv2d (auto: on with CUDA)")
-    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="network precision; gate logits stay float32 (auto: bfloat16 on the fused CUDA path)")
-    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
-                   help="replay the step from CUDA graphs (auto: on with the fused CUDA path)")
+    add_execution_args(p)
     add_pipeline_args(p, bad_images=True)
     add_nonfinite_arg(p)
     p.add_argument("--fidelity-check", choices=["on", "off"], default="on",
@@ -62,17 +57,7 @@ def add(sub) -> None:
                         "classes, 64 of others) and warn, naming the tasks, when one answers the same class for "
                         "every image or keeps less than half the original network's accuracy on its classes; the "
                         "figures go into the bank and log.json")
-    p.add_argument("--negatives", type=float, metavar="R",
-                   help="selective objective (not the paper's): R x batch size images of other classes join each "
-                        f"task batch (default: 0, the paper's objective; {SELECTIVE['negatives']:g} with --selective)")
-    p.add_argument("--negative-weight", type=float, metavar="GAMMA",
-                   help="selective objective: weight of the term that keeps a task from predicting itself on "
-                        f"other classes' images (default: 0; {SELECTIVE['negative_weight']:g} with --selective)")
-    p.add_argument("--selective", action="store_true",
-                   help="the selective objective with the settings tuned on the demo zoo and a real-data CNN (the "
-                        "--negatives, --negative-weight, --gate and --gate-temperature here); an option given "
-                        "explicitly overrides its value")
-    add_gate_args(p)
+    add_selective_args(p, "each task batch", "a task")
     p.add_argument("--tasks", help='JSON file {"task": ["class", ...]} (default: one task per class)')
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last committed epoch (starts a new run, with a note, "

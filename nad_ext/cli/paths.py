@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nad_ext.cli.common import (SELECTIVE, add_gate_args, add_model_args, add_pipeline_args, add_units_arg,
+from nad_ext.cli.common import (add_execution_args, add_model_args, add_pipeline_args, add_selective_args, add_units_arg,
                                 load_data, load_model, network_from_args)
 
 
@@ -39,22 +39,8 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the gates' initialisation and the views")
     p.add_argument("--init-std", type=float, default=1.0, help="standard deviation of the initial gate logits")
     p.add_argument("--image-size", type=int, help="training crop size (default: the model preset's input size)")
-    p.add_argument("--negatives", type=float, metavar="R",
-                   help="selective objective (not the paper's): R x views images of other classes join each image's "
-                        f"views (default: 0, the paper's objective; {SELECTIVE['negatives']:g} with --selective)")
-    p.add_argument("--negative-weight", type=float, metavar="GAMMA",
-                   help="selective objective: weight of the term that keeps a path from predicting its class on "
-                        f"other classes' images (default: 0; {SELECTIVE['negative_weight']:g} with --selective)")
-    p.add_argument("--selective", action="store_true",
-                   help="the selective objective with the settings of `nad disentangle --selective` (the options "
-                        "above and --gate); an option given explicitly overrides its value")
-    add_gate_args(p)
-    p.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
-                   help="fused fast path: BatchNorm folded, nad::masked_conv2d (auto: on with CUDA)")
-    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="network precision; gate logits stay float32 (auto: bfloat16 on the fused CUDA path)")
-    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
-                   help="replay the step from CUDA graphs (auto: on with the fused CUDA path)")
+    add_selective_args(p, "each image's views", "a path")
+    add_execution_args(p)
     add_pipeline_args(p, bad_images=False)
     p.add_argument("--on-nonfinite", choices=["stop", "skip"], default="stop",
                    help="a NaN or Inf in an image's gate gradient stops the command, naming the image (stop), or "

@@ -40,7 +40,7 @@ from nad_ext.ops import gate_mse, normalized_gradient_step_
 # The selective objective's settings behind ``--selective``: 4 negatives per 16 own-class
 # images, weight 2 (r, gamma: tuned on the demo zoo, 8 epochs at lr 0.2), and gates annealed to
 # temperature 0.2 (NADConfig.gate_temperature's default): with soft gates a real-data CNN's
-# binary sub-architectures lost 10-17 points of own-class accuracy that the soft ones kept
+# binary sub-architectures lost 12-19 points of own-class accuracy that the soft ones kept
 # (benchmarks/RESULTS.md, "Sub-architectures on real data" and "The selective variant on real
 # data"). A bank's config names its objective through
 # :func:`nad_ext.gates.maskbank.describe_objective`.
