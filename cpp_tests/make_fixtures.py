@@ -399,8 +399,10 @@ def main(folder: str, library: str | None) -> None:
     if library:
         use_library(library)
         python_banks(folder, gen)
-        python_path_store(folder, gen)
         export_gated_model(folder)
+    # After use_library: the store imports nad_ext, which loads the operators from the library
+    # given (or from nad_ext._C without one, as test_sanitize.sh runs it).
+    python_path_store(folder, gen)
     print(f"fixtures written to {folder}")
 
 

@@ -1,8 +1,9 @@
 """One self-contained HTML page with the analyses of one or more networks.
 
-The input is ``{network name: analysis.run_all(...) result}``; figures are PNGs drawn with
-matplotlib's Agg canvas (no pyplot, no display) and embedded as base64 data URIs, so the page
-is a single file that opens anywhere. Written atomically.
+The input is ``{network name: analysis.run_all(...) result}``, each optionally with a
+``"paths"`` entry (:func:`nad_ext.path_study.analyze_paths`, the section "Per-image paths"). Figures
+are PNGs drawn with matplotlib's Agg canvas (no pyplot, no display) and embedded as base64 data
+URIs, so the page is a single file that opens anywhere. Written atomically.
 
 May import: :mod:`nad_ext.analysis` and what it may import; not :mod:`nad_ext.training`.
 """
@@ -40,7 +41,8 @@ nav a { margin-right: 1em; }
 SECTIONS = [("summary", "Summary"), ("curves", "Layer-wise curves"), ("hit-rate", "Hit rate"),
             ("similarity", "Task similarity"), ("mosaics", "Mosaic examples"),
             ("confusion", "Confusion versus similarity"), ("accuracy", "Masked accuracy"),
-            ("beta", "Beta and the fidelity check"), ("metadata", "Run metadata")]
+            ("beta", "Beta and the fidelity check"), ("paths", "Per-image paths"),
+            ("metadata", "Run metadata")]
 MEANINGS = (f"{analysis.MEASURES_MEANING[0].upper()}{analysis.MEASURES_MEANING[1:]}. "
             f"{analysis.OPEN_CHANNELS[0].upper()}{analysis.OPEN_CHANNELS[1:]}: open channels / all gated channels "
             "of a sub-architecture. All on the validation images, with the binary sub-architectures.")
@@ -347,6 +349,73 @@ def _summary_section(results_by_network: dict) -> str:
     return _measures_table("network", rows)
 
 
+def paths_layerwise_figure(results_by_network: dict) -> str:
+    """Per-image paths (c): per gate point, the share of images whose path there is most similar
+    to their own class's sub-architecture, against relative depth; chance dashed."""
+    fig = Figure(figsize=(7.5, 4.0))
+    ax = fig.subplots()
+    colours = _colours(results_by_network)
+    chances = {res["paths"]["layerwise"]["chance"] for res in results_by_network.values()}
+    for name, res in results_by_network.items():
+        layer = res["paths"]["layerwise"]
+        rows = layer["per_gate_point"]
+        ax.plot([r["relative_depth"] for r in rows], [r["top1_label"] for r in rows], "o-", color=colours[name],
+                label=name)
+        if len(chances) > 1:  # networks with different numbers of classes: a chance line each
+            ax.axhline(layer["chance"], color=colours[name], ls="--", lw=1, alpha=0.7)
+    if len(chances) == 1:
+        ax.axhline(chances.pop(), color="black", ls="--", lw=1, label="chance")
+    ax.set_title("Per-image paths: top-1 agreement with the label per gate point (dashed: chance)", fontsize=10)
+    ax.set_xlabel("relative depth")
+    ax.set_ylabel("top-1 agreement with the label")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return _png(fig)
+
+
+def _paths_table(name: str, p: dict) -> str:
+    """One network's per-image path analyses (a), (b), (d), each against its baseline."""
+    a, b, attack, det = p["path_to_class"], p["misclassified"], p["attack"], p["detector"]
+    rows = [[f"(a) path to class, {top} agreement with the {what}", a[f"{key}_{what}"], a["chance"][key],
+             a["permuted"].get(f"{key}_{what}")]
+            for key, top in (("top1", "top-1"), ("topk", f"top-{a['k']}")) for what in ("label", "prediction")]
+    rows.append([f"(b) misclassified images ({b['misclassified']}) closer to the predicted class than to their own",
+                 b["share_closer_to_prediction"], b["chance"], b["correct_share_closer_to_other"]])
+    for key, what in (("all", "all"), ("flipped", "prediction flipped"), ("not_flipped", "prediction kept")):
+        d = det.get(key)
+        rows.append([f"(d) detector ROC AUC, attacked ({what}, {d['attacked'] if d else 0}) vs clean "
+                     f"({d['clean'] if d else 0})", d and d["auc"], 0.5, None])
+    note = (f"{attack['method'].upper()} at eps {attack['eps']:.4g} ({html.escape(attack['space'])}): the original "
+            f"network's accuracy {_percent(attack['accuracy_clean'])} clean, {_percent(attack['accuracy_attacked'])} "
+            f"attacked; {attack['flipped']} of {attack['images']} predictions flipped. Left out (no meaningful "
+            f"path): clean {_left_out(p['status']['clean'])}, attacked {_left_out(p['status']['attacked'])}.")
+    return (f"<h3>{html.escape(name)}</h3>" + _table(["analysis", "value", "chance", "baseline (above)"], rows)
+            + f"<p class='note'>{note}</p>")
+
+
+def _left_out(status: dict) -> str:
+    return ", ".join(f"{n} {k}" for k, n in status.items() if k != "ok" and n) or "none"
+
+
+def _paths_section(results_by_network: dict) -> str:
+    with_paths = {n: r for n, r in results_by_network.items() if r.get("paths")}
+    settings = next(iter(with_paths.values()))["paths"]["settings"]
+    intro = ("Each validation image's own sub-architecture (its path: NAD with the image as a task of one, "
+             f"{settings['steps']} step(s) of {settings['views']} augmented views, gates initialised at std "
+             f"{settings['init_std']:g}, target: the original network's prediction, as in CDRP) compared with the "
+             "class sub-architectures by the mean IoU over gate points. Baselines: (a) the labels, or predictions, "
+             "shuffled among the images; (b) correctly classified images, with a random other class in place of "
+             "the prediction. (d) flags paths far from every class (1 - the highest IoU) and separates attacked "
+             "images (their paths learnt from PNG files, as the clean ones) from clean ones. Images none of whose "
+             "views the network answers as on the image itself have no path and are left out (counted under each "
+             "table); an attack that does not survive the augmentation leaves more attacked images out.")
+    tables = "".join(_paths_table(name, res["paths"]) for name, res in with_paths.items())
+    return (f"<p class='note'>{html.escape(intro)}</p>" + tables
+            + "<h3>(c) Class specificity per gate point</h3>" + paths_layerwise_figure(with_paths))
+
+
 def _metadata_section(metadata: dict, results_by_network: dict) -> str:
     from nad_ext import __version__
 
@@ -370,7 +439,8 @@ def write_report(results_by_network: dict[str, dict], out_path: str | Path, meta
     out_path = Path(out_path)
     parts = ["<h1>Neural Architecture Disentanglement report</h1>",
              f"<p>{len(results_by_network)} network(s): {html.escape(', '.join(results_by_network))}.</p>",
-             "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in SECTIONS) + "</nav>"]
+             "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in SECTIONS if a != "paths" or any(
+                 res.get("paths") for res in results_by_network.values())) + "</nav>"]
     parts.append('<h2 id="summary">Summary</h2>')
     parts.append(_summary_section(results_by_network))
     parts.append(f"<p class='note'>Means over tasks. {html.escape(MEANINGS)}</p>")
@@ -412,6 +482,9 @@ def write_report(results_by_network: dict[str, dict], out_path: str | Path, meta
     parts.append("<p class='note'>A calibrated beta's curve from its short runs; the fidelity check runs each "
                  "task's binary sub-architecture on a sample after the last epoch (nad_ext.training.fidelity).</p>")
     parts += [_beta_section(name, res) for name, res in results_by_network.items()]
+    if any(res.get("paths") for res in results_by_network.values()):
+        parts.append('<h2 id="paths">Per-image paths</h2>')
+        parts.append(_paths_section(results_by_network))
     parts.append('<h2 id="metadata">Run metadata</h2>')
     parts.append(_metadata_section(metadata, results_by_network))
     page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>NAD report</title>"

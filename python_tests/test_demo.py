@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nad_ext import analysis, data, models
-from nad_ext import demo
+from nad_ext import demo, path_study
 from nad_ext.demo import DEMO_CALIBRATION, run_demo
 from nad_ext.training import NADConfig, Network, build_gated_model, disentangle
 
@@ -29,7 +29,7 @@ def test_subarchitectures_keep_their_task(tmp_path):
 @pytest.mark.slow
 def test_demo_writes_banks_analyses_summary_and_report(tmp_path):
     summary = run_demo(tmp_path / "out", cache_dir=tmp_path / "cache", epochs=1, num_mosaics=4,
-                       networks=["zoo_dense"], images_per_class=(16, 8), zoo_epochs=1, progress=False)
+                       networks=["zoo_dense"], images_per_class=(16, 8), zoo_epochs=1, progress=False, paths=True)
     out = tmp_path / "out"
     assert (out / "zoo_dense" / "masks.safetensors").is_file()
     assert (out / "zoo_dense" / "results.json").is_file()
@@ -41,6 +41,11 @@ def test_demo_writes_banks_analyses_summary_and_report(tmp_path):
     assert len(s["per_task"]) == 10
     assert s["open_channels_weighted"] == pytest.approx(
         sum(r * c for r, c in zip(s["open_ratio_per_gate_point"], s["channels"])) / sum(s["channels"]))
+    # --paths: every validation image's path, beside the analyses and in the report.
+    found = json.loads((out / "zoo_dense" / "paths.json").read_text())
+    assert found["images"] == 80 and found["attack"]["images"] == 80
+    assert s["paths"]["top1_label"] == found["path_to_class"]["top1_label"] and s["paths"]["chance_top1"] == 0.1
+    assert "Per-image paths" in html and "(d) detector ROC AUC" in html
     # The zoo is cached: a second run loads it instead of training again.
     assert (tmp_path / "cache" / "zoo_dense.safetensors").is_file()
 
@@ -104,3 +109,110 @@ def test_demo_settings_of_each_objective():
     assert selective == {"beta": 0.1, "lr": 0.2, **SELECTIVE_DEFAULTS}
     assert demo.demo_settings("zoo_nas", selective=True)["beta"] == demo.DEMO_BETAS["zoo_nas"]
     NADConfig(**selective).validate()
+
+
+# ------------------------------------------------------------------------------------------
+# Per-image paths (nad demo --paths): analyze_paths on a hand-made network whose classes are colours
+
+
+def _colour_network_and_bank():
+    from test_analysis import POINTS, ColourNet, own_channel_bank
+
+    return Network(ColourNet(), POINTS, "colour"), own_channel_bank()
+
+
+def _tiny_path_settings():
+    from test_analysis import SIZE
+
+    from nad_ext.training import PathSettings
+
+    return PathSettings(beta=0.5, steps=2, views=2, init_std=0.01, image_size=SIZE, device="cpu", data_pipeline="exact")
+
+
+@pytest.fixture(scope="module")
+def colour_paths():
+    import torch
+
+    from test_analysis import colour_set
+
+    torch.set_num_threads(1)
+    network, bank = _colour_network_and_bank()
+    return path_study.analyze_paths(network, bank, colour_set(), settings=_tiny_path_settings(), eps=0.3, progress=False)
+
+
+def _in_unit(value):
+    return value is None or 0.0 <= value <= 1.0
+
+
+def test_analyze_paths_gives_every_analysis_with_its_baseline(colour_paths):
+    found = colour_paths
+    assert json.loads(json.dumps(found)) == found  # JSON-friendly as it is
+    assert set(found) == {"images", "settings", "path_to_class", "misclassified", "layerwise", "attack",
+                          "attacked_path_to_class", "detector", "status", "seconds", "notes"}
+    assert found["images"] == 20 and found["settings"]["target"] == "prediction"
+    assert found["settings"]["steps"] == 2 and found["settings"]["beta"] == 0.5
+    a = found["path_to_class"]
+    assert a["chance"] == {"top1": 0.25, "topk": 1.0} and a["k"] == 4 and a["classes"] == 4
+    for key in ("top1_label", "top1_prediction", "topk_label", "topk_prediction"):
+        assert _in_unit(a[key]) and _in_unit(a["permuted"][key])
+    b = found["misclassified"]
+    assert b["chance"] == 0.5 and _in_unit(b["share_closer_to_prediction"]) and b["misclassified"] >= 0
+    c = found["layerwise"]
+    assert [r["gate_point"] for r in c["per_gate_point"]] == ["relu1", "relu2", "pool"]
+    assert c["chance"] == 0.25 and all(_in_unit(r["top1_label"]) for r in c["per_gate_point"])
+    attack = found["attack"]
+    assert attack["method"] == "fgsm" and attack["eps"] == 0.3 and attack["images"] == 20
+    assert attack["accuracy_clean"] == 1.0  # the colour network is right on every clean image
+    assert _in_unit(attack["accuracy_attacked"]) and 0 <= attack["flipped"] <= 20
+    assert set(found["detector"]) == {"all", "flipped", "not_flipped"}
+    for d in found["detector"].values():
+        assert d is None or (0.0 <= d["auc"] <= 1.0 and d["chance"] == 0.5 and d["attacked"] >= 1)
+    for what in ("clean", "attacked"):
+        assert sum(found["status"][what].values()) == 20
+    assert found["detector"]["all"]["attacked"] == found["status"]["attacked"]["ok"]
+    assert found["detector"]["all"]["clean"] == found["status"]["clean"]["ok"]
+    assert set(found["seconds"]) == {"clean_paths", "analyses", "attack", "attacked_paths"}
+    # The colour network routes each colour through its own channels: paths find their class,
+    # and a strong attack (eps 0.3) moves paths away from every class.
+    assert a["top1_label"] > 0.5 and attack["accuracy_attacked"] < 1.0 and found["detector"]["all"]["auc"] > 0.5
+    line = demo.paths_line(found)
+    assert "chance 25.0%" in line and "detector AUC" in line and "FGSM" in line
+
+
+def test_attacked_images_are_written_as_png_files_and_read_back(tmp_path):
+    import torch
+
+    from test_analysis import SIZE, colour_set
+
+    from nad_ext.data import image_folder
+
+    torch.set_num_threads(1)
+    network, _ = _colour_network_and_bank()
+    val = colour_set(per_class=2)
+    attacked = path_study.write_attacked(network.model, val, tmp_path, SIZE, "fgsm", 0.3)
+    assert attacked.labels == val.labels and attacked.classes == val.classes
+    assert all(p.is_file() and p.suffix == ".png" and p.parent.parent == tmp_path / "attacked" for p in attacked.paths)
+    tree = image_folder(tmp_path, "attacked")  # an ImageFolder tree: class folders in class order
+    assert tree.labels == val.labels and len(tree) == len(val)
+    changed = 0
+    for i in range(len(val)):
+        diff = (attacked.load(i).int() - val.load(i).int()).abs()
+        assert diff.max() <= round(0.3 * 255) + 1  # within eps, after rounding to uint8
+        changed += int(diff.max() > 0)
+    assert changed > 0
+    same = path_study.write_attacked(network.model, val, tmp_path / "zero", SIZE, "pgd", 0.0)
+    assert all(torch.equal(same.load(i), val.load(i)) for i in range(len(val)))  # eps 0: the images themselves
+    with pytest.raises(ValueError, match="attack must be one of"):
+        path_study.analyze_paths(network, None, val, settings=_tiny_path_settings(), attack="cw")
+
+
+def test_demo_paths_is_an_option_of_nad_demo():
+    from nad_ext import cli
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["demo"]).paths is False
+    assert parser.parse_args(["demo", "--paths"]).paths is True
+    settings = demo.demo_path_settings(type("Bank", (), {"config": {"beta": 4.5, "lr": 0.1, "init_std": 1.0}})())
+    assert (settings.steps, settings.views, settings.init_std) == (demo.DEMO_PATH_STEPS, demo.DEMO_PATH_VIEWS,
+                                                                  demo.DEMO_PATH_INIT_STD)
+    assert settings.beta == 4.5

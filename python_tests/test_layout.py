@@ -32,7 +32,7 @@ LAYERS = [
     ("models",),
     ("gates",),
     ("training", "analysis"),  # side by side: neither imports the other
-    ("report",),
+    ("report", "path_study"),  # side by side: the report reads results, the path study makes them
     ("demo",),
     ("cli",),
     ("__main__",),

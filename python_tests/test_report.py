@@ -81,3 +81,37 @@ def test_old_results_with_the_old_measure_names_still_report(tmp_path):
     loaded_task, today_task = loaded["masked_accuracy"]["tasks"][1], today["masked_accuracy"]["tasks"][1]
     assert measures(loaded_task) == pytest.approx(measures(today_task))
     assert "own-class accuracy" in write_report({"old": loaded}, tmp_path / "r.html", {}).read_text()
+
+
+@pytest.fixture(scope="module")
+def colour_paths():
+    import torch
+
+    from nad_ext import path_study
+    from nad_ext.training import Network, PathSettings
+    from test_analysis import POINTS, ColourNet
+
+    torch.set_num_threads(1)
+    settings = PathSettings(beta=0.5, steps=2, views=2, init_std=0.01, image_size=SIZE, device="cpu")
+    return path_study.analyze_paths(Network(ColourNet(), POINTS, "colour"), own_channel_bank(), colour_set(),
+                                    settings=settings, eps=0.3, progress=False)
+
+
+def test_report_has_a_per_image_paths_section_only_with_paths_results(results, colour_paths, tmp_path):
+    page = write_report({"colour_a": dict(results, paths=colour_paths), "colour_b": results}, tmp_path / "r.html",
+                        {}).read_text()
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 9  # the 8 of the report without paths, and the per-gate-point figure (c)
+    section = page[page.index('<h2 id="paths">'):page.index('<h2 id="metadata">')]
+    assert '<a href="#paths">Per-image paths</a>' in page
+    assert "<h3>colour_a</h3>" in section and "<h3>colour_b</h3>" not in section  # colour_b has no paths
+    for row in ("(a) path to class, top-1 agreement with the label", "top-4 agreement with the prediction",
+                "(b) misclassified images (0) closer to the predicted class",
+                "(d) detector ROC AUC, attacked (all, 20)",
+                "prediction flipped", "(c) Class specificity per gate point", "FGSM at eps 0.3"):
+        assert row in section, row
+    top1 = colour_paths["path_to_class"]["top1_label"]
+    assert f"<td class=\"num\">{top1:.3f}</td><td class=\"num\">0.250</td>" in section  # value, then chance
+    assert f"accuracy 100.0% clean, {100 * colour_paths['attack']['accuracy_attacked']:.1f}% attacked" in section
+    without = write_report({"colour_a": results}, tmp_path / "s.html", {}).read_text()
+    assert "Per-image paths" not in without and 'id="paths"' not in without

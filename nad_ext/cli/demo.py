@@ -17,6 +17,11 @@ def add(sub) -> None:
     p.add_argument("--selective", action="store_true",
                    help="learn with the selective objective (not the paper's; its settings tuned on this zoo, "
                         "see `nad disentangle --help`): sub-architectures that also reject other classes")
+    p.add_argument("--paths", action="store_true",
+                   help="also learn the routing path of every validation image on each CNN (one task per image) "
+                        "and compare each with the gates learnt for every class: path to class, misclassified "
+                        "images, each gate point, and a detector of paths far from every class on images attacked "
+                        "by FGSM (writes paths.json, adds a report section)")
     p.set_defaults(func=run)
 
 
@@ -24,4 +29,4 @@ def run(args) -> None:
     from nad_ext.demo import run_demo
 
     run_demo(args.out, cache_dir=args.cache, epochs=args.epochs, num_mosaics=args.mosaics, device=args.device,
-             selective=args.selective)
+             selective=args.selective, paths=args.paths)
