@@ -223,8 +223,9 @@ def test_selective_objective_keeps_the_planted_channels_and_does_not_depend_on_c
 def test_settings_from_a_class_run_config():
     from nad_ext.training import NADConfig
 
-    settings = PathSettings.from_config(NADConfig(beta=0.3, lr=0.05, seed=4, epochs=3), views=2)
+    settings = PathSettings.from_config(NADConfig(beta=0.3, lr=0.05, seed=4, epochs=3, init_std=1.0), views=2)
     assert (settings.beta, settings.lr, settings.seed, settings.views) == (0.3, 0.05, 4, 2)
+    assert settings.init_std == PathSettings.init_std  # the paths' own start, not the class run's
     assert PathSettings.from_config({"beta": 0.3, "batch_size": 16, "mode": "paper"}).beta == 0.3
 
 

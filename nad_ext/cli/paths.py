@@ -27,8 +27,8 @@ def add(sub) -> None:
     p.add_argument("--target", choices=["label", "prediction"], default="label",
                    help="the class each path keeps: the image's label (images the network gets wrong then have no "
                         "path), or the original network's prediction on the image (CDRP's choice)")
-    p.add_argument("--steps", type=int, default=10, help="training steps per image")
-    p.add_argument("--views", type=int, default=8, help="augmented views (crop and flip) of the image per step")
+    p.add_argument("--steps", type=int, default=20, help="training steps per image")
+    p.add_argument("--views", type=int, default=4, help="augmented views (crop and flip) of the image per step")
     p.add_argument("--images-per-step", type=int, default=64, help="images trained together in one step")
     p.add_argument("--chunk-size", type=int, default=1024, help="images whose gates are in memory together")
     p.add_argument("--gate-points", help="as for disentangle (default: the model's preset)")
@@ -37,7 +37,9 @@ def add(sub) -> None:
                                               "without one, e.g. the value a disentangle run used)")
     p.add_argument("--lr", type=float, default=0.1, help="step size of the normalised-gradient update")
     p.add_argument("--seed", type=int, default=0, help="seed of the gates' initialisation and the views")
-    p.add_argument("--init-std", type=float, default=1.0, help="standard deviation of the initial gate logits")
+    p.add_argument("--init-std", type=float, default=0.1,
+                   help="standard deviation of the initial gate logits (the class runs' 1.0 leaves a few steps' paths "
+                        "near their random start)")
     p.add_argument("--image-size", type=int, help="training crop size (default: the model preset's input size)")
     add_selective_args(p, "each image's views", "a path")
     add_execution_args(p)

@@ -52,6 +52,12 @@ class PathWarning(UserWarning):
 class PathSettings:
     """How paths are trained.
 
+    Defaults (20 steps of 4 views from gates N(0, 0.1^2)) from the study on the zoo in
+    benchmarks/RESULTS.md ("Per-image paths: steps, views, start"): from the class runs' start
+    (std 1) a step moves a gate point's logits by lr in L2 norm against their norm of 4-8, so 20
+    steps leave a path near its random start; views beyond 4 changed nothing measured; steps
+    kept helping up to 40 (a cost choice).
+
     ``steps``: training steps per image; ``views``: augmented views of the image per step (its
     batch); ``images_per_step``: images trained together in one step; ``chunk_size``: images whose
     gates are held in memory together (one chunk of the output). ``target``: "label" (the image's
@@ -64,15 +70,15 @@ class PathSettings:
     ``on_nonfinite="skip"`` an image with a non-finite gate gradient gets status "nonfinite".
     """
 
-    steps: int = 10
-    views: int = 8
+    steps: int = 20
+    views: int = 4
     images_per_step: int = 64
     chunk_size: int = 1024
     target: str = "label"
     beta: float | None = None
     lr: float = 0.1
     seed: int = 0
-    init_std: float = 1.0
+    init_std: float = 0.1
     negatives: float = 0.0
     negative_weight: float = 0.0
     gate: str = "soft"
@@ -88,9 +94,12 @@ class PathSettings:
     @classmethod
     def from_config(cls, config: NADConfig | dict, **overrides) -> "PathSettings":
         """The settings a class-task run used (its :class:`NADConfig`, or a mask bank's
-        ``config`` dict) for the fields both have, then ``overrides``."""
+        ``config`` dict) for the fields both have but the paths' own (steps, views, grouping,
+        target, init_std), then ``overrides``."""
         values = asdict(config) if isinstance(config, NADConfig) else dict(config)
-        names = {f.name for f in fields(cls)} - {"views", "steps", "images_per_step", "chunk_size", "target"}
+        # The paths' own: not a class run's (its init_std of 1 would leave paths near their start).
+        names = {f.name for f in fields(cls)} - {"views", "steps", "images_per_step", "chunk_size", "target",
+                                                 "init_std"}
         return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
 
     def validate(self) -> None:
