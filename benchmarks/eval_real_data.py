@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_tests"))
 import real_digits  # noqa: E402
 
 from nad_ext import analysis  # noqa: E402
-from nad_ext.data import load_batch  # noqa: E402
 from nad_ext.training import (SELECTIVE_DEFAULTS, CalibrationSettings, FidelityWarning, NADConfig,  # noqa: E402
                               Network, build_gated_model, disentangle)
 
@@ -105,24 +104,6 @@ def make_network(name: str, train, val, seed: int):
     return model, points, acc, time.perf_counter() - start
 
 
-@torch.no_grad()
-def soft_accuracy(gated, val, num_tasks: int, batch_size: int = 128) -> dict:
-    """Own-class accuracy, false positives and balanced accuracy (means over one-class tasks) of
-    the *soft* sub-architectures (the gates as trained, sigmoid(m)) on all of val."""
-    labels = torch.tensor(val.labels)
-    hits = torch.zeros(num_tasks, len(val), dtype=torch.bool)
-    for lo in range(0, len(val), batch_size):
-        idx = list(range(lo, min(lo + batch_size, len(val))))
-        x = load_batch(val, idx, SIZE)[0]
-        for t in range(num_tasks):
-            pred = gated(x, torch.full((len(idx),), t), binary=False)[0].argmax(1)
-            hits[t, idx] = pred == t
-    own = [float(hits[t, labels == t].float().mean()) for t in range(num_tasks)]
-    fp = [float(hits[t, labels != t].float().mean()) for t in range(num_tasks)]
-    o, f = sum(own) / num_tasks, sum(fp) / num_tasks
-    return {"own_class_accuracy": o, "false_positive_rate": f, "balanced_accuracy": (o + 1 - f) / 2}
-
-
 def evaluate(network: str, run: str, model, points, train, val, epochs: int, seed: int, cal_epochs: int,
              cal_runs: int, lr: float = NADConfig.lr) -> dict:
     objective, beta, criterion = parse_run(run)
@@ -140,7 +121,7 @@ def evaluate(network: str, run: str, model, points, train, val, epochs: int, see
     gated = build_gated_model(model, points, len(bank.tasks), SIZE, model_id=network)
     full = analysis.masked_accuracy(gated, bank, val, SIZE)  # loads the bank's gates into gated
     gated.set_temperature(config.gate_temperature if config.gate == "annealed" else 1.0)  # as trained last
-    soft = soft_accuracy(gated, val, len(bank.tasks))
+    soft = analysis.masked_accuracy(gated, bank, val, SIZE, binary=False)["mean"]
     stats = analysis.subarchitecture_stats(bank)
     fid = bank.fidelity
     mean = full["mean"]

@@ -93,10 +93,12 @@ def analyze_paths(network: Network, bank, val, *, settings: PathSettings, attack
                      "accuracy_attacked": float((after == label).double().mean()),
                      "flipped": int(flipped.sum()), "flipped_share": float(flipped.double().mean())}
     ok = lambda chunk: chunk.status == 0  # noqa: E731
-    out["attacked_path_to_class"] = (analysis.path_to_class(attacked, bank, per_image=False, seed=seed)
+    attacked_sim = analysis.path_class_similarity(attacked.masks(), bank)
+    out["attacked_path_to_class"] = (analysis.path_to_class(attacked, bank, per_image=False, seed=seed,
+                                                            similarity=attacked_sim)
                                      if ok(attacked).any() else None)
     clean_scores = analysis.path_outlier_scores(clean.masks(), bank, similarity=sim)[ok(clean)]
-    attacked_scores = analysis.path_outlier_scores(attacked.masks(), bank)
+    attacked_scores = analysis.path_outlier_scores(attacked.masks(), bank, similarity=attacked_sim)
     detector = {}
     for name, rows in (("all", ok(attacked)), ("flipped", ok(attacked) & flipped),
                        ("not_flipped", ok(attacked) & ~flipped)):
@@ -129,14 +131,14 @@ def write_attacked(model, images, folder: Path, size: int, attack: str, eps: flo
     dirs = [root / f"{c:0{width}d}" for c in range(len(images.classes))]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-    by_shape: dict[tuple, list[int]] = {}
-    for i in range(len(images)):
-        by_shape.setdefault(tuple(images.load(i).shape), []).append(i)
     digits = len(str(len(images) - 1))
-    for group in by_shape.values():
-        for lo in range(0, len(group), ATTACK_BATCH):
-            block = group[lo:lo + ATTACK_BATCH]
-            x = torch.stack([images.load(i) for i in block]).to(device).float() / 255.0
+    for lo in range(0, len(images), ATTACK_BATCH):  # each image read once; a batch per image shape
+        loaded = {i: images.load(i) for i in range(lo, min(lo + ATTACK_BATCH, len(images)))}
+        by_shape: dict[tuple, list[int]] = {}
+        for i, image in loaded.items():
+            by_shape.setdefault(tuple(image.shape), []).append(i)
+        for block in by_shape.values():
+            x = torch.stack([loaded[i] for i in block]).to(device).float() / 255.0
             y = torch.tensor([images.labels[i] for i in block], device=device)
             if attack == "fgsm":
                 adv = analysis.fgsm(net, x, y, eps)

@@ -173,6 +173,20 @@ def test_masked_accuracy_all_open_equals_original_and_all_closed_is_chance():
     assert analysis.OWN_CLASS_ACCURACY in res["definition"] and analysis.FALSE_POSITIVES in res["definition"]
 
 
+def test_masked_accuracy_of_the_soft_gates():
+    """binary=False measures the gates as trained, sigmoid(m / temperature): logits 0 close every
+    binary gate (every image answered as class 0) but leave soft gates of 0.5 that keep this
+    network's answers; at a low temperature the soft gates are the binary ones."""
+    gated, val = make_gated(), colour_set()
+    zero = make_bank([torch.zeros(4, c) for c in (4, 6, 6)])
+    assert analysis.masked_accuracy(gated, zero, val, SIZE)["mean"]["balanced_accuracy"] == 0.5
+    assert analysis.masked_accuracy(gated, zero, val, SIZE, binary=False)["mean"]["balanced_accuracy"] == 1.0
+    mixed = make_bank([torch.randn(4, c, generator=torch.Generator().manual_seed(c)) for c in (4, 6, 6)])
+    gated.set_temperature(1e-4)
+    assert (analysis.masked_accuracy(gated, mixed, val, SIZE, binary=False)["tasks"]
+            == analysis.masked_accuracy(gated, mixed, val, SIZE)["tasks"])
+
+
 def test_hit_rate_is_one_where_the_map_lights_the_quadrant():
     gated, val, bank = make_gated(), colour_set(), own_channel_bank()
     res = analysis.hit_rate(gated, bank, val, SIZE, num_mosaics=6, seed=3, null_samples=2, batch_size=8)

@@ -9,10 +9,10 @@ from PIL import Image
 from torch import nn
 
 from nad_ext.data import ImageSet, image_folder
+from nad_ext.gates.model import init_logits
 from nad_ext.gates.pathstore import STATUS
 from nad_ext.training import Network
-from nad_ext.training.paths import (PathSettings, PathWarning, iter_paths, learn_paths, path_init_logits,
-                                    select_images)
+from nad_ext.training.paths import PathSettings, PathWarning, iter_paths, learn_paths, select_images
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +122,7 @@ def test_a_misclassified_image_is_named_under_label_and_trained_under_prediction
         by_label = learn_paths(NETWORK, images, settings=PathSettings(**SETTINGS), progress=False)
     assert [STATUS[s] for s in by_label.status.tolist()] == ["misclassified", "ok"]
     assert by_label.prediction.tolist() == [0, 1] and by_label.target.tolist() == [2, 1]
-    init = path_init_logits([0, 1], [8], seed=0, std=SETTINGS["init_std"])[0]  # image 0 never left its start
+    init = init_logits([0, 1], [8], seed=0, std=SETTINGS["init_std"])[0]  # image 0 never left its start
     assert torch.equal(by_label.logits[0][0], init[0]) and not torch.allclose(by_label.logits[0][1], init[1])
     with torch.no_grad(), pytest.warns(PathWarning):  # trains under no_grad too
         again = learn_paths(NETWORK, images, settings=PathSettings(**SETTINGS), progress=False)

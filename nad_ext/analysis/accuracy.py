@@ -20,8 +20,9 @@ from nad_ext.gates.model import GatedModel
 @torch.no_grad()
 def masked_accuracy(gated: GatedModel, bank: MaskBank, val_images: ImageSet, image_size: int,
                     batch_size: int = 64, device: str = "cpu", other_images_per_class: int | None = None,
-                    map_units=_sequential, progress: bool = False) -> dict:
-    """Each task's binary sub-architecture against the original network, on validation images.
+                    map_units=_sequential, progress: bool = False, binary: bool = True) -> dict:
+    """Each task's binary sub-architecture against the original network, on validation images
+    (``binary`` False: its soft gates, sigmoid(m / the gated model's temperature), as trained).
 
     Predictions are the top-1 over all of the network's classes. For task t (names as in
     :data:`MEASURES_MEANING`): ``own_class_accuracy``: on the images of t's classes, the share
@@ -55,7 +56,7 @@ def masked_accuracy(gated: GatedModel, bank: MaskBank, val_images: ImageSet, ima
         logits = gated.original(x, record=False)[0]
         tasks, local = run[:, idx].nonzero(as_tuple=True)
         preds = [gated(x[local[lo: lo + batch_size].to(device)], tasks[lo: lo + batch_size].to(device),
-                       binary=True)[0].argmax(1).cpu() for lo in range(0, len(tasks), batch_size)]
+                       binary=binary)[0].argmax(1).cpu() for lo in range(0, len(tasks), batch_size)]
         bar.update(1)
         return idx, logits.argmax(1).cpu(), logits.shape[1], tasks, idx[local], preds
 

@@ -155,13 +155,17 @@ def add_gate_args(p) -> None:
                    help=f"--gate annealed: the temperature at the end of the run (default: {GATE_TEMPERATURE:g})")
 
 
-def config_from_args(args):
+def config_from_args(args, kind=None):
+    """The settings dataclass ``kind`` (default ``NADConfig``; ``PathSettings`` for ``nad paths``)
+    from the parsed arguments of the same names, given ones only; ``--selective`` fills in
+    ``SELECTIVE_DEFAULTS`` where no option was given explicitly."""
     from nad_ext.training import SELECTIVE_DEFAULTS, NADConfig
 
-    values = {f.name: getattr(args, f.name) for f in fields(NADConfig) if getattr(args, f.name, None) is not None}
+    kind = NADConfig if kind is None else kind
+    values = {f.name: getattr(args, f.name) for f in fields(kind) if getattr(args, f.name, None) is not None}
     if getattr(args, "selective", False):  # explicit --negatives / --negative-weight win over the switch's defaults
         values = {**SELECTIVE_DEFAULTS, **values}
-    return NADConfig(**values)
+    return kind(**values)
 
 
 def load_tasks(path: str, classes: list[str]):

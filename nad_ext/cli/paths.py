@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from nad_ext.cli.common import (add_execution_args, add_model_args, add_pipeline_args, add_selective_args, add_units_arg,
-                                load_data, load_model, network_from_args)
+                                config_from_args, load_data, load_model, network_from_args)
 
 
 def add(sub) -> None:
@@ -57,15 +57,9 @@ def add(sub) -> None:
 
 def settings_from_args(args):
     """The :class:`~nad_ext.training.paths.PathSettings` of the parsed arguments."""
-    from dataclasses import fields
-
-    from nad_ext.training import SELECTIVE_DEFAULTS
     from nad_ext.training.paths import PathSettings
 
-    values = {f.name: getattr(args, f.name) for f in fields(PathSettings) if getattr(args, f.name, None) is not None}
-    if args.selective:
-        values = {**SELECTIVE_DEFAULTS, **values}
-    return PathSettings(**values)
+    return config_from_args(args, PathSettings)
 
 
 def read_image_list(path: str, images) -> list[int]:

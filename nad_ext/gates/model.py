@@ -60,12 +60,15 @@ def straight_through_gate(x: torch.Tensor, logits: torch.Tensor, task_ids: torch
     return hard + (soft - soft.detach())
 
 
-def init_logits(num_tasks: int, channels: Sequence[int], seed: int, std: float) -> list[torch.Tensor]:
+def init_logits(tasks: int | Sequence[int], channels: Sequence[int], seed: int, std: float) -> list[torch.Tensor]:
     """m ~ N(0, std^2), drawn per task from its own generator, so that a task's initial gates
-    do not depend on how many other tasks there are or how they are batched."""
-    per_layer = [torch.empty(num_tasks, c) for c in channels]
-    for t in range(num_tasks):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + t)
+    do not depend on how many other tasks there are or how they are batched. ``tasks``: the
+    number of tasks (rows keyed 0, 1, ...), or each row's key (per-image paths key a row by its
+    image's index, :mod:`nad_ext.training.paths`)."""
+    keys = range(tasks) if isinstance(tasks, int) else [int(k) for k in tasks]
+    per_layer = [torch.empty(len(keys), c) for c in channels]
+    for t, key in enumerate(keys):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + key)
         for layer, c in zip(per_layer, channels):
             layer[t] = torch.randn(c, generator=gen) * std
     return per_layer

@@ -102,6 +102,18 @@ def _normal(meta) -> dict:
     return meta
 
 
+def _manifest(model_id: str, gate_points: Sequence[GatePoint], logits: bool, shard_size: int, meta: dict,
+              shard_images: Sequence[int]) -> dict:
+    """The manifest of a store with committed shards of ``shard_images`` images each."""
+    p, channels = gate_points, sum(g.channels for g in gate_points)
+    return {"format": FORMAT, "model_id": model_id, "gate_points": [g.name for g in p],
+            "channels": [g.channels for g in p], "channel_axes": [g.channel_axis for g in p],
+            "units": [g.units for g in p], "records": [g.record for g in p], "channels_total": channels,
+            "mask_bytes": (channels + 7) // 8, "bit_order": "little", "logits": logits, "shard_size": shard_size,
+            "meta": meta, "images": sum(shard_images),
+            "shards": [{"file": shard_name(i), "images": k} for i, k in enumerate(shard_images)]}
+
+
 class PathStore:
     """A folder of per-image paths: ``manifest.json`` and shards ``shard-00000.safetensors``, ...
     Make one with :meth:`create` (or :meth:`open_or_create` to resume), add :class:`PathChunk`s
@@ -162,12 +174,7 @@ class PathStore:
         channels = sum(p.channels for p in gate_points)
         if num_images is not None:
             check_disk_space(folder, num_images, channels, logits, shard_size=shard_size)
-        manifest = {"format": FORMAT, "model_id": model_id, "gate_points": [p.name for p in gate_points],
-                    "channels": [p.channels for p in gate_points],
-                    "channel_axes": [p.channel_axis for p in gate_points], "units": [p.units for p in gate_points],
-                    "records": [p.record for p in gate_points], "channels_total": channels,
-                    "mask_bytes": (channels + 7) // 8, "bit_order": "little", "logits": bool(logits),
-                    "shard_size": shard_size, "meta": meta, "images": 0, "shards": []}
+        manifest = _manifest(model_id, gate_points, bool(logits), shard_size, meta, [])
         check_manifest(manifest)
         store = cls(folder, manifest)
         store._write_manifest(store.shard_images)
@@ -296,14 +303,7 @@ class PathStore:
         self._buffered = set(rest["image_index"].tolist())
 
     def _write_manifest(self, shard_images: list[int]) -> None:
-        p = self.gate_points
-        manifest = {"format": FORMAT, "model_id": self.model_id, "gate_points": [g.name for g in p],
-                    "channels": [g.channels for g in p], "channel_axes": [g.channel_axis for g in p],
-                    "units": [g.units for g in p], "records": [g.record for g in p],
-                    "channels_total": self.channels_total, "mask_bytes": self.mask_bytes, "bit_order": "little",
-                    "logits": self.logits, "shard_size": self.shard_size, "meta": self.meta,
-                    "images": sum(shard_images),
-                    "shards": [{"file": shard_name(i), "images": k} for i, k in enumerate(shard_images)]}
+        manifest = _manifest(self.model_id, self.gate_points, self.logits, self.shard_size, self.meta, shard_images)
         text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
         atomic_write(self.folder / MANIFEST, lambda tmp: Path(tmp).write_text(text))
 

@@ -139,6 +139,8 @@ def gate_temperature(config: NADConfig, epoch: int) -> float:
     if config.gate != "annealed":
         return 1.0
     return config.gate_temperature ** (epoch / max(config.epochs - 1, 1))
+
+
 PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # Settings that change how a run executes but not its result; a run may resume with others.
 # (target_open_ratio only matters before training, when it chooses beta.)

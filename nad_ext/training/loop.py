@@ -65,8 +65,7 @@ def train_step(gated: GatedModel, x, labels, task_ids, tasks, config: NADConfig,
             selective = dict(negative=~task_classes[task_ids, labels], task_classes=task_classes,
                              negative_weight=config.negative_weight)
         terms = nad_loss(masked_out, labels, masked_acts, original_acts, correct, task_ids, gated.scaled_logits(),
-                         config.beta,
-                         [p.channel_axis for p in gated.gate_points], **selective)
+                         config.beta, [p.channel_axis for p in gated.gate_points], **selective)
         grads = torch.autograd.grad(terms.total, logits)
         tasks = tasks.to(x.device, non_blocking=True)
         grads, terms.nonfinite = guard_step(grads, tasks)

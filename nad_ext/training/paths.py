@@ -30,8 +30,10 @@ from nad_ext._utils import progress as nad_progress
 from nad_ext.data import ImageSet
 from nad_ext.data import pipeline as nad_pipeline
 from nad_ext.data.decode import BadImageError
+from nad_ext.gates.model import init_logits
 from nad_ext.gates.pathstore import STATUS, PathChunk, PathStore
 from nad_ext.training.build import Network
+from nad_ext.training.config import EXECUTION_SETTINGS as RUN_EXECUTION_SETTINGS
 from nad_ext.training.config import NADConfig, gate_temperature
 from nad_ext.training.loop import epoch_generator, train_step
 from nad_ext.training.negatives import draw_negatives, negatives_per_batch, task_class_matrix
@@ -137,18 +139,6 @@ class PathSettings:
         shared = {f.name for f in fields(NADConfig)} & {f.name for f in fields(self)} - {"beta"}
         return NADConfig(beta=beta, batch_size=self.views, epochs=self.steps, on_bad_image="skip",
                          **{k: getattr(self, k) for k in shared})
-
-
-def path_init_logits(image_indices: Sequence[int], channels: Sequence[int], seed: int,
-                     std: float) -> list[torch.Tensor]:
-    """m ~ N(0, std^2) per image, from a generator seeded by (seed, image index) (the formula of
-    :func:`~nad_ext.gates.model.init_logits` with the image index as the task)."""
-    out = [torch.empty(len(image_indices), c) for c in channels]
-    for t, i in enumerate(image_indices):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + int(i))
-        for layer, c in zip(out, channels):
-            layer[t] = torch.randn(c, generator=gen) * std
-    return out
 
 
 def check_indices(indices, num_images: int) -> list[int]:
@@ -283,8 +273,9 @@ def select_images(network: Network, images: ImageSet, which: str, *, indices=Non
 
 
 # Settings that change how paths are computed, not what they are: a store may be resumed with others.
-EXECUTION_SETTINGS = ("images_per_step", "chunk_size", "device", "fuse", "precision", "cuda_graph", "data_pipeline",
-                      "on_nonfinite")
+# (NADConfig's execution settings that paths have, and how images are grouped.)
+EXECUTION_SETTINGS = ("images_per_step", "chunk_size") + tuple(
+    name for name in RUN_EXECUTION_SETTINGS if name in {f.name for f in fields(PathSettings)})
 
 
 def open_store(out, trainer: "_Trainer", keep_logits: bool, overwrite: bool, resume: bool):
@@ -368,7 +359,7 @@ class _Trainer:
         prediction, readable, outputs = predict(original, part, loader, self.unreadable)
         target = labels.clone() if settings.target == "label" else prediction.clone()
         targets = target.tolist()
-        init = path_init_logits(part, gated.layer_sizes, settings.seed, settings.init_std)
+        init = init_logits(part, gated.layer_sizes, settings.seed, settings.init_std)
         gated.set_logits([torch.cat([m, torch.zeros(self.chunk - n, m.shape[1])]) for m in init])
         if settings.negatives:  # filled in place: a CUDA graph of the step keeps reading the same tensor
             width = max(outputs, len(self.images.classes), max(targets) + 1,
