@@ -179,6 +179,24 @@ def test_analyze_paths_gives_every_analysis_with_its_baseline(colour_paths):
     assert "chance 25.0%" in line and "detector AUC" in line and "FGSM" in line
 
 
+def test_analyze_paths_in_bfloat16_leaves_the_network_in_float32():
+    # The GPU's default precision, run here on the CPU: clean paths, then the attack on the
+    # network itself, then the attacked paths (each of the two runs gates its own copy).
+    import dataclasses
+
+    import torch
+
+    from test_analysis import colour_set
+
+    torch.set_num_threads(1)
+    network, bank = _colour_network_and_bank()
+    settings = dataclasses.replace(_tiny_path_settings(), precision="bfloat16")
+    found = path_study.analyze_paths(network, bank, colour_set(per_class=2), settings=settings, eps=0.3,
+                                     progress=False)
+    assert found["settings"]["precision"] == "bfloat16" and sum(found["status"]["attacked"].values()) == 8
+    assert all(p.dtype == torch.float32 for p in network.model.parameters())
+
+
 def test_attacked_images_are_written_as_png_files_and_read_back(tmp_path):
     import torch
 

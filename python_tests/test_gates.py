@@ -86,6 +86,23 @@ def test_original_network_is_untouched_and_frozen():
         torch.testing.assert_close(v, before[k])
 
 
+@pytest.mark.parametrize("options", [dict(dtype=torch.bfloat16, channels_last=True), dict(channels_last=True)])
+def test_a_low_precision_or_channels_last_gated_model_leaves_the_callers_network_as_it_was(options):
+    # The network is gated again (a second run of paths on attacked images) and run as it was
+    # (the attack itself): converting it in place broke both.
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    gated = GatedModel(model, ["1", "3"], 2, x[:1], **options)
+    assert gated.model is not model
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+    torch.testing.assert_close(model(x), expected)
+    again = GatedModel(model, ["1", "3"], 2, x[:1], **options)
+    out, _ = again.original(x)
+    assert out.dtype == options.get("dtype", torch.float32)
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.05)
+
+
 def test_initial_gates_do_not_depend_on_the_number_of_tasks():
     x = torch.randn(1, 3, 8, 8)
     a = GatedModel(small_cnn(), ["1", "3"], 2, x, seed=5)

@@ -99,7 +99,8 @@ class GatedModel(nn.Module):
             chain computed by ``nad::masked_conv2d`` (see :mod:`nad_ext.gates.fused`). Same
             function, fewer passes over the activations.
         dtype, channels_last: run the network in this dtype and memory format (e.g. bfloat16
-            and channels_last on a GPU); inputs are converted, gate logits stay float32.
+            and channels_last on a GPU) on a copy (``model`` itself is left as it is); inputs
+            are converted, gate logits stay float32.
         straight_through: masked passes gate with the binary gates (the sub-architecture that
             is kept, 0/1 where sigmoid(m) is below / above 0.5); where gradients are tracked the
             logits get the soft gate's gradient, d sigmoid(m) / dm (the straight-through
@@ -147,10 +148,13 @@ class GatedModel(nn.Module):
             if units == "heads" and not attention.is_attention(module):
                 raise ValueError(f"gate point {name!r}: units 'heads' needs an attention module "
                                  f"({attention.SUPPORTED}); {name!r} is a {type(module).__name__}")
+        if fuse or dtype is not None or channels_last:
+            # A private copy: folding and conversion must not change the caller's network (which
+            # may be gated again, e.g. clean and attacked paths, or run as it was).
+            model = copy.deepcopy(model)
         if fuse:
             from nad_ext.gates.fused import fold_batchnorm
 
-            model = copy.deepcopy(model)
             fold_batchnorm(model, example_input, watch=[n for n, _, units, _ in specs if units == "channels"])
         self.model = model
         self.model_id = model_id
