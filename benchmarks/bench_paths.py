@@ -16,6 +16,10 @@ gates that agree must be at least 99.9% (float32; 99% under bf16 on a GPU), and 
 must be equal. The network has random weights (speed does not depend on them) and the target is
 the network's own prediction (``target="prediction"``), so that every image trains.
 
+With ``--fold`` the script compares, instead, batched paths of the zoo's four CNNs with the
+network as written (``fuse="off"``) against the CPU's fast path (``fuse="fold"``: BatchNorm
+folded, channels_last), checked to agree on at least 99.9% of the gates.
+
 The issue's targets, printed after the tables (not rows of TARGETS.md): on the CPU the batched
 trainer >= 5x the one-at-a-time loop in image-paths per second; on one H200, 10^5 images
 (ResNet50 at 224x224) in under 30 minutes, i.e. >= 56 image-paths/s at the default steps and
@@ -23,6 +27,8 @@ views. The CUDA case runs only where there is a GPU (skipped, visibly, without o
 
     python benchmarks/bench_paths.py                         # CPU: zoo_residual at 64x64, 64 images
     python benchmarks/bench_paths.py --cases cuda-resnet50   # the GPU machine: ResNet50 at 224x224
+    python benchmarks/bench_paths.py --precision bfloat16    # CPU in bfloat16 (native on AVX512-BF16 / AMX CPUs)
+    python benchmarks/bench_paths.py --fold                  # the zoo's CNNs: fuse off against the CPU's fuse fold
     pytest benchmarks/bench_paths.py                         # CPU: zoo_residual, 32 images, 5 steps
     pytest benchmarks/bench_paths.py --smoke                 # CI: tiny sizes, each path checked and run once
 """
@@ -62,6 +68,7 @@ class Case:
     views: int
     batched: tuple[int, ...]
     baseline_rounds: int | None = 1  # one-at-a-time is slow: timed by its checked call by default
+    precision: str = "auto"  # PathSettings.precision of every path (bfloat16 on a CPU with native bf16: --precision)
 
     def smoke(self) -> "Case":
         """Tiny sizes, the same paths (each batched one then trains all 4 images in one step)."""
@@ -84,8 +91,9 @@ def image_set(case: Case):
     return data.generated_shapes("val", images_per_class=per_class, image_size=max(case.size, 64))
 
 
-def comparison(case: Case, name: str = "", smoke: bool = False) -> harness.Comparison:
-    case = case.smoke() if smoke else case
+def workload(case: Case):
+    """The case's random-weight network, images and image indices, and a function of
+    (images_per_step, fuse) that learns their paths."""
     device = torch.device(case.device)
     torch.manual_seed(0)
     net = models.load_model(case.model, num_classes=10)
@@ -95,19 +103,37 @@ def comparison(case: Case, name: str = "", smoke: bool = False) -> harness.Compa
     spec = models.get_spec(case.model)
     beta = spec.beta if spec.beta is not None else 1.0
 
-    def settings(per_step: int) -> PathSettings:
-        return PathSettings(steps=case.steps, views=case.views, images_per_step=per_step, chunk_size=case.images,
-                            target="prediction", beta=beta, image_size=case.size, seed=0, device=str(device))
+    def runner(per_step: int, fuse: str = "auto"):
+        settings = PathSettings(steps=case.steps, views=case.views, images_per_step=per_step, chunk_size=case.images,
+                                target="prediction", beta=beta, image_size=case.size, seed=0, device=str(device),
+                                precision=case.precision, fuse=fuse)
 
-    def runner(per_step: int):
         def run():
             with warnings.catch_warnings():  # images none of whose views the random network gets right
                 warnings.simplefilter("ignore")
-                return learn_paths(network, images, indices=indices, settings=settings(per_step), progress=False)
+                return learn_paths(network, images, indices=indices, settings=settings, progress=False)
         return run
+    return beta, runner
+
+
+def agreement(chunk, ref) -> tuple[float, float]:
+    """The share of gates whose binary paths agree between two runs, and the largest logit difference."""
+    assert torch.equal(chunk.image_index, ref.image_index), "the images differ"
+    assert torch.equal(chunk.status, ref.status), f"statuses differ: {chunk.status.tolist()} vs {ref.status.tolist()}"
+    same = sum(int(((a > 0) == (b > 0)).sum()) for a, b in zip(chunk.logits, ref.logits))
+    total = sum(a.numel() for a in chunk.logits)
+    return same / total, max(float((a - b).abs().max()) for a, b in zip(chunk.logits, ref.logits))
+
+
+def comparison(case: Case, name: str = "", smoke: bool = False) -> harness.Comparison:
+    case = case.smoke() if smoke else case
+    device = torch.device(case.device)
+    beta, runner = workload(case)
 
     expected = {}
-    low = device.type == "cuda"  # the GPU default is bf16 (fp32 gate logits): gates near 0 may flip
+    # bf16 (the GPU default; fp32 gate logits): the batched and the one-image convolutions may
+    # round differently, and gates near 0 may flip.
+    low = device.type == "cuda" or case.precision == "bfloat16"
     floor = 0.99 if low else 0.999
 
     def check(label):
@@ -116,16 +142,10 @@ def comparison(case: Case, name: str = "", smoke: bool = False) -> harness.Compa
                 expected["chunk"] = chunk
                 return (f"the reference ({len(chunk)} images, {int((chunk.status == 0).sum())} with status ok, "
                         f"one image per step)")
-            ref = expected["chunk"]
-            assert torch.equal(chunk.image_index, ref.image_index), "the images differ"
-            assert torch.equal(chunk.status, ref.status), (f"statuses differ from one-at-a-time's: "
-                                                           f"{chunk.status.tolist()} vs {ref.status.tolist()}")
-            same = sum(int(((a > 0) == (b > 0)).sum()) for a, b in zip(chunk.logits, ref.logits))
-            total = sum(a.numel() for a in chunk.logits)
-            diff = max(float((a - b).abs().max()) for a, b in zip(chunk.logits, ref.logits))
-            assert same / total >= floor, (f"binary paths agree with one-at-a-time's on {same / total:.4%} of the "
-                                           f"gates (at least {floor:.1%} expected); max logit difference {diff:.3g}")
-            return f"passed (binary paths agree on {same / total:.4%} of gates; max logit difference {diff:.2g})"
+            share, diff = agreement(chunk, expected["chunk"])
+            assert share >= floor, (f"binary paths agree with one-at-a-time's on {share:.4%} of the gates (at "
+                                    f"least {floor:.1%} expected); max logit difference {diff:.3g}")
+            return f"passed (binary paths agree on {share:.4%} of gates; max logit difference {diff:.2g})"
         return check_paths
 
     labels = [("one-at-a-time", 1)] + [(f"batched-{b}", min(b, case.images)) for b in case.batched]
@@ -138,7 +158,41 @@ def comparison(case: Case, name: str = "", smoke: bool = False) -> harness.Compa
     return harness.Comparison(group, paths, "one-at-a-time", str(device), {
         "model": case.model, "image_size": case.size, "images": case.images, "steps": case.steps,
         "views": case.views, "images_per_step": [1, *case.batched], "beta": beta, "target": "prediction",
+        "precision": case.precision,
         "weights": "random (load_model, seed 0)", "tf32": harness.tf32_settings()["text"]})
+
+
+FOLD_MODELS = ("zoo_plain", "zoo_residual", "zoo_dense", "zoo_nas")
+
+
+def fold_comparison(model: str, smoke: bool = False) -> harness.Comparison:
+    """Batched paths (64 images per step, 3 steps) of the network as written (fuse "off") against
+    the CPU's fast path (fuse "fold": BatchNorm folded, channels_last, float32): the same paths up
+    to float32 rounding (at least 99.9% of the gates agree), checked before timing."""
+    case = Case("cpu", model, 64, 64, 3, PathSettings.views, (64,))
+    case = case.smoke() if smoke else case
+    beta, runner = workload(case)
+    expected = {}
+
+    def check(fuse):
+        def check_paths(chunk):
+            if fuse == "off":
+                expected["chunk"] = chunk
+                return "the reference (the network as written)"
+            share, diff = agreement(chunk, expected["chunk"])
+            assert share >= 0.999, (f"binary paths agree with the unfolded network's on {share:.4%} of the gates "
+                                    f"(at least 99.9% expected); max logit difference {diff:.3g}")
+            return f"passed (binary paths agree on {share:.4%} of gates; max logit difference {diff:.2g})"
+        return check_paths
+
+    paths = [harness.Path(f"fuse-{fuse}", runner(case.images, fuse), check(fuse), what, items=case.images,
+                          unit="image-paths/s")
+             for fuse, what in (("off", "the network as written"), ("fold", "BatchNorm folded, channels_last"))]
+    return harness.Comparison(f"learn_paths {model} {case.size}x{case.size}, fuse off vs fold [cpu]", paths,
+                              "fuse-off", "cpu", {
+                                  "model": model, "image_size": case.size, "images": case.images, "steps": case.steps,
+                                  "views": case.views, "images_per_step": case.images, "beta": beta,
+                                  "target": "prediction", "weights": "random (load_model, seed 0)"})
 
 
 def issue_targets(case: Case, results: list[harness.Result], smoke: bool) -> list[str]:
@@ -176,6 +230,13 @@ def test_paths(benchmark, suite, key, path):
                  min_sample_s=0.0)
 
 
+@pytest.mark.benchmark(timer=harness.REPLAY)
+@pytest.mark.parametrize("path", ["fuse-off", "fuse-fold"])
+def test_fold(benchmark, suite, path):
+    suite.record(benchmark, "paths-fold-zoo_residual", lambda smoke: fold_comparison("zoo_residual", smoke=smoke),
+                 path, rounds=3, warmup=0, min_sample_s=0.0)
+
+
 # ---- table -----------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
@@ -188,7 +249,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--baseline-rounds", type=int, default=None,
                         help="samples of the one-at-a-time path (default: the case's; 1: timed by its checked call)")
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
+                        help="PathSettings.precision of every path (default: the case's, auto: float32 on a CPU)")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's)")
+    parser.add_argument("--fold", action="store_true", help="instead of the cases: batched paths of the zoo's CNNs "
+                        "with the network as written (fuse off) against the CPU's fast path (fuse fold)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one call per path")
     parser.add_argument("--json", metavar="PATH", help="where the JSON goes (default .benchmarks/bench_paths/...)")
     args = parser.parse_args(argv)
@@ -197,6 +262,16 @@ def main(argv=None) -> None:
     keys = args.cases or [k for k, c in CASES.items() if c.device == "cpu" or CUDA]
     print(harness.header("cuda" if CUDA else "cpu"))
     runs, path, notes = [], args.json, []
+    if args.fold:
+        for model in FOLD_MODELS:
+            cmp = fold_comparison(model, smoke=args.smoke)
+            results = harness.measure(cmp, rounds=args.rounds, warmup=1, min_sample_s=0.0, smoke=args.smoke)
+            print(harness.table(results), flush=True)
+            runs.append((cmp, results))
+            path = harness.write_json(path, runs, "cpu", "bench_paths.py", args.smoke, started)
+        print(f"\nload average {' '.join(map(str, started))} at the start, "
+              f"{' '.join(map(str, harness.load_average()))} at the end; JSON: {path}")
+        return
     for key in keys:
         case = CASES[key]
         if case.device == "cuda" and not CUDA:
@@ -204,7 +279,8 @@ def main(argv=None) -> None:
             print(f"\n{key}: SKIPPED, no CUDA GPU here", flush=True)
             continue
         overrides = {k: v for k, v in (("images", args.images), ("steps", args.steps), ("views", args.views),
-                                        ("baseline_rounds", args.baseline_rounds)) if v is not None}
+                                        ("baseline_rounds", args.baseline_rounds),
+                                        ("precision", args.precision)) if v is not None}
         case = dataclasses.replace(case, **overrides)
         cmp = comparison(case, smoke=args.smoke)
         results = harness.measure(cmp, rounds=args.rounds, warmup=0, min_sample_s=0.0, smoke=args.smoke)

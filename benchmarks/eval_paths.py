@@ -25,10 +25,13 @@ printed as Markdown and the results go to ``--out/results.json``.
         --networks zoo_residual zoo_plain --steps 5 10 20 --views 4 8 16 --threads 1
     nice python benchmarks/eval_paths.py ... --set init_std=0.1     # other PathSettings fields
     nice python benchmarks/eval_paths.py ... --only-cached          # the table of the points already run
+    nice python benchmarks/eval_paths.py ... --set init_std=0.1 precision=bfloat16 --compare precision
 
 ``--set`` changes other :class:`PathSettings` fields for every point (in the cache's file names
 and ``results_<field><value>.json``); ``--only-cached`` runs nothing new and writes the table of
-the points found in ``--out`` to ``results[_...]_table.json``.
+the points found in ``--out`` to ``results[_...]_table.json``. ``--compare FIELD`` adds, per
+row, how far that field moves the paths: the IoU of each image's path with the same seed's path
+without the field (bfloat16 against float32, say).
 """
 from __future__ import annotations
 
@@ -50,6 +53,14 @@ from nad_ext.training import NADConfig, Network, disentangle
 from nad_ext.training.paths import PathSettings, learn_paths
 
 SEEDS = (0, 1)
+
+
+def _value(text: str):
+    """A ``--set`` value: a number where it reads as one (init_std=0.1), else the text (precision=bfloat16)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def sample_indices(labels, per_class: int, seed: int) -> list[int]:
@@ -92,8 +103,12 @@ def cache_path(out_dir: Path, name: str, indices, steps: int, views: int, seed: 
                extra: dict) -> Path:
     """Where the paths of one run are cached."""
     return out_dir / (f"{name}_n{len(indices)}_{indices_key(indices)}_s{steps}_v{views}_ips{images_per_step}"
-                      + "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in sorted(extra.items()))
-                      + f"_seed{seed}.pt")
+                      + settings_key(extra) + f"_seed{seed}.pt")
+
+
+def settings_key(extra: dict) -> str:
+    """``extra`` (the ``--set`` fields) in file names: "_init_std0.1_precisionbfloat16"."""
+    return "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in sorted(extra.items()))
 
 
 def run_paths(name: str, model, val, indices, steps: int, views: int, seed: int, images_per_step: int,
@@ -134,7 +149,9 @@ def pair_iou(a: PathChunk, b: PathChunk) -> tuple[float, int]:
 
 
 def evaluate(name, model, accuracy, bank, val, indices, steps, views, images_per_step, out_dir,
-             extra: dict | None = None) -> dict:
+             extra: dict | None = None, compare: str | None = None) -> dict:
+    """One grid point's row; with ``compare`` (a field of ``extra``) also, per seed, the IoU of
+    each image's path with its path under the same seed without that field (its default)."""
     extra = extra or {}
     chunks, seconds, top1, top1_pred, ok, opened, notes = [], [], [], [], [], [], []
     for seed in SEEDS:
@@ -150,6 +167,12 @@ def evaluate(name, model, accuracy, bank, val, indices, steps, views, images_per
         opened.append(float(sum(m[keep].sum() for m in chunk.masks()) / (int(keep.sum()) * sum(bank.layer_sizes))))
     stability, both = pair_iou(*chunks)
     mean = lambda v: sum(v) / len(v)  # noqa: E731
+    against = {}
+    if compare:
+        base = {k: v for k, v in extra.items() if k != compare}
+        per_seed = [pair_iou(chunk, run_paths(name, model, val, indices, steps, views, seed, images_per_step,
+                                              out_dir, base)[0])[0] for seed, chunk in zip(SEEDS, chunks)]
+        against = {"compare": compare, "iou_vs_default": mean(per_seed), "iou_vs_default_per_seed": per_seed}
     return {"network": name, "validation_accuracy": accuracy, "steps": steps, "views": views,
             "images_per_step": images_per_step, "settings": extra, "images": len(indices), "seeds": list(SEEDS),
             "beta": DEMO_BETAS[name], "seconds_per_image": mean(seconds) / len(indices),
@@ -157,7 +180,7 @@ def evaluate(name, model, accuracy, bank, val, indices, steps, views, images_per
             "top1_label": mean(top1), "top1_label_per_seed": top1, "top1_prediction": mean(top1_pred),
             "chance": 1.0 / len(bank.tasks), "ok_share": mean(ok), "ok_share_per_seed": ok,
             "stability_iou": stability, "stability_images": both, "open_share": mean(opened),
-            "warnings": sorted(set(notes))}
+            "warnings": sorted(set(notes)), **against}
 
 
 def table(rows: list[dict]) -> str:
@@ -167,7 +190,9 @@ def table(rows: list[dict]) -> str:
         settings = ", ".join(f"{k}={v}" for k, v in sorted((r.get("settings") or {}).items())) or "defaults"
         lines.append(f"| {r['network']} | {settings} | {r['steps']} | {r['views']} | {r['seconds_per_image']:.3f} | "
                      f"{r['top1_label']:.1%} ({r['chance']:.0%}) | {r['ok_share']:.0%} | "
-                     f"{r['stability_iou']:.3f} | {r['open_share']:.1%} |")
+                     f"{r['stability_iou']:.3f} | {r['open_share']:.1%} |"
+                     + (f" IoU with {r['compare']}'s default, same seed: {r['iou_vs_default']:.3f} |"
+                        if "compare" in r else ""))
     return "\n".join(lines)
 
 
@@ -182,7 +207,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of the draw of the images")
     parser.add_argument("--images-per-step", type=int, default=PathSettings.images_per_step)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="other PathSettings fields (numbers), e.g. lr=1 init_std=0.1")
+                        help="other PathSettings fields, e.g. lr=1 init_std=0.1 precision=bfloat16")
+    parser.add_argument("--compare", metavar="FIELD", help="a field of --set: also the IoU of each path with "
+                        "the same seed's path at that field's default (run or cached)")
     parser.add_argument("--only-cached", action="store_true",
                         help="tabulate the grid points already run (in --out), run nothing new")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's)")
@@ -194,7 +221,7 @@ def main(argv=None) -> None:
     train, val = data.generated_shapes("train"), data.generated_shapes("val")
     zoo = models.load_zoo(args.cache, train, val, names=args.networks, progress=False)
     indices = sample_indices(val.labels, args.per_class, args.sample_seed)
-    extra = {k: float(v) for k, v in (a.split("=", 1) for a in args.set)}
+    extra = {k: _value(v) for k, v in (a.split("=", 1) for a in args.set)}
     grid = sorted(((s, v) for s in args.steps for v in args.views), key=lambda sv: (sv[0] * sv[1], sv))
     rows, banks = [], {}
     for name in args.networks:
@@ -210,11 +237,11 @@ def main(argv=None) -> None:
                                                        extra).is_file() for seed in SEEDS):
                 continue
             rows.append(evaluate(name, model, accuracy, bank, val, indices, steps, views, args.images_per_step,
-                                 out_dir, extra))
+                                 out_dir, extra, args.compare))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             payload = json.dumps({"argv": vars(args), "threads": torch.get_num_threads(), "banks": banks,
                                   "image_indices": indices, "rows": rows}, indent=1)
-            atomic_write(out_dir / f"results{''.join(f'_{k}{v:g}' for k, v in sorted(extra.items()))}"
+            atomic_write(out_dir / f"results{settings_key(extra)}"
                                    f"{'_table' if args.only_cached else ''}.json", lambda tmp: Path(tmp).write_text(payload))
     rows.sort(key=lambda r: (args.networks.index(r["network"]), r["steps"], r["views"]))
     print()

@@ -108,7 +108,7 @@ def run_demo(out_dir="nad_output/demo", *, cache_dir=".nad_cache", epochs=None, 
     report_path = report.write_report(results, out_dir / "report.html", metadata={
         "data": f"{train.name} ({len(train)} train / {len(val)} val images, {len(train.classes)} classes)",
         "objective": describe_objective(objective), "nad epochs": epochs, "mosaics": num_mosaics,
-        **({"paths": f"steps {DEMO_PATH_STEPS}, views {DEMO_PATH_VIEWS}, init_std {DEMO_PATH_INIT_STD}, "
+        **({"paths": f"steps {PathSettings.steps}, views {PathSettings.views}, init_std {PathSettings.init_std}, "
                       f"target prediction, {DEMO_ATTACK.upper()} eps {DEMO_ATTACK_EPS:.4g}"} if paths else {}),
         "device": str(device), "lr": DEMO_SELECTIVE_LR if selective else NADConfig.lr,
         "betas": json.dumps({n: summary[n]["beta"] if "beta_calibration" not in summary[n]
@@ -206,28 +206,19 @@ def _weakest_task(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Per-image paths (issue 26): ``nad demo --paths``
 
-# The demo's path settings (``nad demo --paths``). Gates start near 0 (std 0.01, not the class
-# runs' 1.0): one normalised step of lr moves a gate point's logits by lr in L2 norm, far less
-# than the sqrt(C) of a unit-std start, so a few steps from there leave the path at its random
-# start (top-1 path-to-class agreement at chance on zoo_plain); from near 0 the first steps set
-# each channel's sign. On 50 zoo_plain images the top-1 path-to-class agreement with the label
-# was 0.60 at 1 step x 4 views, 0.48 at 2 x 4, 0.46 at 4 x 4 (chance 0.10; 0.10 at 4 x 4 from
-# std 1), in 6, 15 and 26 s; 2 views left twice as many attacked images without a path (none of
-# their views keeps the attacked answer). The four CNNs' 500 validation images, clean and
-# attacked, took 564 s at 1 x 4 on 2 cores shared with other jobs (load 7-9; zoo_nas 273 s,
-# zoo_dense 121, zoo_plain 88, zoo_residual 81).
-DEMO_PATH_STEPS = 1
-DEMO_PATH_VIEWS = 4
-DEMO_PATH_INIT_STD = 0.01
+# ``nad demo --paths`` trains every path with nad paths' defaults (PathSettings: 20 steps of 4
+# views from gates N(0, 0.01^2)), the class run's beta, lr and objective. On the four CNNs' 500
+# validation images, clean and attacked, that took 352-403 s on 2 CPU cores (float32, the
+# folded path; 1 step: 26 s, 10 steps: ~190 s) and gave top-1 path-to-class agreement 58-84%
+# against 39-54% at 1 step (benchmarks/RESULTS.md, "Per-image paths, again").
 DEMO_ATTACK = "fgsm"
 DEMO_ATTACK_EPS = 8 / 255
 
 
 def demo_path_settings(bank, device="cpu") -> PathSettings:
-    """The demo's path settings for the class run ``bank``: its beta, lr and objective, with
-    ``DEMO_PATH_STEPS`` steps of ``DEMO_PATH_VIEWS`` views from gates of std ``DEMO_PATH_INIT_STD``."""
-    return PathSettings.from_config(bank.config, steps=DEMO_PATH_STEPS, views=DEMO_PATH_VIEWS,
-                                    init_std=DEMO_PATH_INIT_STD, images_per_step=64, device=str(device))
+    """The demo's path settings for the class run ``bank``: its beta, lr and objective, the
+    rest :class:`PathSettings`' defaults."""
+    return PathSettings.from_config(bank.config, device=str(device))
 
 
 def _summarise_paths(found: dict) -> dict:

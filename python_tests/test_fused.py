@@ -260,6 +260,22 @@ def test_bfloat16_channels_last_matches_within_its_precision(device):
     compare(eager, fast, x, torch.arange(8) % 4, rtol=2e-2)
 
 
+@pytest.mark.parametrize("name", ["zoo_plain", "zoo_residual", "zoo_dense", "zoo_nas"])
+def test_the_cpu_fast_path_matches_the_network_as_written(name):
+    # fold: BatchNorm folded on a copy, the network channels_last, the gates by hooks as without it
+    model, points = zoo(name)
+    x = torch.randn(8, 3, 64, 64)
+    eager = GatedModel(model, points, 4, x[:1])
+    fast = GatedModel(model, points, 4, x[:1], fold=True, channels_last=True)
+    def norms(m):
+        return sum(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+
+    # Those reading a convolution are folded (DenseNet's pre-activation ones read a concatenation).
+    assert norms(fast.model) < norms(model) and not fast.fused_points
+    assert norms(zoo(name)[0]) == norms(model)  # the caller's network as it was
+    compare(eager, fast, x, torch.arange(8) % 4, rtol=1e-5)
+
+
 TRAIN = dict(beta=1.0, epochs=2, image_size=16, batch_size=16, tasks_per_step=3, device="cpu")
 
 
@@ -273,9 +289,10 @@ def eager_run():
     return images, model, bank
 
 
-def test_fused_training_gives_the_eager_paths_gates(eager_run):
+@pytest.mark.parametrize("fuse", ["on", "fold"])
+def test_fused_training_gives_the_eager_paths_gates(eager_run, fuse):
     images, model, eager = eager_run
-    fused = disentangle(Network(model, ["1", "4"], "small"), images, config=NADConfig(fuse="on", **TRAIN),
+    fused = disentangle(Network(model, ["1", "4"], "small"), images, config=NADConfig(fuse=fuse, **TRAIN),
                         progress=False)
     for a, b in zip(fused.logits, eager.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -291,15 +308,25 @@ def test_bfloat16_training_stays_close_to_float32(eager_run):
 
 
 def test_execution_settings_resolve_per_device_and_bad_ones_are_named():
-    assert NADConfig().execution(torch.device("cpu")) == (False, torch.float32, False)
-    assert NADConfig().execution(torch.device("cuda")) == (True, torch.bfloat16, True)
-    assert NADConfig(precision="float32", cuda_graph="off").execution(torch.device("cuda")) == (True, torch.float32, False)
-    assert NADConfig(fuse="off").execution(torch.device("cuda")) == (False, torch.float32, False)
+    from nad_ext.training.config import Execution
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # (fuse, fold, dtype, channels_last, graph)
+    assert NADConfig().execution(cpu) == Execution(False, True, torch.float32, True, False)
+    assert NADConfig(fuse="off").execution(cpu) == Execution(False, False, torch.float32, False, False)
+    assert NADConfig(fuse="on").execution(cpu) == Execution(True, False, torch.float32, False, False)
+    assert NADConfig(precision="bfloat16").execution(cpu) == Execution(False, True, torch.bfloat16, True, False)
+    assert NADConfig().execution(cuda) == Execution(True, False, torch.bfloat16, True, True)
+    assert NADConfig(precision="float32", cuda_graph="off").execution(cuda) == Execution(True, False, torch.float32,
+                                                                                         False, False)
+    assert NADConfig(fuse="off").execution(cuda) == Execution(False, False, torch.float32, False, False)
+    assert NADConfig().execution(cpu).describe() == "BatchNorm folded, channels_last, float32"
+    assert NADConfig().execution(cuda).describe() == "fused, channels_last, bfloat16, CUDA graphs"
     with pytest.raises(ValueError, match="needs a CUDA device"):
         NADConfig(cuda_graph="on").execution(torch.device("cpu"))
     with pytest.raises(ValueError, match="cuda_graph must be"):
         NADConfig(cuda_graph=True).validate()
-    with pytest.raises(ValueError, match="fuse must be"):
+    with pytest.raises(ValueError, match="fuse must be one of 'auto', 'on', 'fold', 'off'"):
         NADConfig(fuse="yes").validate()
     with pytest.raises(ValueError, match="precision must be"):
         NADConfig(precision="fp8").validate()

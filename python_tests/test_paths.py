@@ -319,8 +319,9 @@ class BrokenForNoBlue(Planted):
         return self.fc(pooled) + 0.0 * torch.sqrt(pooled[:, 2:3])
 
 
-def test_a_nonfinite_gradient_stops_or_marks_the_image():
+def test_a_nonfinite_gradient_stops_or_marks_the_image(monkeypatch):
     from nad_ext.training import NonFiniteGradientError
+    from nad_ext.training import paths as paths_module
 
     gen = torch.Generator().manual_seed(3)
     images = ImageSet(["c0", "c1", "c2"], [0, 2], "blue-or-not",
@@ -328,6 +329,12 @@ def test_a_nonfinite_gradient_stops_or_marks_the_image():
     network = Network(BrokenForNoBlue(), ["feat"], "broken")
     with pytest.raises(NonFiniteGradientError, match=r"image\(s\) \[0\].*on_nonfinite='skip'"):
         learn_paths(network, images, settings=PathSettings(**SETTINGS), progress=False)
+    steps = []
+    step = paths_module.train_step
+    monkeypatch.setattr(paths_module, "train_step", lambda *a: steps.append(1) or step(*a))
+    with pytest.raises(NonFiniteGradientError):  # at the end of image 0's steps, before image 1's
+        learn_paths(network, images, settings=PathSettings(**SETTINGS, images_per_step=1), progress=False)
+    assert len(steps) == SETTINGS["steps"]
     with pytest.warns(PathWarning, match=r"1 image\(s\) had steps skipped .*'nonfinite'"):
         paths = learn_paths(network, images, settings=PathSettings(**SETTINGS, on_nonfinite="skip"), progress=False)
     assert [STATUS[s] for s in paths.status.tolist()] == ["nonfinite", "ok"]

@@ -80,7 +80,7 @@ def test_round_trip_across_shard_boundaries(tmp_path, logits):
     assert store.shard_images == [5, 5, 5] and store.num_images == 15
     store.close()
     assert store.shard_images == [5, 5, 5, 2]
-    assert sorted(p.name for p in (tmp_path / "paths").iterdir()) == [MANIFEST] + [shard_name(i) for i in range(4)]
+    assert sorted(p.name for p in (tmp_path / "paths").iterdir()) == [".nad.lock", MANIFEST] + [shard_name(i) for i in range(4)]
 
     everything = cat(chunks)
     got = PathStore.open(tmp_path / "paths").read()
@@ -151,6 +151,27 @@ def test_resume_skips_committed_images(tmp_path):
     store.append(chunk([8, 9]))
     store.close()
     assert PathStore.open(tmp_path).read().image_index.tolist() == list(range(10))
+
+
+def test_one_writer_at_a_time(tmp_path):
+    import os
+
+    from nad_ext.gates.pathstore import FolderLockedError
+
+    store = PathStore.create(tmp_path / "s", POINTS, "m", META, shard_size=4)
+    store.append(chunk([0, 1, 2, 3, 4]))
+    for again in (dict(resume=True), dict(overwrite=True)):
+        with pytest.raises(FolderLockedError, match=f"path store .* is in use by process {os.getpid()} on "):
+            PathStore.create(tmp_path / "s", POINTS, "m", META, **again)
+    assert PathStore.open(tmp_path / "s").num_images == 4  # readers take no lock
+    store.close()  # the last image committed, the lock released
+    with PathStore.open_or_create(tmp_path / "s", POINTS, "m", META) as resumed:
+        assert resumed.done_indices() == set(range(5))
+    with pytest.raises(ValueError, match="already in path store"):
+        with PathStore.open_or_create(tmp_path / "s", POINTS, "m", META) as failing:
+            failing.append(chunk([4]))
+    PathStore.open_or_create(tmp_path / "s", POINTS, "m", META).close()  # released on the exception too
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".nad.lock", MANIFEST, shard_name(0), shard_name(1)]
 
 
 def test_orphan_shard_after_a_crash_is_ignored_and_overwritten(tmp_path):
@@ -265,7 +286,7 @@ def test_refusals(tmp_path, written):
     with pytest.raises(TypeError, match="meta must be JSON: Out of range float"):
         PathStore.create(tmp_path / "new", POINTS, "m", {"beta": float("nan")})
     fresh = PathStore.create(written, POINTS[:1], "m2", {}, overwrite=True)
-    assert fresh.num_images == 0 and sorted(p.name for p in written.iterdir()) == [MANIFEST]
+    assert fresh.num_images == 0 and sorted(p.name for p in written.iterdir()) == [".nad.lock", MANIFEST]
 
 
 # --- size -----------------------------------------------------------------------------------------
@@ -306,10 +327,10 @@ def test_killed_between_shard_and_manifest(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s"), root], env=env, capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()
     names = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert names[0].startswith(f".{MANIFEST}.") and names[1:] == [MANIFEST, shard_name(0), shard_name(1)]
+    assert names[0].startswith(f".{MANIFEST}.") and names[1:] == [".nad.lock", MANIFEST, shard_name(0), shard_name(1)]
     store = PathStore.open_or_create(tmp_path / "s", POINTS, "m", META)  # clears the orphan and the temporary
     assert store.done_indices() == {0, 1}
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [MANIFEST, shard_name(0)]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".nad.lock", MANIFEST, shard_name(0)]
     store.append(chunk([2, 3]))
     assert PathStore.open(tmp_path / "s").read().image_index.tolist() == [0, 1, 2, 3]
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import socket
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -53,6 +56,59 @@ class WriteError(OSError):
 
 class CorruptFileError(ValueError):
     """A file is damaged: unreadable, or a tensor whose bytes fail their checksum."""
+
+
+LOCK_FILE = ".nad.lock"  # a writer's advisory lock in the folder it writes (run folders, path stores)
+
+
+class FolderLockedError(RuntimeError):
+    """Another process holds the writer's lock of a folder."""
+
+
+def lock_folder(folder: Path, what: str, error: type[FolderLockedError] = FolderLockedError) -> tuple[int | None, str]:
+    """Takes the exclusive advisory lock (flock) of ``folder``'s :data:`LOCK_FILE` for this
+    process's writer and records who holds it (PID, host, start, a session token); returns the
+    open descriptor (closing it releases the lock; None where the OS has no flock) and the token.
+    ``error`` (a :class:`FolderLockedError`) names ``what`` (e.g. "run folder x") and the holder
+    when another process has it. A lock file that is a symbolic link is refused (O_NOFOLLOW), not
+    written through."""
+    token = secrets.token_hex(8)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks
+        return None, token
+    path = folder / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as err:
+        if path.is_symlink():
+            raise WriteError(err.errno, f"cannot lock the {what}: {LOCK_FILE} is a symbolic link "
+                             f"(to {os.readlink(path)}), which is not followed for writing; remove it") from None
+        raise WriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise error(f"{what} is in use by {lock_holder(path)}: two runs must not write it; wait for that one "
+                    "to finish, stop it, or choose another output folder") from None
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": token,
+                         "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+    except OSError as err:
+        os.close(fd)
+        raise WriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+    return fd, token
+
+
+def lock_holder(lock_path: Path) -> str:
+    """Who holds the lock of ``lock_path``, as its file says."""
+    try:
+        info = json.loads(lock_path.read_text())
+        return f"process {info['pid']} on {info['host']} (since {info['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
 
 
 def is_temp_name(name: str, targets) -> bool:

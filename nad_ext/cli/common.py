@@ -120,8 +120,9 @@ def load_model(args, train, val):
 
 def add_execution_args(p) -> None:
     """--fuse, --precision, --cuda-graph: how a step runs (NADConfig's execution settings)."""
-    p.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
-                   help="fused fast path: BatchNorm folded, nad::masked_conv2d (auto: on with CUDA)")
+    p.add_argument("--fuse", choices=["auto", "on", "fold", "off"], default="auto",
+                   help="fast path: on = BatchNorm folded + nad::masked_conv2d (CUDA's), fold = BatchNorm folded + "
+                        "channels_last (the CPU's), off = the network as written (auto: on with CUDA, fold on a CPU)")
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="network precision; gate logits stay float32 (auto: bfloat16 on the fused CUDA path)")
     p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",

@@ -37,9 +37,9 @@ def add(sub) -> None:
                                               "without one, e.g. the value a disentangle run used)")
     p.add_argument("--lr", type=float, default=0.1, help="step size of the normalised-gradient update")
     p.add_argument("--seed", type=int, default=0, help="seed of the gates' initialisation and the views")
-    p.add_argument("--init-std", type=float, default=0.1,
-                   help="standard deviation of the initial gate logits (the class runs' 1.0 leaves a few steps' paths "
-                        "near their random start)")
+    p.add_argument("--init-std", type=float, default=0.01,
+                   help="standard deviation of the initial gate logits: near 0, so that the first steps set each "
+                        "channel's sign (the class runs' 1.0 leaves a few steps' paths near their random start)")
     p.add_argument("--image-size", type=int, help="training crop size (default: the model preset's input size)")
     add_selective_args(p, "each image's views", "a path")
     add_execution_args(p)

@@ -98,6 +98,8 @@ class GatedModel(nn.Module):
             BatchNorm folded into convolutions, and gate points at the end of a Conv2d+ReLU
             chain computed by ``nad::masked_conv2d`` (see :mod:`nad_ext.gates.fused`). Same
             function, fewer passes over the activations.
+        fold: only the first half of ``fuse``: BatchNorm folded into convolutions (on a copy),
+            the gates applied by hooks as without it (the CPU's fast path, with channels_last).
         dtype, channels_last: run the network in this dtype and memory format (e.g. bfloat16
             and channels_last on a GPU) on a copy (``model`` itself is left as it is); inputs
             are converted, gate logits stay float32.
@@ -125,6 +127,7 @@ class GatedModel(nn.Module):
         init_std: float = 1.0,
         model_id: str = "model",
         fuse: bool = False,
+        fold: bool = False,
         dtype: torch.dtype | None = None,
         channels_last: bool = False,
         straight_through: bool = False,
@@ -148,17 +151,17 @@ class GatedModel(nn.Module):
             if units == "heads" and not attention.is_attention(module):
                 raise ValueError(f"gate point {name!r}: units 'heads' needs an attention module "
                                  f"({attention.SUPPORTED}); {name!r} is a {type(module).__name__}")
-        if fuse or dtype is not None or channels_last:
+        if fuse or fold or dtype is not None or channels_last:
             # A private copy: folding and conversion must not change the caller's network (which
             # may be gated again, e.g. clean and attacked paths, or run as it was).
             model = copy.deepcopy(model)
-        if fuse:
-            from nad_ext.gates.fused import fold_batchnorm
-
-            fold_batchnorm(model, example_input, watch=[n for n, _, units, _ in specs if units == "channels"])
         self.model = model
         self.model_id = model_id
         self.gate_points, self.example_shapes = find_gate_points(model, example_input, specs, gate_points)
+        if fuse or fold:  # after the gate points are checked: folding compares their outputs
+            from nad_ext.gates.fused import fold_batchnorm
+
+            fold_batchnorm(model, example_input, watch=[n for n, _, units, _ in specs if units == "channels"])
         self.num_tasks = num_tasks
         init = init_logits(num_tasks, [p.channels for p in self.gate_points], seed, init_std)
         device = next((p.device for p in model.parameters()), example_input.device)

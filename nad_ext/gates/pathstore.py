@@ -13,19 +13,21 @@ store is opened and overwritten by the next shard written.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from nad_ext._utils.storage import CorruptFileError, atomic_write, load_safetensors, save_safetensors
+from nad_ext._utils.storage import (LOCK_FILE, CorruptFileError, FolderLockedError, atomic_write, load_safetensors,
+                                    lock_folder, save_safetensors)
 from nad_ext.gates.pathformat import (DISK_MARGIN, FIELDS, FORMAT, MANIFEST, SHARD_SIZE, InsufficientSpaceError,
                                       check_disk_space, check_manifest, estimate_bytes, load_tensors, pack_bits,
                                       remove_shards, shard_name, unpack_bits)
 from nad_ext.gates.points import GatePoint
 
-__all__ = ["DISK_MARGIN", "FIELDS", "FORMAT", "MANIFEST", "SHARD_SIZE", "STATUS", "InsufficientSpaceError",
+__all__ = ["DISK_MARGIN", "FIELDS", "FORMAT", "MANIFEST", "SHARD_SIZE", "STATUS", "FolderLockedError", "InsufficientSpaceError",
            "PathChunk", "PathStore", "StoredPaths", "check_disk_space", "estimate_bytes", "pack_bits",
            "shard_name", "unpack_bits"]
 
@@ -136,6 +138,7 @@ class PathStore:
         self._index: list[torch.Tensor | None] = [None] * len(self.shard_images)  # per shard, read lazily
         self._buffered: set[int] = set()
         self._done: set[int] | None = None  # done_indices(), read when first asked for
+        self._lock_fd: int | None = None  # a writer's lock (create), released by close()
 
     # --- making and opening --------------------------------------------------------------
     @classmethod
@@ -147,7 +150,9 @@ class PathStore:
         refused unless it was made for the same gate points, model, ``meta`` and ``logits``; an
         orphan shard and temporary files left by a crash are deleted); a non-empty folder that is
         not a store is refused. With ``num_images`` (the images of the run; on resume those not yet
-        committed count), :func:`check_disk_space` runs first."""
+        committed count), :func:`check_disk_space` runs first. The writer holds the folder's lock
+        (``.nad.lock``) until :meth:`close`: a second writer of the same store gets
+        :class:`~nad_ext._utils.storage.FolderLockedError`, naming the first."""
         folder = Path(folder)
         gate_points = list(gate_points)
         meta = _normal(meta)
@@ -155,6 +160,27 @@ class PathStore:
             raise ValueError("a path store needs a non-empty list of GatePoints")
         if type(shard_size) is not int or shard_size < 1:
             raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
+        if folder.exists() and (not folder.is_dir() or not (folder / MANIFEST).is_file()
+                                and {p.name for p in folder.iterdir()} - {LOCK_FILE}):
+            raise FileExistsError(f"{folder} exists and is not an empty folder nor a path store; "
+                                  "refusing to write a path store there")
+        if num_images is not None and not (folder / MANIFEST).is_file():  # before the folder is made
+            check_disk_space(folder, num_images, sum(p.channels for p in gate_points), logits, shard_size=shard_size)
+        folder.mkdir(parents=True, exist_ok=True)
+        lock, _ = lock_folder(folder, f"path store {folder}")
+        try:
+            store = cls._create_locked(folder, gate_points, model_id, meta, logits, shard_size, overwrite, resume,
+                                       num_images)
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
+        store._lock_fd = lock
+        return store
+
+    @classmethod
+    def _create_locked(cls, folder: Path, gate_points, model_id, meta, logits, shard_size, overwrite, resume,
+                       num_images) -> "PathStore":
         if (folder / MANIFEST).is_file():
             if resume:
                 store = cls.open(folder)
@@ -168,12 +194,8 @@ class PathStore:
                                       "or resume=True to continue it")
             remove_shards(folder)  # the new manifest replaces the old one after them: a crash
                                     # between leaves a store with missing shards, refused on reading
-        elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-            raise FileExistsError(f"{folder} exists and is not an empty folder nor a path store; "
-                                  "refusing to write a path store there")
-        channels = sum(p.channels for p in gate_points)
-        if num_images is not None:
-            check_disk_space(folder, num_images, channels, logits, shard_size=shard_size)
+        if num_images is not None and overwrite:  # a new store was checked before its folder was made
+            check_disk_space(folder, num_images, sum(p.channels for p in gate_points), logits, shard_size=shard_size)
         manifest = _manifest(model_id, gate_points, bool(logits), shard_size, meta, [])
         check_manifest(manifest)
         store = cls(folder, manifest)
@@ -279,7 +301,20 @@ class PathStore:
         if self._buffer:
             self._write_shard(sum(len(b["status"]) for b in self._buffer))
 
-    close = flush
+    def close(self) -> None:
+        """Writes and commits the buffered rows (:meth:`flush`) and releases the writer's lock."""
+        try:
+            self.flush()
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __del__(self) -> None:  # a writer dropped without close() (a crash, in-process) frees the folder
+        self._unlock()
 
     def __enter__(self) -> "PathStore":
         return self
@@ -287,6 +322,8 @@ class PathStore:
     def __exit__(self, kind, *_) -> None:  # on an exception the buffered rows are dropped
         if kind is None:
             self.close()
+        else:
+            self._unlock()
 
     def _write_shard(self, n: int) -> None:
         rows = {k: torch.cat([b[k] for b in self._buffer]) for k in self._buffer[0]}

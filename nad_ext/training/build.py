@@ -45,7 +45,7 @@ class Network:
 
     def gated(self, num_tasks: int, image_size: int, **kwargs) -> GatedModel:
         """:func:`build_gated_model` of this network (``kwargs``: its seed, init_std, device,
-        fuse, dtype and straight_through)."""
+        fuse, fold, dtype, channels_last and straight_through)."""
         return build_gated_model(self.model, self.gate_points, num_tasks, image_size, model_id=self.model_id,
                                  units=self.units, channel_axis=self.channel_axis, **kwargs)
 
@@ -72,20 +72,26 @@ def build_gated_model(
     init_std: float = 1.0,
     device: torch.device | str = "cpu",
     fuse: bool = False,
+    fold: bool = False,
     dtype: torch.dtype = torch.float32,
+    channels_last: bool | None = None,
     straight_through: bool = False,
 ) -> GatedModel:
     """Wraps ``model`` with gates at ``gate_points``: gate-point specs (module names, with
     ``:axis`` / ``:heads`` suffixes, or a mask bank's ``GatePoint`` list), ``"auto"``, or the
     name of a model preset (see ``nad_ext.models.list_models()``; ``units`` picks its
     "channels", "mlp" or "heads" preset). ``channel_axis`` overrides probed channel axes.
-    ``fuse`` and a low-precision ``dtype`` give the fast path (see :class:`GatedModel`; reduced
-    precision runs channels_last); ``straight_through``: train the binary gates
-    (:class:`GatedModel`)."""
+    ``fuse`` and a low-precision ``dtype`` give the CUDA fast path, ``fold`` the CPU's (see
+    :class:`GatedModel`; ``channels_last`` None: with reduced precision or ``fold``; a run's are
+    :meth:`NADConfig.execution(device).gated_options() <nad_ext.training.config.Execution>`);
+    ``straight_through``: train the binary gates (:class:`GatedModel`)."""
     model = model.to(device)
     example = torch.zeros(1, 3, image_size, image_size, device=device)
     gate_points = preset_or_specs(model, gate_points, example, units)
     low_precision = dtype != torch.float32
+    if channels_last is None:
+        channels_last = low_precision or fold
     return GatedModel(model, gate_points, num_tasks, example, channel_axis=channel_axis, seed=seed,
-                      init_std=init_std, model_id=model_id, fuse=fuse, dtype=dtype if low_precision else None,
-                      channels_last=low_precision, straight_through=straight_through)
+                      init_std=init_std, model_id=model_id, fuse=fuse, fold=fold,
+                      dtype=dtype if low_precision else None, channels_last=channels_last,
+                      straight_through=straight_through)

@@ -86,9 +86,10 @@ class NADConfig:
             raise ValueError(f"image_size must be an integer >= 8, got {self.image_size!r}")
         if self.mode not in ("batched", "paper"):
             raise ValueError(f"mode must be 'batched' or 'paper', got {self.mode!r}")
-        for name in ("fuse", "cuda_graph"):
-            if getattr(self, name) not in ("auto", "on", "off"):
-                raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
+        if self.fuse not in FUSE:
+            raise ValueError(f"fuse must be one of {', '.join(map(repr, FUSE))}, got {self.fuse!r}")
+        if self.cuda_graph not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graph must be 'auto', 'on' or 'off', got {self.cuda_graph!r}")
         if self.data_pipeline not in nad_pipeline.PIPELINES:
             raise ValueError(f"data_pipeline must be one of {', '.join(nad_pipeline.PIPELINES)}, "
                              f"got {self.data_pipeline!r}")
@@ -117,17 +118,50 @@ class NADConfig:
                              f"(0 and 0: the paper's); got negatives={self.negatives!r}, "
                              f"negative_weight={self.negative_weight!r}")
 
-    def execution(self, device: torch.device) -> tuple[bool, torch.dtype, bool]:
-        """(fuse, dtype, CUDA graph) of the step on ``device``, with "auto" resolved."""
+    def execution(self, device: torch.device) -> "Execution":
+        """How the step runs on ``device`` (:class:`Execution`), with "auto" resolved."""
         cuda = device.type == "cuda"
-        fuse = self.fuse == "on" or (self.fuse == "auto" and cuda)
+        mode = ("on" if cuda else "fold") if self.fuse == "auto" else self.fuse
+        fuse = mode == "on"
         precision = self.precision
         if precision == "auto":
             precision = "bfloat16" if fuse and cuda else "float32"
         if self.cuda_graph == "on" and not cuda:
             raise ValueError(f"cuda_graph='on' needs a CUDA device; the device is {device}")
         graph = self.cuda_graph == "on" or (self.cuda_graph == "auto" and cuda and fuse)
-        return fuse, PRECISIONS[precision], graph
+        dtype = PRECISIONS[precision]
+        return Execution(fuse, mode == "fold", dtype, dtype != torch.float32 or mode == "fold", graph)
+
+
+# NADConfig.fuse: "on" the fused gated convolutions (BatchNorm folded, nad::masked_conv2d: CUDA's
+# fast path; on a CPU their CPU kernels run, slower than oneDNN's convolutions), "fold" BatchNorm
+# folded and the network channels_last, gates by hooks (the CPU's fast path: 1.3-1.8x the eager
+# network on the zoo, benchmarks/RESULTS.md), "off" the network as written; "auto": "on" with
+# CUDA, "fold" on a CPU.
+FUSE = ("auto", "on", "fold", "off")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a step runs (:meth:`NADConfig.execution`): ``fuse`` (fused gated convolutions),
+    ``fold`` (BatchNorm folded only), the network's ``dtype`` and ``channels_last`` memory format
+    (:class:`~nad_ext.gates.model.GatedModel`), and whether the step replays a CUDA ``graph``."""
+
+    fuse: bool
+    fold: bool
+    dtype: torch.dtype
+    channels_last: bool
+    graph: bool
+
+    def gated_options(self) -> dict:
+        """The keyword arguments of :func:`~nad_ext.training.build.build_gated_model` that say it."""
+        return dict(fuse=self.fuse, fold=self.fold, dtype=self.dtype, channels_last=self.channels_last)
+
+    def describe(self) -> str:
+        """E.g. "fused, bfloat16, CUDA graphs" or "BatchNorm folded, channels_last, float32"."""
+        return ", ".join((["fused"] if self.fuse else []) + (["BatchNorm folded"] if self.fold else [])
+                         + (["channels_last"] if self.channels_last else []) + [str(self.dtype).replace("torch.", "")]
+                         + (["CUDA graphs"] if self.graph else []))
 
 
 GATES = ("soft", "annealed", "straight_through")

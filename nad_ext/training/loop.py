@@ -199,12 +199,12 @@ def run_epochs(network: Network, tasks: list[Task], indices: list[list[int]], co
     ctx = run.ctx
     device = ctx.device
     task_classes = task_class_matrix([t.classes for t in tasks], num_classes, device) if config.negatives else None
-    fuse, dtype, graph = config.execution(device)
+    execution = config.execution(device)
+    graph = execution.graph
     gated = network.gated(len(tasks), config.image_size, seed=config.seed, init_std=config.init_std, device=device,
-                          fuse=fuse, dtype=dtype, straight_through=config.gate == "straight_through")
+                          straight_through=config.gate == "straight_through", **execution.gated_options())
     if progress:
-        path = ", ".join((["fused"] if fuse else []) + [str(dtype).replace("torch.", "")]
-                         + (["CUDA graphs"] if graph else []))
+        path = execution.describe()
         units_text = "channels" if all(p.units == "channels" for p in gated.gate_points) else "gates"
         print(f"{network.model_id}: {len(gated.gate_points)} gate points, {sum(gated.layer_sizes)} {units_text}, "
               f"{len(tasks)} tasks ({config.mode} mode) on {device} ({path}; {loader.kind} data pipeline)")

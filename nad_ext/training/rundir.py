@@ -31,24 +31,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-import socket
 import sys
-import time
 from pathlib import Path
 
-from nad_ext._utils.storage import WriteError, atomic_write, is_temp_name
+from nad_ext._utils.storage import LOCK_FILE, FolderLockedError, WriteError, atomic_write, is_temp_name, lock_folder
 from nad_ext.gates.maskbank import MaskBank
 
 BANK_FILE = "masks.safetensors"
 LOG_FILE = "log.json"
-LOCK_FILE = ".nad.lock"
 SHARD_DIR = "shards"
 _EPOCH_COPY = re.compile(r"masks_epoch(\d+)\.safetensors")
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(FolderLockedError):
     """Another process holds the run folder's lock."""
 
 
@@ -211,36 +207,7 @@ class RunDir:
 
     # --- the lock -------------------------------------------------------------------------------
     def _lock(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no advisory locks
-            return
-        path = self.file(LOCK_FILE)
-        # O_NOFOLLOW: a lock file that is a symbolic link (to a file outside the folder, say) is
-        # refused, not written through.
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except OSError as err:
-            if path.is_symlink():
-                raise WriteError(err.errno, f"cannot lock the run folder {self.path}: {LOCK_FILE} is a symbolic link "
-                                 f"(to {os.readlink(path)}), which is not followed for writing; remove it") from None
-            raise WriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise RunLockedError(f"run folder {self.path} is in use by {_holder(path)}: two runs must not write "
-                                 "one folder; wait for it to finish, stop it, or choose another --out") from None
-        self.token = secrets.token_hex(8)
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": self.token,
-                             "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, record.encode(), 0)
-        except OSError as err:
-            os.close(fd)
-            raise WriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
-        self._lock_fd = fd
+        self._lock_fd, self.token = lock_folder(self.path, f"run folder {self.path}", RunLockedError)
 
     def close(self) -> None:
         """Releases the lock (the lock file stays: removing it would race with a new holder)."""
@@ -297,11 +264,3 @@ def _epoch_of(bank_path: Path) -> int:
         return int(json.loads(raw[8:8 + n])["__metadata__"]["epoch"])
     except Exception:  # noqa: BLE001 - a hint only
         return 0
-
-
-def _holder(lock_path: Path) -> str:
-    try:
-        info = json.loads(lock_path.read_text())
-        return f"process {info['pid']} on {info['host']} (since {info['started']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
