@@ -48,6 +48,14 @@ class Parser {
     return std::string("byte 0x") + kHex[b >> 4] + kHex[b & 0xF];
   }
 
+  // quote()'s output for a message: DEL escaped too (quote keeps it raw, as Python's json.dumps
+  // does; a message holds printable ASCII only).
+  static std::string printable(const std::string& quoted) {
+    std::string out;
+    for (const char c : quoted) out += c == '\x7f' ? std::string("\\u007f") : std::string(1, c);
+    return out;
+  }
+
   [[noreturn]] void fail(const std::string& what) const {
     throw std::runtime_error(what + " at byte " + std::to_string(pos_));
   }
@@ -102,7 +110,7 @@ class Parser {
             for (const auto& member : v.members) keys.insert(member.first);
           duplicate = !keys.insert(key).second;
         }
-        if (duplicate) fail("duplicate key " + quote(key));
+        if (duplicate) fail("duplicate key " + printable(quote(key)));
         expect(':');
         v.members.emplace_back(std::move(key), value(depth + 1));
       } while (eat(','));

@@ -65,7 +65,8 @@ class FolderLockedError(RuntimeError):
     """Another process holds the writer's lock of a folder."""
 
 
-def lock_folder(folder: Path, what: str, error: type[FolderLockedError] = FolderLockedError) -> tuple[int | None, str]:
+def lock_folder(folder: Path, what: str,
+                error: type[FolderLockedError] = FolderLockedError) -> tuple[int | None, str]:
     """Takes the exclusive advisory lock (flock) of ``folder``'s :data:`LOCK_FILE` for this
     process's writer and records who holds it (PID, host, start, a session token); returns the
     open descriptor (closing it releases the lock; None where the OS has no flock) and the token.

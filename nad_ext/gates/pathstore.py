@@ -27,9 +27,9 @@ from nad_ext.gates.pathformat import (DISK_MARGIN, FIELDS, FORMAT, MANIFEST, SHA
                                       remove_shards, shard_name, unpack_bits)
 from nad_ext.gates.points import GatePoint
 
-__all__ = ["DISK_MARGIN", "FIELDS", "FORMAT", "MANIFEST", "SHARD_SIZE", "STATUS", "FolderLockedError", "InsufficientSpaceError",
-           "PathChunk", "PathStore", "StoredPaths", "check_disk_space", "estimate_bytes", "pack_bits",
-           "shard_name", "unpack_bits"]
+__all__ = ["DISK_MARGIN", "FIELDS", "FORMAT", "MANIFEST", "SHARD_SIZE", "STATUS", "FolderLockedError",
+           "InsufficientSpaceError", "PathChunk", "PathStore", "StoredPaths", "check_disk_space", "estimate_bytes",
+           "pack_bits", "shard_name", "unpack_bits"]
 
 # PathChunk.status codes: why an image's path is or is not meaningful.
 STATUS = {

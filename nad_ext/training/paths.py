@@ -55,7 +55,7 @@ class PathSettings:
     """How paths are trained.
 
     Defaults (20 steps of 4 views from gates N(0, 0.01^2)) from the studies on the zoo in
-    benchmarks/RESULTS.md ("Per-image paths: steps, views, start" and "... the start near 0"):
+    benchmarks/RESULTS.md ("Per-image paths: steps, views, start" and "Per-image paths, again"):
     from the class runs' start (std 1) a step moves a gate point's logits by lr in L2 norm
     against their norm of 4-8, so 20 steps leave a path near its random start; from std 0.1 or
     0.01 the first steps set each channel's sign, with the same path-to-class agreement at 20
