@@ -23,7 +23,8 @@ CALLS = {
     "call2": ["build", "step", "overlap"],
     "call3": ["build", "data", "scale"],
     "call4": ["build", "cpp"],
-    "all": ["build", "tests", "step", "overlap", "data", "scale", "ops", "cpp"],
+    "call5": ["build", "paths"],
+    "all": ["build", "tests", "step", "overlap", "data", "scale", "ops", "cpp", "paths"],
 }
 CALL_LIMIT_S = 480  # one command on the GPU machine: at most 600 s, less the summary and the transfer
 
@@ -172,7 +173,7 @@ def test_the_benchmark_entry_points_import_and_take_the_options_given(calls, mon
             if command[1].startswith("benchmarks/") and command[1].endswith(".py"):
                 scripts[command[1]] = [a for a in command[2:] if a.startswith("--")]
     assert set(scripts) == {"benchmarks/bench_step.py", "benchmarks/bench_overlap.py", "benchmarks/bench_data.py",
-                            "benchmarks/bench_scale.py"}
+                            "benchmarks/bench_scale.py", "benchmarks/bench_paths.py"}
     for script, options in scripts.items():
         path = str(ROOT / script)
         if not options:

@@ -13,6 +13,8 @@
 #   bash scripts/gpu_check.sh call3   # [build], data (input pipeline), scale (one NCCL process); only if time is left
 #   bash scripts/gpu_check.sh call4   # [build], cpp: the LibTorch library with CUDA kernels, its C++ tests
 #                                     # (cuda_matches_cpu runs there), the package and the .pt2 example
+#   bash scripts/gpu_check.sh call5   # [build], paths: per-image paths of ResNet50 at 224, batched against
+#                                     # one at a time (issue 26's 10^5 images in 30 minutes)
 #
 # Each call writes two files to $OUT (default gpu_logs/): summary-<call>.txt (commit, Python,
 # PyTorch, CUDA, cuDNN, nvcc and GPU, then each stage's exit status, time and key numbers) and
@@ -47,10 +49,11 @@ case $call in
   call2) stages="build step overlap" ;;
   call3) stages="build data scale" ;;
   call4) stages="build cpp" ;;
-  all) stages="build tests step overlap data scale ops cpp" ;;
+  call5) stages="build paths" ;;
+  all) stages="build tests step overlap data scale ops cpp paths" ;;
   stages) stages=$STAGES ;;
   -h|--help) usage ;;
-  *) echo "unknown call '$call': call1, call2, call3, call4, all, or STAGES=\"...\" without a call" >&2; exit 2 ;;
+  *) echo "unknown call '$call': call1 to call5, all, or STAGES=\"...\" without a call" >&2; exit 2 ;;
 esac
 [ -n "${STAGES:-}" ] && stages=$STAGES
 
@@ -101,6 +104,10 @@ stage_command() {
     # here only), the moved package and the examples; needs cmake and ninja on the machine.
     cpp) limit=420; cmd=(env PYTHON="$py" NAD_WITH_CUDA=ON JOBS="$MAX_JOBS" BUILD=/tmp/nad_build_cpp
                          CMAKE_CUDA_ARCHITECTURES="${TORCH_CUDA_ARCH_LIST//./}" bash scripts/test_cpp.sh) ;;
+    # Per-image paths, ResNet50 at 224, 64 images (the one-at-a-time loop takes the time): the
+    # batched paths' rate gives the 10^5-image estimate the script prints.
+    paths) limit=360; cmd=("$py" benchmarks/bench_paths.py --cases cuda-resnet50 --images 64
+                           --json "$logs/paths.json") ;;
     *) return 1 ;;
   esac
 }
@@ -115,6 +122,7 @@ key_lines() {
     data) grep -E "^(data:|cache-|device:|input pipeline|crop|\| [a-z]|disentangle )" "$2" | grep -v "^| path" ;;
     scale) grep -E "^(device:|run |1 process|torchrun|commit of|zoo_)" "$2" ;;
     cpp) grep -E "tests passed|tests failed|Failed|FAIL|\*\*\*|error:|OK \(" "$2" | head -n 30 ;;
+    paths) grep -E "^(device:|learn_paths|issue 26|\| [a-z])" "$2" | grep -v "^| path" ;;
     *) tail -n 15 "$2" ;;
   esac | cut -c1-200 | sed 's/^/    /'
 }
@@ -180,7 +188,7 @@ failed=0
 no_build=0
 for stage in $stages; do
   if ! stage_command "$stage"; then
-    echo "unknown stage $stage (build tests step overlap data scale ops)" | tee -a "$summary" >&2
+    echo "unknown stage $stage (build tests step overlap data scale ops cpp paths)" | tee -a "$summary" >&2
     failed=1
     continue
   fi
